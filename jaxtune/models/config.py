@@ -1,0 +1,131 @@
+"""Decoder configuration, read from a Hugging Face config.json (transformers 4 or 5 spelling)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class UnsupportedModelError(ValueError):
+  """The checkpoint asks for an architecture or feature jaxtune does not implement."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Static description of a Llama-family decoder (hashable: used as a jit static argument)."""
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_type: str = "default"
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_positions: int = 8192
+  max_position_embeddings: int = 2048
+  tie_word_embeddings: bool = False
+  qkv_bias: bool = False
+  o_bias: bool = False
+  mlp_bias: bool = False
+  sliding_window: int | None = None
+  model_type: str = "llama"
+  bos_token_id: int | None = None
+  eos_token_ids: tuple[int, ...] = ()
+  pad_token_id: int | None = None
+
+  @property
+  def q_size(self) -> int:
+    return self.num_heads * self.head_dim
+
+  @property
+  def kv_size(self) -> int:
+    return self.num_kv_heads * self.head_dim
+
+
+def _as_tuple(value: Any) -> tuple[int, ...]:
+  if value is None:
+    return ()
+  if isinstance(value, (list, tuple)):
+    return tuple(int(v) for v in value)
+  return (int(value),)
+
+
+def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
+  """Reads `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (transformers 4)."""
+  params = dict(hf.get("rope_scaling") or {})
+  params.update(hf.get("rope_parameters") or {})
+  theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+  rope_type = params.get("rope_type", params.get("type", "default"))
+  if rope_type not in SUPPORTED_ROPE_TYPES:
+    raise UnsupportedModelError(
+        f"rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+  return dict(
+      rope_theta=float(theta),
+      rope_type=rope_type,
+      rope_factor=float(params.get("factor", 1.0)),
+      rope_low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+      rope_high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+      rope_original_max_positions=int(params.get(
+          "original_max_position_embeddings", hf.get("max_position_embeddings", 8192))),
+  )
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+  """Builds a ModelConfig from a config.json dict; unsupported features raise UnsupportedModelError."""
+  model_type = hf.get("model_type", "llama")
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    raise UnsupportedModelError(
+        f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+  act = hf.get("hidden_act", "silu")
+  if act != "silu":
+    raise UnsupportedModelError(f"hidden_act {act!r} is not supported (only silu)")
+  if float(hf.get("partial_rotary_factor", 1.0)) != 1.0:
+    raise UnsupportedModelError("partial_rotary_factor != 1 is not supported")
+  if int(hf.get("pretraining_tp", 1)) != 1:
+    raise UnsupportedModelError("pretraining_tp != 1 is not supported")
+  num_heads = int(hf["num_attention_heads"])
+  hidden = int(hf["hidden_size"])
+  head_dim = hf.get("head_dim") or hidden // num_heads
+  sliding_window = None
+  if model_type == "mistral":
+    sliding_window = hf.get("sliding_window")
+  elif model_type == "qwen2" and hf.get("use_sliding_window"):
+    raise UnsupportedModelError("qwen2 use_sliding_window=True (per-layer windows) is not supported")
+  attention_bias = bool(hf.get("attention_bias", False))
+  return ModelConfig(
+      vocab_size=int(hf["vocab_size"]),
+      hidden_size=hidden,
+      intermediate_size=int(hf["intermediate_size"]),
+      num_layers=int(hf["num_hidden_layers"]),
+      num_heads=num_heads,
+      num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+      head_dim=int(head_dim),
+      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      qkv_bias=attention_bias or model_type == "qwen2",
+      o_bias=attention_bias,
+      mlp_bias=bool(hf.get("mlp_bias", False)),
+      sliding_window=int(sliding_window) if sliding_window else None,
+      model_type=model_type,
+      bos_token_id=hf.get("bos_token_id"),
+      eos_token_ids=_as_tuple(hf.get("eos_token_id")),
+      pad_token_id=hf.get("pad_token_id"),
+      **_rope_fields(hf),
+  )
+
+
+def read_hf_config(folder: str) -> dict[str, Any]:
+  with open(os.path.join(folder, "config.json")) as f:
+    return json.load(f)

@@ -1,0 +1,341 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) as pure functions over a param pytree.
+
+The params are a nested dict whose keys keep Hugging Face's module names, with the layers stacked
+on a leading axis (scanned), e.g. `layers/self_attn/q_proj/kernel` has shape L x D x (H*hd).
+Kernels are stored input-major (x @ kernel). PEFT methods add leaves (`lora_a`, `lora_b`,
+`attn_adapter`, `prefix_k`, ...) and the forward pass uses whatever it finds: the tree says
+what the model is, no flags needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxtune.models.config import ModelConfig
+
+Params = dict[str, Any]
+_MASKED = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftRuntime:
+  """Static knobs the forward pass needs for PEFT leaves it finds in the params."""
+
+  lora_scale: float = 1.0
+  lora_dropout: float = 0.0
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+  """Shapes of the base model's params (same tree as the params)."""
+  L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+
+  def linear(n_in, n_out, bias):
+    leaf = {"kernel": (L, n_in, n_out)}
+    if bias:
+      leaf["bias"] = (L, n_out)
+    return leaf
+
+  tree = {
+      "embed_tokens": (V, D),
+      "layers": {
+          "input_layernorm": (L, D),
+          "post_attention_layernorm": (L, D),
+          "self_attn": {
+              "q_proj": linear(D, cfg.q_size, cfg.qkv_bias),
+              "k_proj": linear(D, cfg.kv_size, cfg.qkv_bias),
+              "v_proj": linear(D, cfg.kv_size, cfg.qkv_bias),
+              "o_proj": linear(cfg.q_size, D, cfg.o_bias),
+          },
+          "mlp": {
+              "gate_proj": linear(D, F, cfg.mlp_bias),
+              "up_proj": linear(D, F, cfg.mlp_bias),
+              "down_proj": linear(F, D, cfg.mlp_bias),
+          },
+      },
+      "norm": (D,),
+  }
+  if not cfg.tie_word_embeddings:
+    tree["lm_head"] = {"kernel": (D, V)}
+  return tree
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
+  """Random base params (normal(std) weights, unit norms, zero biases), for tests and from-scratch runs."""
+  shapes = param_shapes(cfg)
+  leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+  paths = [jax.tree_util.keystr(p, simple=True, separator="/")
+           for p, _ in jax.tree_util.tree_flatten_with_path(
+               shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
+  keys = jax.random.split(rng, len(leaves))
+  out = []
+  for path, shape, key in zip(paths, leaves, keys):
+    if path.endswith("layernorm") or path == "norm":
+      out.append(jnp.ones(shape, dtype))
+    elif path.endswith("bias"):
+      out.append(jnp.zeros(shape, dtype))
+    else:
+      out.append((std * jax.random.normal(key, shape, jnp.float32)).astype(dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
+# Logical axis names of each base leaf, by the last meaningful path component.
+_KERNEL_AXES = {
+    "q_proj": ("embed", "q_heads"),
+    "k_proj": ("embed", "kv_heads"),
+    "v_proj": ("embed", "kv_heads"),
+    "o_proj": ("q_heads", "embed"),
+    "gate_proj": ("embed", "mlp"),
+    "up_proj": ("embed", "mlp"),
+    "down_proj": ("mlp", "embed"),
+}
+
+
+def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+  """Logical axis names for the param at `path` ('/'-joined keys) with `ndim` dims."""
+  parts = path.split("/")
+  name = parts[-1]
+  layered = parts[0] == "layers"
+  lead = ("layers",) if layered else ()
+  if path == "embed_tokens":
+    axes = ("vocab", "embed")
+  elif path == "lm_head/kernel":
+    axes = ("embed", "vocab")
+  elif name in ("input_layernorm", "post_attention_layernorm", "norm"):
+    axes = lead + ("norm",)
+  elif len(parts) >= 2 and parts[-2] in _KERNEL_AXES:
+    n_in, n_out = _KERNEL_AXES[parts[-2]]
+    axes = {"kernel": lead + (n_in, n_out), "bias": lead + (n_out,),
+            "lora_a": lead + (n_in, None), "lora_b": lead + (None, n_out)}.get(name)
+  else:
+    axes = None
+  if axes is None or len(axes) != ndim:
+    # PEFT leaves (adapters, prefixes) and anything unknown: layers axis if stacked, rest replicated.
+    axes = lead + (None,) * (ndim - len(lead))
+  return axes
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def rms_norm(x, weight, eps):
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (weight.astype(jnp.float32) * x32).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+  """Inverse frequencies as transformers computes them for rope types default / linear / llama3."""
+  d = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  if cfg.rope_type == "linear":
+    inv = inv / cfg.rope_factor
+  elif cfg.rope_type == "llama3":
+    low_wavelen = cfg.rope_original_max_positions / cfg.rope_low_freq_factor
+    high_wavelen = cfg.rope_original_max_positions / cfg.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > low_wavelen, inv / cfg.rope_factor, inv)
+    smooth = ((cfg.rope_original_max_positions / wavelen - cfg.rope_low_freq_factor)
+              / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor))
+    smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    inv = jnp.where(is_medium, smoothed, scaled)
+  return inv
+
+
+def apply_rope(x_BxTxNxH, cos_BxTxH, sin_BxTxH):
+  half = x_BxTxNxH.shape[-1] // 2
+  rotated = jnp.concatenate([-x_BxTxNxH[..., half:], x_BxTxNxH[..., :half]], axis=-1)
+  cos, sin = cos_BxTxH[:, :, None, :], sin_BxTxH[:, :, None, :]
+  return (x_BxTxNxH.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x_BxTxNxH.dtype)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions_BxT):
+  freqs = positions_BxT.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def dense(p: Params, x, peft: PeftRuntime, rng=None):
+  """x @ kernel (+ bias) (+ LoRA: dropout(x) @ A @ B * scale)."""
+  y = x @ p["kernel"].astype(x.dtype)
+  if "bias" in p:
+    y = y + p["bias"].astype(x.dtype)
+  if "lora_a" in p:
+    xa = x
+    if rng is not None and peft.lora_dropout > 0:
+      keep = jax.random.bernoulli(rng, 1.0 - peft.lora_dropout, x.shape)
+      xa = jnp.where(keep, x / (1.0 - peft.lora_dropout), 0).astype(x.dtype)
+    y = y + (xa @ p["lora_a"].astype(x.dtype)) @ p["lora_b"].astype(x.dtype) * peft.lora_scale
+  return y
+
+
+def bottleneck_adapter(p: Params, x):
+  """Houlsby adapter: x + up(gelu(down(x)))."""
+  h = x @ p["down"]["kernel"].astype(x.dtype) + p["down"]["bias"].astype(x.dtype)
+  h = jax.nn.gelu(h, approximate=False)
+  return x + h @ p["up"]["kernel"].astype(x.dtype) + p["up"]["bias"].astype(x.dtype)
+
+
+def attention_weights_mask(q_pos_BxT, q_seg_BxT, k_pos_BxS, k_seg_BxS, sliding_window):
+  """Causal + same-segment (+ sliding window) mask; segment id 0 marks padding/empty slots."""
+  allowed = k_pos_BxS[:, None, :] <= q_pos_BxT[:, :, None]
+  allowed &= q_seg_BxT[:, :, None] == k_seg_BxS[:, None, :]
+  allowed &= k_seg_BxS[:, None, :] != 0
+  if sliding_window:
+    allowed &= (q_pos_BxT[:, :, None] - k_pos_BxS[:, None, :]) < sliding_window
+  return allowed
+
+
+def grouped_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
+  """Softmax attention with grouped-query heads; scores and softmax in float32."""
+  B, T, N, H = q_BxTxNxH.shape
+  K = k_BxSxKxH.shape[2]
+  q = q_BxTxNxH.reshape(B, T, K, N // K, H)
+  scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH, preferred_element_type=jnp.float32)
+  scores = scores / math.sqrt(H)
+  scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
+  return out.reshape(B, T, N * H)
+
+
+# ----------------------------------------------------------------------------- the decoder
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> Params:
+  """Empty KV cache: per-layer keys/values plus each slot's position and segment (0 = empty)."""
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return {
+      "k": jnp.zeros(shape, dtype),
+      "v": jnp.zeros(shape, dtype),
+      "pos": jnp.zeros((batch, max_len), jnp.int32),
+      "seg": jnp.zeros((batch, max_len), jnp.int32),
+      "index": jnp.zeros((), jnp.int32),
+  }
+
+
+def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs):
+  """One decoder block. Returns (new hidden, (new cache k, new cache v) or None)."""
+  B, T, _ = x.shape
+  attn = layer["self_attn"]
+  h = rms_norm(x, layer["input_layernorm"], cfg.rms_norm_eps)
+  q = dense(attn["q_proj"], h, peft, rngs[0]).reshape(B, T, cfg.num_heads, cfg.head_dim)
+  k = dense(attn["k_proj"], h, peft, rngs[1]).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+  v = dense(attn["v_proj"], h, peft, rngs[2]).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+  q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+  new_kv = None
+  if cache_kv is not None:
+    ck, cv = cache_kv
+    k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
+    v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+    new_kv = (k, v)
+    k, v = k.astype(x.dtype), v.astype(x.dtype)
+  if "prefix_k" in attn:
+    P = attn["prefix_k"].shape[0]
+    pk = jnp.broadcast_to(attn["prefix_k"].astype(x.dtype), (B,) + attn["prefix_k"].shape)
+    pv = jnp.broadcast_to(attn["prefix_v"].astype(x.dtype), (B,) + attn["prefix_v"].shape)
+    k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
+    mask = jnp.concatenate([jnp.ones((B, T, P), bool), mask], axis=-1)
+  out = dense(attn["o_proj"], grouped_attention(q, k, v, mask), peft, rngs[3])
+  if "attn_adapter" in layer:
+    out = bottleneck_adapter(layer["attn_adapter"], out)
+  x = x + out
+  mlp = layer["mlp"]
+  h = rms_norm(x, layer["post_attention_layernorm"], cfg.rms_norm_eps)
+  h = jax.nn.silu(dense(mlp["gate_proj"], h, peft, rngs[4])) * dense(mlp["up_proj"], h, peft, rngs[5])
+  out = dense(mlp["down_proj"], h, peft, rngs[6])
+  if "mlp_adapter" in layer:
+    out = bottleneck_adapter(layer["mlp_adapter"], out)
+  return x + out, new_kv
+
+
+def prefix_length(params: Params) -> int:
+  attn = params["layers"]["self_attn"]
+  return attn["prefix_k"].shape[1] if "prefix_k" in attn else 0
+
+
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    tokens_BxT,
+    positions_BxT=None,
+    segment_ids_BxT=None,
+    *,
+    cache: Params | None = None,
+    peft: PeftRuntime = PeftRuntime(),
+    rng: jax.Array | None = None,
+    remat: bool = False,
+    compute_dtype=jnp.float32,
+    return_hidden: bool = False,
+):
+  """Logits (B x T x V, float32) and the updated cache (or None).
+
+  positions default to 0..T-1 (or continue from the cache); segment ids default to 1 (0 = padding).
+  A prefix-tuning prefix shifts real positions by its length, as peft's past_key_values do.
+  """
+  B, T = tokens_BxT.shape
+  if segment_ids_BxT is None:
+    segment_ids_BxT = jnp.ones((B, T), jnp.int32)
+  if positions_BxT is None:
+    start = 0 if cache is None else cache["index"]
+    positions_BxT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+  rope_positions = positions_BxT + prefix_length(params)
+  cos, sin = rope_cos_sin(cfg, rope_positions)
+  if cache is None:
+    mask = attention_weights_mask(positions_BxT, segment_ids_BxT, positions_BxT, segment_ids_BxT,
+                                  cfg.sliding_window)
+    new_pos = new_seg = None
+  else:
+    idx = cache["index"]
+    new_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions_BxT.astype(jnp.int32), idx, 1)
+    new_seg = jax.lax.dynamic_update_slice_in_dim(cache["seg"], segment_ids_BxT.astype(jnp.int32), idx, 1)
+    mask = attention_weights_mask(positions_BxT, segment_ids_BxT, new_pos, new_seg, cfg.sliding_window)
+
+  x = params["embed_tokens"].astype(compute_dtype)[tokens_BxT]
+  if rng is None:
+    layer_rngs = jnp.zeros((cfg.num_layers,), jnp.uint32)  # placeholder, unused
+  else:
+    layer_rngs = jax.random.split(rng, cfg.num_layers)
+
+  def body(x, xs):
+    layer, kv, lrng = xs
+    rngs = [None] * 7 if rng is None else list(jax.random.split(lrng, 7))
+    y, new_kv = _layer(cfg, peft, x, layer, cos, sin, mask, kv,
+                       None if cache is None else cache["index"], rngs)
+    return y, new_kv
+
+  if remat:
+    body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+  kv_in = None if cache is None else (cache["k"], cache["v"])
+  x, kv_out = jax.lax.scan(body, x, (params["layers"], kv_in, layer_rngs))
+  x = rms_norm(x, params["norm"], cfg.rms_norm_eps)
+  new_cache = None
+  if cache is not None:
+    new_cache = {"k": kv_out[0], "v": kv_out[1], "pos": new_pos, "seg": new_seg,
+                 "index": cache["index"] + T}
+  if return_hidden:
+    return x, new_cache
+  return lm_logits(params, x), new_cache
+
+
+def lm_logits(params: Params, hidden_BxTxD):
+  if "lm_head" in params:
+    w = params["lm_head"]["kernel"].astype(hidden_BxTxD.dtype)
+    return jnp.einsum("btd,dv->btv", hidden_BxTxD, w, preferred_element_type=jnp.float32)
+  w = params["embed_tokens"].astype(hidden_BxTxD.dtype)
+  return jnp.einsum("btd,vd->btv", hidden_BxTxD, w, preferred_element_type=jnp.float32)
+
+
+def token_nll(logits_BxTxV, targets_BxT):
+  """Per-token negative log-likelihood in float32."""
+  logits = logits_BxTxV.astype(jnp.float32)
+  target_logit = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
+  return jax.nn.logsumexp(logits, axis=-1) - target_logit

@@ -1,0 +1,161 @@
+"""Load Hugging Face weights (safetensors folders, GGUF files) into jaxtune params, without torch.
+
+Weights are streamed leaf by leaf: each stacked leaf is assembled on the host in the target dtype,
+placed on its devices (with its sharding, when given) and released before the next one, so the
+host never holds a second full copy of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+from jaxtune.models import llama
+from jaxtune.models.config import ModelConfig, config_from_hf, read_hf_config
+
+TensorGetter = Callable[[str], np.ndarray]
+
+
+def hf_name_of(path: str, layer: int | None) -> str:
+  """Hugging Face tensor name of a jaxtune base-param path ('/'-joined)."""
+  if path == "embed_tokens":
+    return "model.embed_tokens.weight"
+  if path == "norm":
+    return "model.norm.weight"
+  if path == "lm_head/kernel":
+    return "lm_head.weight"
+  parts = path.split("/")[1:]  # drop "layers"
+  leaf = parts[-1]
+  suffix = {"kernel": "weight", "bias": "bias"}.get(leaf)
+  if suffix is None:  # a norm weight: layers/input_layernorm
+    return f"model.layers.{layer}.{'.'.join(parts)}.weight"
+  return f"model.layers.{layer}.{'.'.join(parts[:-1])}.{suffix}"
+
+
+def is_transposed(path: str) -> bool:
+  """HF stores Linear weights out x in; jaxtune stores kernels in x out."""
+  return path.endswith("kernel")
+
+
+def safetensors_getter(folder: str) -> tuple[TensorGetter, list[str]]:
+  """A lazy tensor reader over a folder's single or sharded (`*.index.json`) safetensors."""
+  index_path = os.path.join(folder, "model.safetensors.index.json")
+  if os.path.exists(index_path):
+    with open(index_path) as f:
+      weight_map = json.load(f)["weight_map"]
+  else:
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if not files:
+      raise FileNotFoundError(f"{folder}: no *.safetensors files (is this a Hugging Face model folder?)")
+    weight_map = {}
+    for fname in files:
+      with safe_open(os.path.join(folder, fname), framework="numpy") as f:
+        weight_map.update({k: fname for k in f.keys()})
+  handles: dict[str, Any] = {}
+
+  def get(name: str) -> np.ndarray:
+    if name not in weight_map:
+      raise KeyError(f"{folder}: tensor {name!r} not found in the checkpoint")
+    fname = weight_map[name]
+    if fname not in handles:
+      handles[fname] = safe_open(os.path.join(folder, fname), framework="numpy")
+    return handles[fname].get_tensor(name)
+
+  return get, list(weight_map)
+
+
+def _host_leaf(cfg: ModelConfig, path: str, shape: tuple[int, ...], get: TensorGetter, dtype) -> np.ndarray:
+  np_dtype = jnp.dtype(dtype)
+  if path.startswith("layers/"):
+    out = np.empty(shape, np_dtype)
+    for i in range(cfg.num_layers):
+      t = np.asarray(get(hf_name_of(path, i)))
+      out[i] = (t.T if is_transposed(path) else t).astype(np_dtype)
+    return out
+  t = np.asarray(get(hf_name_of(path, None)))
+  t = t.T if is_transposed(path) else t
+  if t.shape != tuple(shape):
+    raise ValueError(f"tensor {hf_name_of(path, None)}: shape {t.shape} != expected {tuple(shape)}")
+  return t.astype(np_dtype)
+
+
+def params_from_tensors(
+    cfg: ModelConfig,
+    get: TensorGetter,
+    dtype=jnp.float32,
+    shardings: dict[str, jax.sharding.Sharding] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> llama.Params:
+  """Builds the base params tree, one leaf at a time, placed with `shardings[path]` if given."""
+  shapes = llama.param_shapes(cfg)
+  flat = flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+  out = {}
+  for path, shape in flat.items():
+    host = _host_leaf(cfg, path, shape, get, dtype)
+    if host.shape != tuple(shape):
+      raise ValueError(f"{path}: checkpoint shape {host.shape} != model shape {tuple(shape)}")
+    sharding = shardings.get(path) if shardings else None
+    out[path] = jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host)
+    del host
+    if progress:
+      progress(path)
+  return unflatten(out)
+
+
+def flatten(tree: dict, is_leaf=None) -> dict[str, Any]:
+  """{'a': {'b': x}} -> {'a/b': x}."""
+  pairs = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+  return {jax.tree_util.keystr(p, simple=True, separator="/"): v for p, v in pairs}
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+  tree: dict = {}
+  for path, value in flat.items():
+    node = tree
+    *parents, last = path.split("/")
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[last] = value
+  return tree
+
+
+def load_hf_folder(folder: str, dtype=jnp.float32, shardings=None) -> tuple[ModelConfig, llama.Params]:
+  cfg = config_from_hf(read_hf_config(folder))
+  get, _ = safetensors_getter(folder)
+  return cfg, params_from_tensors(cfg, get, dtype, shardings)
+
+
+def load_model(path: str, dtype=jnp.float32, shardings=None) -> tuple[ModelConfig, llama.Params]:
+  """A Hugging Face folder or a .gguf file -> (config, params)."""
+  if path.endswith(".gguf"):
+    from jaxtune.models import gguf_loading  # gguf reading is only needed for .gguf files
+    hf_config, get = gguf_loading.gguf_tensors(path)
+    cfg = config_from_hf(hf_config)
+    return cfg, params_from_tensors(cfg, get, dtype, shardings)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"model path {path!r} is neither a Hugging Face folder nor a .gguf file")
+  return load_hf_folder(path, dtype, shardings)
+
+
+def load_tokenizer(path: str):
+  """transformers tokenizer from a HF folder, or converted from a .gguf file (eos checked)."""
+  if path.endswith(".gguf"):
+    from jaxtune.models import gguf_loading
+    return gguf_loading.gguf_tokenizer(path)
+  from transformers import AutoTokenizer
+  return AutoTokenizer.from_pretrained(path)
+
+
+def model_config_of(path: str) -> ModelConfig:
+  if path.endswith(".gguf"):
+    from jaxtune.models import gguf_loading
+    return config_from_hf(gguf_loading.gguf_tensors(path)[0])
+  return config_from_hf(read_hf_config(path))
+
+

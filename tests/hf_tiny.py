@@ -1,0 +1,82 @@
+"""Tiny random Hugging Face models built locally (no hub), saved as folders jaxtune loads."""
+
+from __future__ import annotations
+
+import os
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+FAMILIES = {
+    "llama_untied": ("llama", dict(tie_word_embeddings=False)),
+    "llama_tied": ("llama", dict(tie_word_embeddings=True)),
+    "llama_bias": ("llama", dict(attention_bias=True, mlp_bias=True)),
+    "llama_linear_rope": ("llama", dict(rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                           "rope_theta": 10000.0})),
+    "llama3_rope": ("llama", dict(head_dim=32, rope_parameters={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64, "rope_theta": 500000.0})),
+    "mistral": ("mistral", dict(sliding_window=4096, tie_word_embeddings=False)),
+    "mistral_window": ("mistral", dict(sliding_window=8, tie_word_embeddings=False)),
+    "qwen2": ("qwen2", dict(tie_word_embeddings=True)),
+    "smollm2": ("llama", dict(tie_word_embeddings=True, num_attention_heads=8,
+                              num_key_value_heads=2, rope_parameters={"rope_type": "default",
+                                                                      "rope_theta": 100000.0})),
+}
+
+
+def build_hf_model(family: str, seed: int = 0):
+  """A random tiny transformers model of `family` (fp32, eval mode)."""
+  import torch
+  import transformers
+  model_type, extra = FAMILIES[family]
+  config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+                "qwen2": transformers.Qwen2Config}[model_type]
+  kwargs = dict(TINY, **extra)
+  config = config_cls(**kwargs)
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+  with torch.no_grad():  # non-trivial norms and biases so their loading is checked too
+    for name, p in model.named_parameters():
+      if "norm" in name or name.endswith("bias"):
+        p.add_(0.1 * torch.randn_like(p))
+  return model.eval()
+
+
+def save_hf_model(family: str, folder: str, seed: int = 0, with_tokenizer: bool = True):
+  model = build_hf_model(family, seed)
+  model.save_pretrained(folder)
+  if with_tokenizer:
+    save_byte_tokenizer(folder)
+  return model
+
+
+def save_byte_tokenizer(folder: str):
+  """A byte-level BPE tokenizer with a 256-token vocab and a ChatML template, built offline."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+  alphabet = pre_tokenizers.ByteLevel.alphabet()
+  vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}  # 256 byte symbols
+  specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+  # Re-use the three least-used control bytes' ids for the specials keeps the vocab at 256.
+  for i, tok in enumerate(specials):
+    victim = sorted(vocab, key=vocab.get)[i]
+    vocab[tok] = vocab.pop(victim)
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                 pad_token="<|endoftext|>", unk_token=None)
+  fast.add_special_tokens({"additional_special_tokens": specials})
+  fast.chat_template = (
+      "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+      " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+      "{% endif %}")
+  fast.save_pretrained(folder)
+  return fast
+
+
+def tiny_folder(tmp_path_factory, family: str, seed: int = 0) -> str:
+  folder = str(tmp_path_factory.mktemp(family))
+  save_hf_model(family, folder, seed)
+  return os.path.abspath(folder)
