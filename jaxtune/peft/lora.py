@@ -1,0 +1,62 @@
+"""LoRA: low-rank A/B leaves added inside the linear layers whose path matches a regex.
+
+Leaves: `lora_a` (L x in x r, Kaiming-uniform like peft) and `lora_b` (L x r x out, zeros), so the
+model starts exactly as the base. The forward pass adds x @ A @ B * scale where it finds them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+
+from jaxtune.models import llama
+from jaxtune.models.loading import flatten, unflatten
+
+DEFAULT_TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def lora_scale(rank: int, alpha: float, use_rslora: bool = False) -> float:
+  """alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA (as peft)."""
+  return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def target_paths(params: llama.Params, targets: str) -> list[str]:
+  """Paths of the linear layers (dicts holding a 'kernel') whose path matches `targets` (re.fullmatch)."""
+  pattern = re.compile(targets)
+  kernels = [p[: -len("/kernel")] for p in flatten(params) if p.endswith("/kernel")]
+  return [p for p in kernels if pattern.fullmatch(p) or pattern.fullmatch(p + "/kernel")]
+
+
+def add_lora(params: llama.Params, rng: jax.Array, rank: int, targets: str = DEFAULT_TARGETS,
+             dtype=jnp.float32) -> llama.Params:
+  """Returns params with LoRA leaves in every targeted linear layer; an empty match is an error."""
+  paths = target_paths(params, targets)
+  if not paths:
+    raise ValueError(f"peft.lora.targets={targets!r} matches no linear layer "
+                     f"(paths look like 'layers/self_attn/q_proj')")
+  flat = flatten(params)
+  for path, key in zip(paths, jax.random.split(rng, len(paths))):
+    kernel = flat[path + "/kernel"]
+    *lead, n_in, n_out = kernel.shape
+    bound = 1.0 / math.sqrt(n_in)  # kaiming_uniform(a=sqrt(5)) on an r x in matrix, as peft
+    flat[path + "/lora_a"] = jax.random.uniform(key, (*lead, n_in, rank), jnp.float32, -bound, bound).astype(dtype)
+    flat[path + "/lora_b"] = jnp.zeros((*lead, rank, n_out), dtype)
+  return unflatten(flat)
+
+
+def is_lora_leaf(path: str) -> bool:
+  return path.endswith("/lora_a") or path.endswith("/lora_b")
+
+
+def merge_lora(params: llama.Params, scale: float) -> llama.Params:
+  """Folds every A @ B * scale into its kernel and drops the LoRA leaves."""
+  flat = flatten(params)
+  out = {p: v for p, v in flat.items() if not is_lora_leaf(p)}
+  for path in [p[: -len("/lora_a")] for p in flat if p.endswith("/lora_a")]:
+    a, b = flat[path + "/lora_a"].astype(jnp.float32), flat[path + "/lora_b"].astype(jnp.float32)
+    kernel = out[path + "/kernel"]
+    out[path + "/kernel"] = (kernel.astype(jnp.float32) + jnp.matmul(a, b) * scale).astype(kernel.dtype)
+  return unflatten(out)

@@ -1,0 +1,49 @@
+"""The one idea: a PEFT method only decides which param leaves are trainable.
+
+Params are split into two flat dicts ('/'-joined paths -> arrays): the trainable partition (what
+gradients, optimizer state and PEFT checkpoints cover) and the frozen rest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxtune.models.loading import flatten, unflatten
+
+METHODS = ("full", "lora", "adapter", "prefix")
+
+
+def is_peft_leaf(path: str) -> bool:
+  """Leaves added by a PEFT method (named by convention: lora_*, *_adapter/*, prefix_*)."""
+  last = path.split("/")[-1]
+  return last.startswith("lora_") or "_adapter/" in path or "prefix_" in path
+
+
+def is_trainable(path: str, method: str) -> bool:
+  if method == "full":
+    return not is_peft_leaf(path)
+  if method == "lora":
+    return path.split("/")[-1].startswith("lora_")
+  if method == "adapter":
+    return "_adapter/" in path
+  if method == "prefix":
+    return "prefix_" in path
+  raise ValueError(f"peft.method={method!r} is not one of {', '.join(METHODS)}")
+
+
+def split(params: dict, method: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(trainable, frozen) flat dicts."""
+  flat = flatten(params)
+  trainable = {p: v for p, v in flat.items() if is_trainable(p, method)}
+  if not trainable:
+    raise ValueError(f"peft.method={method!r}: no trainable parameters in the model")
+  frozen = {p: v for p, v in flat.items() if p not in trainable}
+  return trainable, frozen
+
+
+def merge(trainable: dict[str, Any], frozen: dict[str, Any]) -> dict:
+  return unflatten({**frozen, **trainable})
+
+
+def count(flat: dict[str, Any]) -> int:
+  return int(sum(v.size for v in flat.values()))
