@@ -1,0 +1,82 @@
+"""The shared base config: every key of the contract, with defaults. Other configs start from it.
+
+Not meant to be run by itself (model.path is empty); see tiny.py, llama_lora.py, forkme.py.
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.path = ""  # Hugging Face folder or .gguf file
+  c.model.tokenizer = ""  # "" = the tokenizer that comes with model.path
+
+  c.objective = "lm"  # lm | dpo | reward | grpo
+
+  c.peft = ml_collections.ConfigDict()
+  c.peft.method = "lora"  # full | lora | adapter | prefix
+  c.peft.lora = ml_collections.ConfigDict()
+  c.peft.lora.rank = 8
+  c.peft.lora.alpha = 16.0
+  c.peft.lora.dropout = 0.0
+  c.peft.lora.targets = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+  c.peft.lora.use_rslora = False
+  c.peft.adapter = ml_collections.ConfigDict()
+  c.peft.adapter.size = 64
+  c.peft.adapter.placement = "attn,mlp"  # where adapters go: attn, mlp or both
+  c.peft.prefix = ml_collections.ConfigDict()
+  c.peft.prefix.length = 16
+  c.peft.prefix.reparam_hidden = 0  # > 0: train through an MLP reparametrisation, folded away after
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train = ""  # JSONL/JSON/CSV/parquet path, a folder, or a datasets name
+  c.data.eval = ""  # "" = hold out data.eval_fraction of data.train
+  c.data.eval_fraction = 0.0
+  c.data.format = "instruction"  # text | instruction | chat | preference
+  c.data.template = "auto"  # instruction prompt: auto (chat template if the tokenizer has one) | alpaca | chat
+  c.data.field_map = ""  # rename source columns: "instruction=question,output=answer"
+  c.data.train_on_prompt = False
+  c.data.seq_len = 512
+  c.data.packing = True
+  c.data.truncation = "truncate"  # truncate | drop (over-long records; always counted and reported)
+  c.data.lenient = False  # True: skip and count malformed records instead of stopping
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000
+  c.train.batch_size = 8  # global, in sequences
+  c.train.grad_accum = 1
+  c.train.seed = 0
+  c.train.log_every = 10
+  c.train.eval_every = 0  # 0 = only at the end (when there is eval data)
+  c.train.eval_batches = 0  # 0 = the whole eval set
+  c.train.checkpoint_every = 500
+  c.train.keep_checkpoints = 3
+  c.train.remat = False
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adamw"  # adamw | adafactor | sgd
+  c.optimizer.learning_rate = 1e-4
+  c.optimizer.schedule = "cosine"  # constant | linear | cosine
+  c.optimizer.warmup_steps = 0
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.grad_clip = 1.0  # 0 = off
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+
+  c.dpo = ml_collections.ConfigDict()
+  c.dpo.beta = 0.1
+  c.dpo.loss_type = "sigmoid"  # sigmoid | ipo
+  c.dpo.label_smoothing = 0.0
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1 = the remaining devices
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  c.precision = ml_collections.ConfigDict()
+  c.precision.param_dtype = "float32"
+  c.precision.compute_dtype = "float32"
+  return c

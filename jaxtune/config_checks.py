@@ -1,0 +1,116 @@
+"""Config validation: every impossible value is reported as one line naming its key, before any work."""
+
+from __future__ import annotations
+
+import re
+
+import jax.numpy as jnp
+import ml_collections
+
+from jaxtune.peft.partition import METHODS
+
+OBJECTIVES = ("lm", "dpo", "reward", "grpo")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """A config value is impossible; str() is `config.KEY: why`."""
+
+  def __init__(self, key: str, why: str):
+    super().__init__(f"config.{key}: {why}")
+    self.key = key
+
+
+def _choice(c, key, options):
+  value = _get(c, key)
+  if value not in options:
+    raise ConfigError(key, f"{value!r} is not one of {' | '.join(map(str, options))}")
+
+
+def _positive(c, key, allow_zero=False):
+  value = _get(c, key)
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ConfigError(key, f"must be a number, got {type(value).__name__}")
+  if value < 0 or (value == 0 and not allow_zero):
+    raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _get(c, key):
+  node = c
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def check_config(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for the first impossible value found."""
+  if not c.model.path:
+    raise ConfigError("model.path", "is empty: give a Hugging Face folder or a .gguf file")
+  _choice(c, "objective", OBJECTIVES)
+  _choice(c, "peft.method", METHODS)
+  _positive(c, "peft.lora.rank")
+  _positive(c, "peft.lora.alpha")
+  if not 0 <= c.peft.lora.dropout < 1:
+    raise ConfigError("peft.lora.dropout", f"must be in [0, 1), got {c.peft.lora.dropout}")
+  try:
+    re.compile(c.peft.lora.targets)
+  except re.error as e:
+    raise ConfigError("peft.lora.targets", f"invalid regex: {e}") from None
+  _positive(c, "peft.adapter.size")
+  placement = [p for p in c.peft.adapter.placement.split(",") if p]
+  if not placement or any(p not in ("attn", "mlp") for p in placement):
+    raise ConfigError("peft.adapter.placement", f"{c.peft.adapter.placement!r}: use attn, mlp or attn,mlp")
+  _positive(c, "peft.prefix.length")
+  _positive(c, "peft.prefix.reparam_hidden", allow_zero=True)
+  if not c.data.train:
+    raise ConfigError("data.train", "is empty: give a data file, folder or datasets name")
+  _choice(c, "data.format", ("text", "instruction", "chat", "preference"))
+  _choice(c, "data.template", ("auto", "alpaca", "chat"))
+  _choice(c, "data.truncation", ("truncate", "drop"))
+  _positive(c, "data.seq_len")
+  if c.data.seq_len < 2:
+    raise ConfigError("data.seq_len", "must be >= 2")
+  if not 0 <= c.data.eval_fraction < 1:
+    raise ConfigError("data.eval_fraction", f"must be in [0, 1), got {c.data.eval_fraction}")
+  for key in ("train.steps", "train.batch_size", "train.grad_accum", "train.log_every",
+              "train.keep_checkpoints"):
+    _positive(c, key)
+  for key in ("train.eval_every", "train.eval_batches", "train.checkpoint_every"):
+    _positive(c, key, allow_zero=True)
+  if c.train.batch_size % c.train.grad_accum:
+    raise ConfigError("train.grad_accum", f"{c.train.grad_accum} does not divide train.batch_size="
+                      f"{c.train.batch_size}")
+  _choice(c, "optimizer.name", ("adamw", "adafactor", "sgd"))
+  _choice(c, "optimizer.schedule", ("constant", "linear", "cosine"))
+  _positive(c, "optimizer.learning_rate")
+  _positive(c, "optimizer.warmup_steps", allow_zero=True)
+  if c.optimizer.warmup_steps >= c.train.steps and c.optimizer.warmup_steps > 0:
+    raise ConfigError("optimizer.warmup_steps", f"{c.optimizer.warmup_steps} >= train.steps={c.train.steps}")
+  _positive(c, "optimizer.weight_decay", allow_zero=True)
+  _positive(c, "optimizer.grad_clip", allow_zero=True)
+  _positive(c, "dpo.beta")
+  for key in ("mesh.data", "mesh.fsdp", "mesh.tensor"):
+    value = _get(c, key)
+    if not isinstance(value, int) or (value < 1 and value != -1):
+      raise ConfigError(key, f"must be a positive integer or -1 (fill), got {value!r}")
+  if sum(_get(c, k) == -1 for k in ("mesh.data", "mesh.fsdp", "mesh.tensor")) > 1:
+    raise ConfigError("mesh", "at most one of mesh.data/fsdp/tensor may be -1")
+  for key in ("precision.param_dtype", "precision.compute_dtype"):
+    _choice(c, key, DTYPES)
+  if c.objective in ("dpo", "reward") and c.data.format != "preference":
+    raise ConfigError("data.format", f"objective={c.objective} needs data.format=preference")
+
+
+def dtype_of(name: str):
+  return jnp.dtype(name)
+
+
+def field_map(spec: str, key: str = "data.field_map") -> dict[str, str]:
+  """'instruction=question,output=answer' -> {'instruction': 'question', 'output': 'answer'}."""
+  out = {}
+  for item in filter(None, (s.strip() for s in spec.split(","))):
+    if "=" not in item:
+      raise ConfigError(key, f"{item!r} is not FIELD=COLUMN")
+    field, column = (s.strip() for s in item.split("=", 1))
+    out[field] = column
+  return out

@@ -1,0 +1,46 @@
+"""Optimizer over the trainable partition: schedule, clipping, AdamW / Adafactor / SGD."""
+
+from __future__ import annotations
+
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
+  """Linear warmup from 0, then constant / linear-to-0 / cosine-to-0 over the remaining steps."""
+  lr, warmup = opt.learning_rate, opt.warmup_steps
+  decay_steps = max(steps - warmup, 1)
+  if opt.schedule == "constant":
+    main = optax.constant_schedule(lr)
+  elif opt.schedule == "linear":
+    main = optax.linear_schedule(lr, 0.0, decay_steps)
+  else:
+    main = optax.cosine_decay_schedule(lr, decay_steps)
+  if not warmup:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def decays(path: str) -> bool:
+  """Weight decay applies to matrices, not to biases, norms or prefix/adapter biases."""
+  return not (path.endswith("bias") or path.endswith("norm") or path.endswith("layernorm"))
+
+
+def build_optimizer(opt: ml_collections.ConfigDict, steps: int, trainable_paths) -> optax.GradientTransformation:
+  """The optax chain for the trainable partition (a flat {path: array} dict)."""
+  schedule = learning_rate_schedule(opt, steps)
+  decay_mask = {p: decays(p) for p in trainable_paths}
+  parts = []
+  if opt.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(opt.grad_clip))
+  if opt.name == "adamw":
+    parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                             weight_decay=opt.weight_decay, mask=decay_mask))
+  elif opt.name == "adafactor":
+    parts.append(optax.adafactor(schedule, weight_decay_rate=opt.weight_decay or None,
+                                 weight_decay_mask=decay_mask))
+  else:
+    if opt.weight_decay:
+      parts.append(optax.masked(optax.add_decayed_weights(opt.weight_decay), decay_mask))
+    parts.append(optax.sgd(schedule))
+  return optax.chain(*parts)

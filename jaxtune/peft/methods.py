@@ -1,0 +1,33 @@
+"""Adds the leaves of the configured PEFT method to base params (full fine-tuning adds none)."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+
+from jaxtune.models import llama
+from jaxtune.models.config import ModelConfig
+from jaxtune.peft import lora
+
+
+def peft_runtime(peft: ml_collections.ConfigDict) -> llama.PeftRuntime:
+  if peft.method != "lora":
+    return llama.PeftRuntime()
+  return llama.PeftRuntime(lora_scale=lora.lora_scale(peft.lora.rank, peft.lora.alpha, peft.lora.use_rslora),
+                           lora_dropout=peft.lora.dropout)
+
+
+def add_peft(params: llama.Params, cfg: ModelConfig, peft: ml_collections.ConfigDict, rng: jax.Array,
+             dtype) -> llama.Params:
+  """Base params + the method's (freshly initialised) leaves."""
+  if peft.method == "lora":
+    return lora.add_lora(params, rng, peft.lora.rank, peft.lora.targets, dtype)
+  if peft.method == "adapter":
+    from jaxtune.peft import adapter
+    placement = tuple(p for p in peft.adapter.placement.split(",") if p)
+    return adapter.add_adapters(params, cfg, rng, peft.adapter.size, placement=placement)
+  if peft.method == "prefix":
+    from jaxtune.peft import prefix
+    return prefix.add_prefix(params, cfg, rng, peft.prefix.length,
+                             reparam_hidden=peft.prefix.reparam_hidden)
+  return params

@@ -1,0 +1,99 @@
+"""Mesh from the config, logical-axis rules -> NamedSharding, and multi-host initialisation."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from jaxtune.config_checks import ConfigError
+from jaxtune.models import llama
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis -> mesh axis (MaxText-style single rules table). Unlisted logical axes replicate.
+LOGICAL_RULES = {
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "q_heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+}
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """jax.distributed.initialize: with explicit flags, or by itself on a TPU VM (multi-host)."""
+  if coordinator_address:
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+  elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
+    jax.distributed.initialize()
+
+
+def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[int, int, int]:
+  """Resolves one -1 to the remaining devices; the product must equal the device count."""
+  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  for name, value in sizes.items():
+    if value == -1:
+      if n_devices % fixed:
+        raise ConfigError(f"mesh.{name}", f"cannot fill: {n_devices} devices are not divisible by "
+                          f"the other mesh axes' product {fixed}")
+      sizes[name] = n_devices // fixed
+  if math.prod(sizes.values()) != n_devices:
+    raise ConfigError("mesh", f"data*fsdp*tensor = {sizes['data']}*{sizes['fsdp']}*{sizes['tensor']}"
+                      f" = {math.prod(sizes.values())} != {n_devices} devices")
+  return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(data, fsdp, tensor, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def spec_for(logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
+  """PartitionSpec from logical names; a dim the mesh axis does not divide stays replicated."""
+  used, out = set(), []
+  for name, dim in zip(logical, shape):
+    axis = LOGICAL_RULES.get(name) if name else None
+    if axis is None or axis in used or dim % mesh.shape[axis] or mesh.shape[axis] == 1:
+      out.append(None)
+    else:
+      out.append(axis)
+      used.add(axis)
+  return P(*out)
+
+
+def param_shardings(flat_shapes: dict[str, Any], mesh: Mesh) -> dict[str, NamedSharding]:
+  """{path: NamedSharding} for a flat dict of arrays or ShapeDtypeStructs (or shape tuples)."""
+  out = {}
+  for path, leaf in flat_shapes.items():
+    shape = tuple(leaf) if isinstance(leaf, tuple) else tuple(leaf.shape)
+    out[path] = NamedSharding(mesh, spec_for(llama.logical_axes(path, len(shape)), shape, mesh))
+  return out
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def batch_divisor(mesh: Mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Builds global arrays from each process's rows of the global batch."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}

@@ -1,0 +1,106 @@
+"""Pure loss functions and the one train step every method and objective shares.
+
+`train_step(trainable, frozen, opt_state, batch, rng)`: gradients are taken w.r.t. the trainable
+partition only; micro-batches (gradient accumulation) are scanned and the loss is token-weighted,
+so 4 x 2 sequences give the same update as 8 at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxtune.models import llama
+from jaxtune.models.config import ModelConfig
+from jaxtune.peft import partition
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """Everything static about a step (hashable)."""
+
+  model: ModelConfig
+  peft: llama.PeftRuntime = llama.PeftRuntime()
+  compute_dtype: str = "float32"
+  remat: bool = False
+  grad_accum: int = 1
+
+
+def forward_logits(params, spec: StepSpec, batch: Batch, rng=None, prefix: str = ""):
+  logits, _ = llama.forward(
+      params, spec.model, batch[prefix + "inputs"], batch[prefix + "positions"],
+      batch[prefix + "segment_ids"], peft=spec.peft, rng=rng, remat=spec.remat,
+      compute_dtype=jnp.dtype(spec.compute_dtype))
+  return logits
+
+
+def lm_loss_sums(params, spec: StepSpec, batch: Batch, rng=None) -> tuple[jax.Array, jax.Array, Metrics]:
+  """(sum of token NLL over weighted tokens, number of weighted tokens, extra metrics)."""
+  logits = forward_logits(params, spec, batch, rng)
+  nll = llama.token_nll(logits, batch["targets"])
+  weights = batch["weights"].astype(jnp.float32)
+  return jnp.sum(nll * weights), jnp.sum(weights), {}
+
+
+LossSums = Callable[[Any, StepSpec, Batch, Any], tuple[jax.Array, jax.Array, Metrics]]
+
+
+def _micro_batches(batch: Batch, n: int) -> Batch:
+  """B x ... -> n x (B/n) x ...; micro-batch i takes rows i, i+n, ... so each stays spread over the mesh."""
+  def split(x):
+    return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def accumulated_grads(loss_sums: LossSums, trainable, frozen, spec: StepSpec, batch: Batch, rng):
+  """Token-weighted mean loss and its gradient w.r.t. `trainable`, over spec.grad_accum micro-batches."""
+
+  def sums_and_grads(micro, micro_rng):
+    def objective(tr):
+      total, weight, metrics = loss_sums(partition.merge(tr, frozen), spec, micro, micro_rng)
+      return total, (weight, metrics)
+    (total, (weight, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+    return total, weight, metrics, grads
+
+  if spec.grad_accum == 1:
+    total, weight, metrics, grads = sums_and_grads(batch, rng)
+  else:
+    micros = _micro_batches(batch, spec.grad_accum)
+    rngs = jax.random.split(rng, spec.grad_accum)
+
+    def body(carry, xs):
+      total, weight, metrics, grads = sums_and_grads(*xs)
+      acc = (total, weight, metrics, grads)
+      return jax.tree.map(jnp.add, carry, acc), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums_and_grads, jax.tree.map(lambda x: x[0], micros), rngs[0]))
+    (total, weight, metrics, grads), _ = jax.lax.scan(body, zeros, (micros, rngs))
+  weight = jnp.maximum(weight, 1.0)
+  grads = jax.tree.map(lambda g: g / weight, grads)
+  metrics = {k: v / spec.grad_accum for k, v in metrics.items()}
+  return total / weight, weight, metrics, grads
+
+
+def train_step(trainable, frozen, opt_state, batch: Batch, rng, *, spec: StepSpec,
+               optimizer: optax.GradientTransformation, loss_sums: LossSums = lm_loss_sums):
+  """One optimizer update. Returns (trainable, opt_state, metrics)."""
+  loss, tokens, metrics, grads = accumulated_grads(loss_sums, trainable, frozen, spec, batch, rng)
+  updates, opt_state = optimizer.update(grads, opt_state, trainable)
+  trainable = optax.apply_updates(trainable, updates)
+  finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+  metrics = dict(metrics, loss=loss, tokens=tokens, grad_norm=optax.global_norm(grads),
+                 finite=finite.astype(jnp.float32))
+  return trainable, opt_state, metrics
+
+
+def eval_step(trainable, frozen, batch: Batch, *, spec: StepSpec, loss_sums: LossSums = lm_loss_sums):
+  """(summed loss, weight, metrics) of a batch, without gradients."""
+  total, weight, metrics = loss_sums(partition.merge(trainable, frozen), spec, batch, None)
+  return total, weight, metrics

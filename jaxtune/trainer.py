@@ -1,0 +1,223 @@
+"""The training run: config -> mesh -> model (sharded) -> PEFT -> partition -> optimizer -> jit(step) loop.
+
+Resumes from the newest complete checkpoint in the workdir by itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from jaxtune import checkpoint, sharding
+from jaxtune.config_checks import ConfigError, field_map
+from jaxtune.data import pipeline
+from jaxtune.metrics_log import MetricsLog
+from jaxtune.models import llama, loading
+from jaxtune.optimizer import build_optimizer, learning_rate_schedule
+from jaxtune.peft import methods, partition
+from jaxtune.train_step import StepSpec, eval_step, lm_loss_sums, train_step
+
+# Keys whose change makes an existing workdir's checkpoints meaningless.
+RUN_IDENTITY_KEYS = ("model.path", "objective", "peft", "data.train", "data.format", "data.seq_len",
+                     "data.packing", "train.batch_size", "train.seed")
+
+
+def _get(tree: dict, dotted: str):
+  for part in dotted.split("."):
+    tree = tree.get(part, {}) if isinstance(tree, dict) else None
+  return tree
+
+
+def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """A workdir already holding a run with another identity is an error (nothing is touched)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  new = json.loads(config.to_json())
+  for key in RUN_IDENTITY_KEYS:
+    if _get(old, key) != _get(new, key):
+      raise ConfigError(key, f"the workdir {workdir} holds a run with {key}={_get(old, key)!r}, "
+                        f"this config has {_get(new, key)!r}; use a new --workdir")
+
+
+def instruction_template(config: ml_collections.ConfigDict, tokenizer) -> str:
+  if config.data.template != "auto":
+    return config.data.template
+  return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+
+
+def build_model(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
+  """Loads the base (into its shardings), adds PEFT leaves, splits trainable/frozen."""
+  param_dtype = jnp.dtype(config.precision.param_dtype)
+  model_cfg = loading.model_config_of(config.model.path)
+  base_shapes = loading.flatten(llama.param_shapes(model_cfg), is_leaf=lambda x: isinstance(x, tuple))
+  params = loading.load_model(config.model.path, param_dtype,
+                              shardings=sharding.param_shardings(base_shapes, mesh))[1]
+  peft_rng = jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 1)
+  params = methods.add_peft(params, model_cfg, config.peft, peft_rng, param_dtype)
+  trainable, frozen = partition.split(params, config.peft.method)
+  trainable = jax.device_put(trainable, sharding.param_shardings(trainable, mesh))
+  frozen = jax.device_put(frozen, sharding.param_shardings(frozen, mesh))
+  return dict(model_cfg=model_cfg, trainable=trainable, frozen=frozen,
+              peft=methods.peft_runtime(config.peft))
+
+
+def load_data(config: ml_collections.ConfigDict, tokenizer):
+  """(train PackedDataset, eval PackedDataset or None)."""
+  mapping = field_map(config.data.field_map)
+  train_records, eval_records = pipeline.load_splits(
+      config.data.train, config.data.eval or None, eval_fraction=config.data.eval_fraction,
+      seed=config.train.seed, field_map=mapping, lenient=config.data.lenient)
+  kwargs = dict(field_map=mapping, template=instruction_template(config, tokenizer),
+                train_on_prompt=config.data.train_on_prompt, add_eos=config.data.format == "text",
+                packing=config.data.packing, truncation=config.data.truncation,
+                lenient=config.data.lenient)
+  train = pipeline.build_dataset(train_records, config.data.format, tokenizer, config.data.seq_len, **kwargs)
+  evald = None
+  if eval_records is not None and len(eval_records):
+    evald = pipeline.build_dataset(eval_records, config.data.format, tokenizer, config.data.seq_len, **kwargs)
+  return train, evald
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Atomic write (tmp + rename) so a crash never leaves a half-written file."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def make_step_fns(config, spec: StepSpec, optimizer, shardings: dict[str, Any], loss_sums=lm_loss_sums):
+  """jit(train_step) and jit(eval_step) with explicit in/out shardings and donation."""
+  tr, fr, opt, batch, rep = (shardings[k] for k in ("trainable", "frozen", "opt_state", "batch", "replicated"))
+  step = jax.jit(functools.partial(train_step, spec=spec, optimizer=optimizer, loss_sums=loss_sums),
+                 in_shardings=(tr, fr, opt, batch, rep), out_shardings=(tr, opt, rep),
+                 donate_argnums=(0, 2))
+  evaluate = jax.jit(functools.partial(eval_step, spec=spec, loss_sums=loss_sums),
+                     in_shardings=(tr, fr, batch), out_shardings=rep)
+  return step, evaluate
+
+
+def opt_state_shardings(optimizer, trainable, trainable_shardings, mesh):
+  """Params-shaped optimizer leaves follow their param; every other leaf (counts) is replicated."""
+  import optax
+  abstract = jax.eval_shape(optimizer.init, trainable)
+  return optax.tree_map_params(optimizer, lambda _, s: s, abstract, trainable_shardings,
+                               transform_non_params=lambda _: sharding.replicated(mesh))
+
+
+def evaluate_dataset(evaluate, trainable, frozen, dataset, batch_size, mesh, max_batches=0) -> dict[str, float]:
+  total = weight = 0.0
+  for i, local in enumerate(pipeline.eval_batches(dataset, batch_size, jax.process_index(), jax.process_count())):
+    if max_batches and i >= max_batches:
+      break
+    s, w, _ = evaluate(trainable, frozen, sharding.global_batch(local, mesh))
+    total, weight = total + float(s), weight + float(w)
+  return {"eval_loss": total / max(weight, 1.0), "eval_tokens": weight}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> list[dict]:
+  """Trains (or resumes) to config.train.steps; returns the logged metric rows of this invocation."""
+  os.makedirs(workdir, exist_ok=True)
+  check_workdir(workdir, config)
+  is_main = jax.process_index() == 0
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  if config.train.batch_size % sharding.batch_divisor(mesh):
+    raise ConfigError("train.batch_size", f"{config.train.batch_size} is not divisible by the data axes "
+                      f"(mesh.data*mesh.fsdp = {sharding.batch_divisor(mesh)})")
+  if (config.train.batch_size // config.train.grad_accum) % sharding.batch_divisor(mesh):
+    raise ConfigError("train.grad_accum", "each micro-batch must still divide over mesh.data*mesh.fsdp")
+  tokenizer = loading.load_tokenizer(config.model.tokenizer or config.model.path)
+  train_data, eval_data = load_data(config, tokenizer)
+  if is_main:
+    print(f"data: train {train_data.stats.summary()}", flush=True)
+  model = build_model(config, mesh)
+  trainable, frozen = model["trainable"], model["frozen"]
+  counts = {"trainable_params": partition.count(trainable),
+            "total_params": partition.count(trainable) + partition.count(frozen)}
+  if is_main:
+    print(f"params: trainable {counts['trainable_params']:,} / total {counts['total_params']:,} "
+          f"({100 * counts['trainable_params'] / counts['total_params']:.3f}%)", flush=True)
+    write_json(os.path.join(workdir, "params.json"), counts)
+    write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+
+  steps = config.train.steps
+  optimizer = build_optimizer(config.optimizer, steps, trainable.keys())
+  schedule = learning_rate_schedule(config.optimizer, steps)
+  tr_sh = sharding.param_shardings(trainable, mesh)
+  shardings = dict(trainable=tr_sh, frozen=sharding.param_shardings(frozen, mesh),
+                   batch=sharding.batch_sharding(mesh), replicated=sharding.replicated(mesh))
+  shardings["opt_state"] = opt_state_shardings(optimizer, trainable, tr_sh, mesh)
+  opt_state = jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(trainable)
+  rng = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 2), shardings["replicated"])
+  spec = StepSpec(model=model["model_cfg"], peft=model["peft"], compute_dtype=config.precision.compute_dtype,
+                  remat=config.train.remat, grad_accum=config.train.grad_accum)
+  step_fn, eval_fn = make_step_fns(config, spec, optimizer, shardings)
+
+  batches = pipeline.BatchIterator(train_data, config.train.batch_size, config.train.seed,
+                                   jax.process_index(), jax.process_count())
+  manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
+  start = manager.latest_step() or 0
+  if start:
+    state, meta = checkpoint.restore(manager, start, {"trainable": trainable, "opt_state": opt_state, "rng": rng})
+    trainable, opt_state, rng = state["trainable"], state["opt_state"], state["rng"]
+    batches.restore(meta["data"])
+    if is_main:
+      print(f"resumed from {checkpoint.checkpoint_dir(workdir)}/{start}", flush=True)
+
+  log = MetricsLog(workdir, enabled=is_main)
+  rows, pending, window_tokens, window_start = [], [], 0, None
+  last = min(steps, stop_after) if stop_after else steps
+  bar = tqdm.tqdm(total=steps, initial=start, desc="train", disable=not is_main, dynamic_ncols=True)
+  for step in range(start + 1, last + 1):
+    local = batches.next()
+    window_tokens += int(np.count_nonzero(local["segment_ids" if "segment_ids" in local else "chosen_segment_ids"]))
+    trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, sharding.global_batch(local, mesh),
+                                            jax.random.fold_in(rng, step))
+    pending.append(metrics)
+    if window_start is None:  # the first step compiles: time from its end
+      jax.block_until_ready(metrics)
+      window_start, window_tokens = time.perf_counter(), 0
+    if step % config.train.log_every == 0 or step == last:
+      fetched = jax.device_get(pending)
+      if not all(m["finite"] for m in fetched):
+        bad = start + 1 + next(i for i, m in enumerate(fetched) if not m["finite"])
+        raise FloatingPointError(f"non-finite loss or gradients near step {bad}; the last good "
+                                 f"checkpoint is {manager.latest_step()} (lower optimizer.learning_rate?)")
+      elapsed = time.perf_counter() - window_start
+      row = {"step": step, "loss": float(fetched[-1]["loss"]), "learning_rate": float(schedule(step - 1)),
+             "tokens_per_sec": window_tokens / elapsed if elapsed > 0 and window_tokens else 0.0,
+             "grad_norm": float(fetched[-1]["grad_norm"])}
+      row.update({k: float(v) for k, v in fetched[-1].items() if k not in ("loss", "grad_norm", "finite", "tokens")})
+      pending, window_tokens, window_start = [], 0, time.perf_counter()
+      if eval_data is not None and config.train.eval_every and step % config.train.eval_every == 0:
+        row.update(evaluate_dataset(eval_fn, trainable, frozen, eval_data, config.train.batch_size, mesh,
+                                    config.train.eval_batches))
+      log.write(row)
+      rows.append(row)
+      bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:.0f}")
+    bar.update(1)
+    if step == last or (config.train.checkpoint_every and step % config.train.checkpoint_every == 0):
+      checkpoint.save(manager, step, {"trainable": trainable, "opt_state": opt_state, "rng": rng},
+                      {"data": batches.state()})
+  bar.close()
+  evaluated_last = config.train.eval_every and last % config.train.eval_every == 0
+  if eval_data is not None and last == steps and not evaluated_last:
+    row = {"step": last, **evaluate_dataset(eval_fn, trainable, frozen, eval_data, config.train.batch_size,
+                                            mesh, config.train.eval_batches)}
+    log.write(row)
+    rows.append(row)
+  manager.wait_until_finished()
+  log.close()
+  return rows
