@@ -94,8 +94,8 @@ def train_step(trainable, frozen, opt_state, batch: Batch, rng, *, spec: StepSpe
   loss, tokens, metrics, grads = accumulated_grads(loss_sums, trainable, frozen, spec, batch, rng)
   updates, opt_state = optimizer.update(grads, opt_state, trainable)
   trainable = optax.apply_updates(trainable, updates)
-  finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
-  metrics = dict(metrics, loss=loss, tokens=tokens, grad_norm=optax.global_norm(grads),
+  finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+  metrics = dict(metrics, loss=loss, tokens=tokens, grad_norm=optax.tree.norm(grads),
                  finite=finite.astype(jnp.float32))
   return trainable, opt_state, metrics
 

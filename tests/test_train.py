@@ -1,0 +1,57 @@
+"""Training core: loss goes down, LoRA starts as the base, exact resume, grad accumulation."""
+
+import numpy as np
+import pytest
+
+from jaxtune import trainer
+from jaxtune.metrics_log import read_metrics
+from train_helpers import losses, tiny_config
+
+
+def test_full_and_lora_reduce_loss_and_lora_starts_at_base(tiny_setup, tmp_path):
+  model, data = tiny_setup
+  full = losses(trainer.run(tiny_config(model, data, **{"peft.method": "full", "optimizer.learning_rate": 1e-3}),
+                            str(tmp_path / "full")))
+  lora = losses(trainer.run(tiny_config(model, data, **{"peft.method": "lora"}), str(tmp_path / "lora")))
+  assert full[-1] < full[0] - 0.3, full
+  assert lora[-1] < lora[0] - 0.1, lora
+  # B = 0 at init: LoRA's first forward is the base model's, so its first-step loss equals full's.
+  assert abs(lora[0] - full[0]) < 1e-6, (lora[0], full[0])
+
+
+def test_outputs_follow_the_contract(tiny_setup, tmp_path):
+  import json
+  model, data = tiny_setup
+  trainer.run(tiny_config(model, data), str(tmp_path))
+  rows = read_metrics(str(tmp_path))
+  assert [r["step"] for r in rows] == list(range(1, 7))
+  for r in rows:
+    assert {"step", "loss", "learning_rate", "tokens_per_sec"} <= set(r)
+  assert all(r["tokens_per_sec"] > 0 for r in rows[1:])
+  counts = json.load(open(tmp_path / "params.json"))
+  # LoRA r=4 on 7 projections of 2 layers: (in + out) * r summed.
+  d, f, q, kv = 64, 128, 64, 32
+  per_layer = 4 * ((d + q) + (d + kv) * 2 + (q + d) + (d + f) * 2 + (f + d))
+  assert counts["trainable_params"] == 2 * per_layer
+  assert counts["total_params"] > counts["trainable_params"]
+  assert json.load(open(tmp_path / "config.json"))["peft"]["method"] == "lora"
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_resume_is_exact(tiny_setup, tmp_path, method):
+  model, data = tiny_setup
+  kw = {"peft.method": method, "train.steps": 20, "train.checkpoint_every": 10,
+        "optimizer.learning_rate": 1e-3, "optimizer.schedule": "cosine", "optimizer.warmup_steps": 3}
+  straight = losses(trainer.run(tiny_config(model, data, **kw), str(tmp_path / "straight")))
+  first = trainer.run(tiny_config(model, data, **kw), str(tmp_path / "resumed"), stop_after=10)
+  second = trainer.run(tiny_config(model, data, **kw), str(tmp_path / "resumed"))
+  assert [r["step"] for r in first][-1] == 10 and [r["step"] for r in second][0] == 11
+  assert losses(second) == straight[10:], (losses(second), straight[10:])
+
+
+def test_grad_accumulation_equals_big_batch(tiny_setup, tmp_path):
+  model, data = tiny_setup
+  kw = {"peft.method": "full", "optimizer.learning_rate": 1e-3, "train.steps": 4}
+  big = losses(trainer.run(tiny_config(model, data, **kw), str(tmp_path / "big")))
+  acc = losses(trainer.run(tiny_config(model, data, **kw, **{"train.grad_accum": 4}), str(tmp_path / "acc")))
+  np.testing.assert_allclose(acc, big, atol=1e-5, rtol=0)

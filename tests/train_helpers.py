@@ -1,0 +1,62 @@
+"""Shared set-up for training tests: a tiny HF model folder, tiny instruction data, a config."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # configs/
+
+from configs.base import get_base_config  # noqa: E402
+
+
+def write_instruction_data(path: str, n: int = 64, seed: int = 0) -> str:
+  rng = random.Random(seed)
+  with open(path, "w") as f:
+    for _ in range(n):
+      a, b = rng.randint(0, 99), rng.randint(0, 99)
+      f.write(json.dumps({"instruction": f"add {a} and {b}", "output": str(a + b)}) + "\n")
+  return path
+
+
+def make_tiny_setup(folder: str, family: str = "llama_untied") -> tuple[str, str]:
+  """(model folder, train jsonl) under `folder`, built once per folder."""
+  model = os.path.join(folder, "model")
+  data = os.path.join(folder, "train.jsonl")
+  if not os.path.exists(os.path.join(model, "config.json")):
+    from hf_tiny import save_hf_model
+    save_hf_model(family, model)
+  if not os.path.exists(data):
+    write_instruction_data(data)
+  return model, data
+
+
+def tiny_config(model: str, data: str, **overrides):
+  """A locked base config for a tiny run; overrides use dotted keys: {'peft.method': 'full'}."""
+  c = get_base_config()
+  c.model.path = model
+  c.data.train = data
+  c.data.format = "instruction"
+  c.data.template = "chat"
+  c.data.seq_len = 64
+  c.train.steps = 6
+  c.train.batch_size = 8
+  c.train.log_every = 1
+  c.train.checkpoint_every = 0
+  c.optimizer.learning_rate = 3e-3
+  c.optimizer.schedule = "constant"
+  c.peft.lora.rank = 4
+  for key, value in overrides.items():
+    node = c
+    *parents, last = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[last] = value
+  c.lock()
+  return c
+
+
+def losses(rows) -> list[float]:
+  return [r["loss"] for r in rows if "loss" in r]
