@@ -1,0 +1,365 @@
+"""Export: a merged Hugging Face folder (transformers loads it) or a PEFT adapter folder (peft loads it).
+
+Both writers stream: tensors are produced one param leaf at a time (LoRA folded into its kernel on
+device, then fetched to the host, gathered across hosts when sharded) and written straight into
+safetensors files whose headers are planned from the shapes up front, so the host never holds more
+than one leaf. Every process takes part in the gathers; only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtune.models import llama
+from jaxtune.models.config import ModelConfig
+from jaxtune.models.loading import flatten, hf_name_of
+from jaxtune.peft import lora, partition
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+class ExportError(ValueError):
+  """The trained model cannot be written in the requested format."""
+
+
+# ----------------------------------------------------------------------------- safetensors streaming
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+  """One tensor of the output: its name and shape, and where it comes from (leaf path, layer)."""
+
+  name: str
+  shape: tuple[int, ...]
+  path: str
+  layer: int | None
+  transpose: bool
+
+
+def _is_main() -> bool:
+  return jax.process_index() == 0
+
+
+def to_host(x) -> np.ndarray:
+  """A (possibly sharded, possibly multi-host) array as one numpy array; all processes must call it."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # only multi-host runs need it
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def _header(specs: list[TensorSpec], dtype: str, metadata: dict[str, str]) -> bytes:
+  """The safetensors header: 8-byte length + JSON (names, dtypes, shapes, offsets) padded to 8 bytes."""
+  itemsize = jnp.dtype(dtype).itemsize
+  entries: dict[str, Any] = {"__metadata__": metadata}
+  offset = 0
+  for s in specs:
+    n = int(np.prod(s.shape)) * itemsize
+    entries[s.name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(s.shape),
+                       "data_offsets": [offset, offset + n]}
+    offset += n
+  text = json.dumps(entries, separators=(",", ":")).encode()
+  text += b" " * (-len(text) % 8)
+  return struct.pack("<Q", len(text)) + text
+
+
+def _plan_shards(specs: list[TensorSpec], dtype: str, max_shard_bytes: int) -> list[list[TensorSpec]]:
+  """Consecutive groups of tensors, each at most max_shard_bytes (unless one tensor is larger)."""
+  itemsize = jnp.dtype(dtype).itemsize
+  shards: list[list[TensorSpec]] = [[]]
+  size = 0
+  for s in specs:
+    n = int(np.prod(s.shape)) * itemsize
+    if shards[-1] and size + n > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(s)
+    size += n
+  return shards
+
+
+def write_safetensors(out_dir: str, stem: str, specs: list[TensorSpec],
+                      tensors: Iterable[np.ndarray], dtype: str,
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+  """Writes `tensors` (in `specs` order) as STEM.safetensors, or shards + STEM.safetensors.index.json.
+
+  Non-main processes consume the iterator (it may run collectives) and write nothing.
+  Returns the file names written.
+  """
+  if dtype not in _SAFETENSORS_DTYPES:
+    raise ExportError(f"dtype {dtype!r} is not one of {', '.join(_SAFETENSORS_DTYPES)}")
+  shards = _plan_shards(specs, dtype, max_shard_bytes)
+  n = len(shards)
+  names = [f"{stem}.safetensors"] if n == 1 else [
+      f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+  it = iter(tensors)
+  for fname, shard in zip(names, shards):
+    f = open(os.path.join(out_dir, fname), "wb") if _is_main() else None
+    header = _header(shard, dtype, {"format": "pt"})
+    if f:
+      f.write(header)
+    for spec in shard:
+      t = next(it)
+      if tuple(t.shape) != spec.shape:
+        raise ExportError(f"{spec.name}: produced shape {t.shape} != planned {spec.shape}")
+      if f:
+        f.write(np.ascontiguousarray(t.astype(jnp.dtype(dtype))).tobytes())
+    if f:
+      f.close()
+  if n > 1 and _is_main():
+    itemsize = jnp.dtype(dtype).itemsize
+    index = {"metadata": {"total_size": sum(int(np.prod(s.shape)) * itemsize for s in specs)},
+             "weight_map": {s.name: fname for fname, shard in zip(names, shards) for s in shard}}
+    with open(os.path.join(out_dir, f"{stem}.safetensors.index.json"), "w") as f:
+      json.dump(index, f, indent=2)
+  return names
+
+
+def tensor_specs(flat: Mapping[str, Any], name_of: Callable[[str, int | None], str]) -> list[TensorSpec]:
+  """One spec per HF tensor: stacked `layers/...` leaves give one tensor per layer.
+
+  Kernels and LoRA matrices are stored in x out in jaxtune and out x in (Linear.weight) in HF.
+  """
+  specs = []
+  for path, leaf in flat.items():
+    transpose = path.split("/")[-1] in ("kernel", "lora_a", "lora_b")
+    per_layer = path.startswith("layers/")
+    shape = tuple(leaf.shape[1:] if per_layer else leaf.shape)
+    shape = shape[::-1] if transpose else shape
+    for layer in (range(leaf.shape[0]) if per_layer else [None]):
+      specs.append(TensorSpec(name_of(path, layer), shape, path, layer, transpose))
+  return specs
+
+
+def stream_tensors(specs: list[TensorSpec], fetch: Callable[[str], np.ndarray]) -> Iterator[np.ndarray]:
+  """Host tensors in `specs` order; each leaf is fetched once (specs are grouped by leaf)."""
+  path, host = None, None
+  for s in specs:
+    if s.path != path:
+      path, host = s.path, None  # release the previous leaf before fetching the next
+      host = fetch(path)
+    t = host if s.layer is None else host[s.layer]
+    yield t.T if s.transpose else t
+
+
+# ----------------------------------------------------------------------------- merged HF folder
+
+
+def hf_config_of(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
+  """config.json (transformers 5 spelling) for a ModelConfig, for sources that are not HF folders."""
+  rope: dict[str, Any] = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+  if cfg.rope_type in ("linear", "llama3"):
+    rope["factor"] = cfg.rope_factor
+  if cfg.rope_type == "llama3":
+    rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                original_max_position_embeddings=cfg.rope_original_max_positions)
+  eos = list(cfg.eos_token_ids)
+  hf = {
+      "architectures": [_ARCHITECTURES[cfg.model_type]],
+      "model_type": cfg.model_type,
+      "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.hidden_size,
+      "intermediate_size": cfg.intermediate_size,
+      "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads,
+      "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim,
+      "hidden_act": "silu",
+      "rms_norm_eps": cfg.rms_norm_eps,
+      "max_position_embeddings": cfg.max_position_embeddings,
+      "rope_parameters": rope,
+      "tie_word_embeddings": cfg.tie_word_embeddings,
+      "bos_token_id": cfg.bos_token_id,
+      "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+      "pad_token_id": cfg.pad_token_id,
+      "dtype": dtype,
+  }
+  if cfg.model_type == "qwen2":  # q/k/v always carry a bias; o_proj never does
+    hf["use_sliding_window"] = False
+  else:
+    if cfg.qkv_bias != cfg.o_bias:
+      raise ExportError(f"{cfg.model_type}: attention_bias must cover q/k/v and o alike")
+    hf["attention_bias"] = cfg.qkv_bias
+    hf["mlp_bias"] = cfg.mlp_bias
+  if cfg.model_type == "mistral":
+    hf["sliding_window"] = cfg.sliding_window
+  return hf
+
+
+def _eos_ids(cfg: ModelConfig, tokenizer, source: dict[str, Any]) -> list[int]:
+  """The source's generation eos ids, the model config's and the tokenizer's (end of turn), deduplicated."""
+  ids: list[int] = []
+  for v in (source.get("eos_token_id"), list(cfg.eos_token_ids),
+            getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None):
+    for i in (v if isinstance(v, list) else [v]):
+      if i is not None and int(i) not in ids:
+        ids.append(int(i))
+  return ids
+
+
+def _generation_config(cfg: ModelConfig, tokenizer, source_dir: str | None) -> dict[str, Any]:
+  source: dict[str, Any] = {}
+  path = os.path.join(source_dir, "generation_config.json") if source_dir else None
+  if path and os.path.exists(path):
+    with open(path) as f:
+      source = json.load(f)
+  gen = dict(source)
+  eos = _eos_ids(cfg, tokenizer, source)
+  gen["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)
+  bos = gen.get("bos_token_id", cfg.bos_token_id)
+  gen["bos_token_id"] = bos if bos is not None else getattr(tokenizer, "bos_token_id", None)
+  pad = gen.get("pad_token_id", cfg.pad_token_id)
+  gen["pad_token_id"] = pad if pad is not None else getattr(tokenizer, "pad_token_id", None)
+  return gen
+
+
+def _refuse_unmergeable(flat: Mapping[str, Any]):
+  if any("prefix_" in p for p in flat):
+    raise ExportError("prefix tuning cannot be merged into the weights of a Hugging Face model "
+                      "(it adds virtual key/values, not a weight change): use --format peft")
+  if any("_adapter/" in p for p in flat):
+    raise ExportError("bottleneck adapters cannot be merged into the weights, and peft has no "
+                      "equivalent adapter type, so neither --format hf nor --format peft can hold "
+                      "them; evaluate/generate with --adapter WORKDIR instead")
+
+
+def _merged_leaf(params: llama.Params, path: str, lora_scale: float):
+  """The base leaf at `path`, with its LoRA (if any) folded in, still on device."""
+  node = params
+  *parents, last = path.split("/")
+  for key in parents:
+    node = node[key]
+  if last == "kernel" and "lora_a" in node:
+    return lora.merge_lora({"linear": node}, lora_scale)["linear"]["kernel"]
+  return node[last]
+
+
+def write_hf(out_dir: str, cfg: ModelConfig, params: llama.Params, peft_runtime: llama.PeftRuntime,
+             tokenizer, source_model_path: str | None, dtype: str | None = None,
+             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+  """Writes a merged Hugging Face folder (LoRA folded into the kernels); returns the weight files.
+
+  config.json is the source folder's (dtype adjusted) when the source is a HF folder, else built
+  from `cfg`. `dtype` defaults to the embedding's dtype.
+  """
+  flat = flatten(params)
+  _refuse_unmergeable(flat)
+  base = {p: v for p, v in flat.items() if not partition.is_peft_leaf(p)}
+  dtype = dtype or jnp.dtype(base["embed_tokens"].dtype).name
+  source_dir = source_model_path if source_model_path and os.path.isdir(source_model_path) else None
+  if _is_main():
+    os.makedirs(out_dir, exist_ok=True)
+  specs = tensor_specs(base, hf_name_of)
+  fetch = lambda path: to_host(_merged_leaf(params, path, peft_runtime.lora_scale))
+  names = write_safetensors(out_dir, "model", specs, stream_tensors(specs, fetch), dtype, max_shard_bytes)
+  if not _is_main():
+    return names
+  if source_dir:
+    with open(os.path.join(source_dir, "config.json")) as f:
+      hf = json.load(f)
+    hf["dtype"] = dtype
+    hf.pop("torch_dtype", None)  # transformers 4 spelling of the same field
+  else:
+    hf = hf_config_of(cfg, dtype)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(hf, f, indent=2)
+  with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+    json.dump(_generation_config(cfg, tokenizer, source_dir), f, indent=2)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(out_dir)
+  return names
+
+
+# ----------------------------------------------------------------------------- PEFT adapter folder
+
+
+def peft_lora_name(path: str, layer: int | None) -> str:
+  """peft's saved key of a LoRA leaf: base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight."""
+  linear, leaf = path.rsplit("/", 1)
+  weight = hf_name_of(linear + "/kernel", layer)
+  return "base_model.model." + weight[: -len("weight")] + {"lora_a": "lora_A", "lora_b": "lora_B"}[leaf] + ".weight"
+
+
+def _lora_config(flat: Mapping[str, Any], settings: Mapping[str, Any], base_model: str | None) -> dict:
+  a_paths = [p for p in flat if p.endswith("/lora_a")]
+  return {
+      "peft_type": "LORA",
+      "task_type": "CAUSAL_LM",
+      "base_model_name_or_path": base_model,
+      "r": int(flat[a_paths[0]].shape[-1]),
+      "lora_alpha": settings["alpha"],
+      "lora_dropout": float(settings.get("dropout", 0.0)),
+      "use_rslora": bool(settings.get("use_rslora", False)),
+      "target_modules": sorted({p.split("/")[-2] for p in a_paths}),
+      "bias": "none",
+      "fan_in_fan_out": False,
+      "use_dora": False,
+      "modules_to_save": None,
+      "init_lora_weights": True,
+      "inference_mode": True,
+  }
+
+
+def _prefix_config(cfg: ModelConfig, length: int, base_model: str | None) -> dict:
+  return {
+      "peft_type": "PREFIX_TUNING",
+      "task_type": "CAUSAL_LM",
+      "base_model_name_or_path": base_model,
+      "num_virtual_tokens": length,
+      "num_layers": cfg.num_layers,
+      "token_dim": cfg.kv_size,  # peft feeds key/values: kv heads x head_dim (GQA-aware)
+      "num_attention_heads": cfg.num_kv_heads,
+      "num_transformer_submodules": 1,
+      "prefix_projection": False,
+      "inference_mode": True,
+  }
+
+
+def write_peft(out_dir: str, cfg: ModelConfig, params: llama.Params, method: str,
+               peft_settings: Mapping[str, Any], base_model_name_or_path: str | None) -> None:
+  """Writes adapter_config.json + adapter_model.safetensors that peft.PeftModel.from_pretrained loads.
+
+  `peft_settings` is the config's `peft` section (uses lora.alpha/dropout/use_rslora).
+  """
+  flat = flatten(params)
+  if method == "full":
+    raise ExportError("a full fine-tune has no adapter to save in PEFT format: use --format hf")
+  if method == "adapter":
+    raise ExportError("bottleneck adapters have no peft equivalent, so --format peft cannot hold "
+                      "them; evaluate/generate with --adapter WORKDIR instead")
+  if _is_main():
+    os.makedirs(out_dir, exist_ok=True)
+  if method == "lora":
+    leaves = {p: v for p, v in flat.items() if lora.is_lora_leaf(p)}
+    if not leaves:
+      raise ExportError("peft.method=lora but the params hold no LoRA leaves")
+    config = _lora_config(leaves, peft_settings["lora"], base_model_name_or_path)
+    specs = tensor_specs(leaves, peft_lora_name)
+    dtype = jnp.dtype(next(iter(leaves.values())).dtype).name
+    fetch = lambda path: to_host(leaves[path])
+    write_safetensors(out_dir, "adapter_model", specs, stream_tensors(specs, fetch), dtype)
+  elif method == "prefix":
+    from jaxtune.peft import prefix  # written alongside; only prefix exports need it
+    attn = prefix.fold_prefix(params, cfg)["layers"]["self_attn"]  # a reparametrised prefix -> its output
+    if "prefix_k" not in attn:
+      raise ExportError("peft.method=prefix but the params hold no prefix (prefix_k/prefix_v or prefix_encoder)")
+    embeddings = to_host(prefix.prefix_to_peft(attn["prefix_k"], attn["prefix_v"]))
+    config = _prefix_config(cfg, int(embeddings.shape[0]), base_model_name_or_path)
+    dtype = embeddings.dtype.name
+    spec = TensorSpec("prompt_embeddings", tuple(embeddings.shape), "prompt_embeddings", None, False)
+    write_safetensors(out_dir, "adapter_model", [spec], [embeddings], dtype)
+  else:
+    raise ExportError(f"peft.method={method!r}: no PEFT export (methods: lora, prefix)")
+  if _is_main():
+    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+      json.dump(config, f, indent=2)

@@ -1,0 +1,128 @@
+"""Import of adapters saved by peft (PyTorch): LoRA and prefix tuning -> jaxtune PEFT leaves."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+from jaxtune.models import llama
+from jaxtune.models.config import ModelConfig
+from jaxtune.models.loading import flatten, unflatten
+from jaxtune.peft import lora
+
+_LINEARS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+_LORA_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
+# LoRA options whose default is the only value jaxtune's LoRA reproduces exactly.
+_LORA_DEFAULTS = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
+                  "modules_to_save": None, "layers_to_transform": None, "layer_replication": None,
+                  "rank_pattern": {}, "alpha_pattern": {}, "trainable_token_indices": None,
+                  "target_parameters": None, "use_qalora": False, "alora_invocation_tokens": None,
+                  "kasa_config": None, "monteclora_config": None, "use_bdlora": None, "arrow_config": None}
+
+
+class PeftImportError(ValueError):
+  """The folder is not a peft adapter jaxtune can load."""
+
+
+def is_peft_folder(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def _read(folder: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  with open(os.path.join(folder, "adapter_config.json")) as f:
+    config = json.load(f)
+  weights = os.path.join(folder, "adapter_model.safetensors")
+  if not os.path.exists(weights):
+    raise PeftImportError(f"{folder}: no adapter_model.safetensors (only peft's safetensors format is "
+                          f"supported; re-save the adapter with safe_serialization=True)")
+  with safe_open(weights, framework="numpy") as f:
+    tensors = {k: f.get_tensor(k) for k in f.keys()}
+  return config, tensors
+
+
+def _check_lora_options(folder: str, config: dict[str, Any]):
+  for key, default in _LORA_DEFAULTS.items():
+    value = config.get(key, default)
+    if value != default and not (default in ({}, None) and not value):
+      raise PeftImportError(f"{folder}/adapter_config.json: {key}={value!r} is not supported "
+                            f"(jaxtune's LoRA needs {key}={default!r})")
+
+
+def _lora_leaves(folder: str, cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """{'layers/self_attn/q_proj/lora_a': (L, in, r), ...} from peft's per-layer (r, in) / (out, r)."""
+  per_layer: dict[str, dict[int, np.ndarray]] = {}
+  for key, t in tensors.items():
+    m = _LORA_KEY.fullmatch(key)
+    if not m or _LINEARS.get(m.group(3)) != m.group(2):
+      raise PeftImportError(f"{folder}: adapter tensor {key!r} is not a LoRA matrix of a decoder-layer "
+                            f"projection ({', '.join(_LINEARS)}), which is all jaxtune's LoRA covers")
+    layer, parent, module, ab = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+    path = f"layers/{parent}/{module}/lora_{ab.lower()}"
+    per_layer.setdefault(path, {})[layer] = t.T  # peft stores (r, in) and (out, r)
+  leaves = {}
+  for path, layers in per_layer.items():
+    if sorted(layers) != list(range(cfg.num_layers)):
+      raise PeftImportError(f"{folder}: {path} covers layers {sorted(layers)}, jaxtune needs LoRA on "
+                            f"all {cfg.num_layers} layers of a targeted projection")
+    leaves[path] = np.stack([layers[i] for i in range(cfg.num_layers)]).astype(np.float32)
+  return leaves
+
+
+def _check_shapes(folder: str, base: dict[str, Any], leaves: dict[str, np.ndarray]):
+  for path, leaf in leaves.items():
+    kernel = base[path.rsplit("/", 1)[0] + "/kernel"].shape
+    expected = kernel[1] if path.endswith("lora_a") else kernel[2]
+    got = leaf.shape[1] if path.endswith("lora_a") else leaf.shape[2]
+    if got != expected:
+      raise PeftImportError(f"{folder}: {path} has size {got} where the model's kernel {kernel} "
+                            f"needs {expected} (adapter made for another base model?)")
+
+
+def _load_lora(params, cfg, folder, config, tensors):
+  _check_lora_options(folder, config)
+  leaves = _lora_leaves(folder, cfg, tensors)
+  if not leaves:
+    raise PeftImportError(f"{folder}: adapter_model.safetensors holds no LoRA tensors")
+  flat = flatten(params)
+  _check_shapes(folder, flat, leaves)
+  flat.update({p: jnp.asarray(v) for p, v in leaves.items()})
+  scale = lora.lora_scale(int(config["r"]), float(config["lora_alpha"]), bool(config.get("use_rslora")))
+  return unflatten(flat), llama.PeftRuntime(lora_scale=scale, lora_dropout=float(config.get("lora_dropout", 0.0)))
+
+
+def _load_prefix(params, cfg, folder, config, tensors):
+  from jaxtune.peft import prefix  # only prefix adapters need it
+  # peft saves the prefix itself (the projection MLP's output when prefix_projection=true).
+  expected = {"num_layers": cfg.num_layers, "token_dim": cfg.kv_size,
+              "num_attention_heads": cfg.num_kv_heads, "num_transformer_submodules": 1}
+  for key, value in expected.items():
+    if config.get(key) != value:
+      raise PeftImportError(f"{folder}/adapter_config.json: {key}={config.get(key)!r} but the model "
+                            f"needs {value}")
+  if "prompt_embeddings" not in tensors:
+    raise PeftImportError(f"{folder}: adapter_model.safetensors has no 'prompt_embeddings' tensor")
+  prefix_k, prefix_v = prefix.prefix_from_peft(jnp.asarray(tensors["prompt_embeddings"], jnp.float32), cfg)
+  flat = flatten(params)
+  flat.update({"layers/self_attn/prefix_k": prefix_k, "layers/self_attn/prefix_v": prefix_v})
+  return unflatten(flat), llama.PeftRuntime()
+
+
+def load_peft_adapter(params: llama.Params, cfg: ModelConfig, folder: str) -> tuple[llama.Params, llama.PeftRuntime]:
+  """Base params + the peft adapter in `folder` (LoRA or prefix tuning) -> (params, PeftRuntime)."""
+  if not is_peft_folder(folder):
+    raise PeftImportError(f"{folder}: no adapter_config.json (not a peft adapter folder)")
+  config, tensors = _read(folder)
+  peft_type = config.get("peft_type")
+  if peft_type == "LORA":
+    return _load_lora(params, cfg, folder, config, tensors)
+  if peft_type == "PREFIX_TUNING":
+    return _load_prefix(params, cfg, folder, config, tensors)
+  raise PeftImportError(f"{folder}/adapter_config.json: peft_type={peft_type!r} is not supported "
+                        f"(supported: LORA, PREFIX_TUNING)")

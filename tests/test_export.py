@@ -1,0 +1,183 @@
+"""Export: merged HF folders load in transformers, PEFT folders load in peft, with jaxtune's loss."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+
+import hf_tiny
+from jaxtune import evaluation, export, peft_io
+from jaxtune.models import llama, loading
+from jaxtune.models.config import config_from_hf
+from jaxtune.peft import adapter, lora, prefix
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "jaxtune exports to peft and transformers",
+         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello there<|im_end|>"]
+TOL = 2e-4
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+  path = tmp_path_factory.mktemp("data") / "texts.jsonl"
+  path.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+  return str(path)
+
+
+@pytest.fixture(scope="module", params=["llama_untied", "qwen2"])
+def folder(request, tmp_path_factory):
+  """A tiny HF folder: untied llama, and qwen2 (tied embeddings, q/k/v biases)."""
+  return hf_tiny.tiny_folder(tmp_path_factory, request.param)
+
+
+def torch_loss(model, tokenizer, texts=TEXTS) -> float:
+  """Token-weighted mean NLL over the texts (HF label shift), as evaluate.py defines its loss."""
+  total, count = 0.0, 0
+  for text in texts:
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    with torch.no_grad():
+      loss = model(input_ids=ids, labels=ids).loss
+    total += float(loss) * (ids.shape[1] - 1)
+    count += ids.shape[1] - 1
+  return total / count
+
+
+def logit_change(model_a, model_b, tokenizer, text=TEXTS[0]) -> float:
+  """Max |logit difference| of two models on a text: proves an adapter really changes the model."""
+  ids = torch.tensor([tokenizer(text)["input_ids"]])
+  with torch.no_grad():
+    return float((model_a(input_ids=ids).logits - model_b(input_ids=ids).logits).abs().max())
+
+
+def jax_loss(params, cfg, runtime, data_file, tokenizer) -> float:
+  encoded, _ = evaluation.encode_file(data_file, "text", tokenizer)
+  return evaluation.evaluate_encoded(params, cfg, encoded, peft=runtime)["loss"]
+
+
+def hf_model(folder):
+  return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def trained_lora(folder, targets=lora.DEFAULT_TARGETS, rank=4, seed=0):
+  """Base params + LoRA with random non-zero B (a fresh LoRA is a no-op and proves nothing)."""
+  cfg, params = loading.load_model(folder)
+  params = lora.add_lora(params, jax.random.PRNGKey(seed), rank, targets)
+  flat = loading.flatten(params)
+  keys = iter(jax.random.split(jax.random.PRNGKey(seed + 1), len(flat)))
+  flat = {p: 0.3 * jax.random.normal(next(keys), v.shape) if p.endswith("lora_b") else v for p, v in flat.items()}
+  return cfg, loading.unflatten(flat)
+
+
+def lora_settings(alpha, use_rslora):
+  return {"lora": {"alpha": alpha, "dropout": 0.05, "use_rslora": use_rslora}}
+
+
+@pytest.mark.parametrize("use_rslora,targets", [(False, lora.DEFAULT_TARGETS),
+                                                (True, r".*(q_proj|v_proj|down_proj)")])
+def test_lora_peft_export_matches_peft(folder, data_file, tmp_path, use_rslora, targets):
+  cfg, params = trained_lora(folder, targets)
+  runtime = llama.PeftRuntime(lora_scale=lora.lora_scale(4, 8.0, use_rslora))
+  tokenizer = loading.load_tokenizer(folder)
+  ours = jax_loss(params, cfg, runtime, data_file, tokenizer)
+  out = str(tmp_path / "peft")
+  export.write_peft(out, cfg, params, "lora", lora_settings(8.0, use_rslora), folder)
+
+  config = json.load(open(os.path.join(out, "adapter_config.json")))
+  assert config["peft_type"] == "LORA" and config["r"] == 4 and config["use_rslora"] == use_rslora
+  model = peft.PeftModel.from_pretrained(hf_model(folder), out).eval()
+  theirs = torch_loss(model, tokenizer)
+  change = logit_change(model, hf_model(folder), tokenizer)
+  print(f"lora peft export: jaxtune {ours:.6f} peft {theirs:.6f} (max logit change vs base {change:.3f})")
+  assert abs(ours - theirs) < TOL
+  assert change > 0.1
+
+  # Our own import reads it back leaf for leaf, with the same scale.
+  _, base_params = loading.load_model(folder)
+  back, back_runtime = peft_io.load_peft_adapter(base_params, cfg, out)
+  assert back_runtime.lora_scale == pytest.approx(runtime.lora_scale)
+  want, got = loading.flatten(params), loading.flatten(back)
+  assert sorted(want) == sorted(got)
+  for p in want:
+    np.testing.assert_array_equal(np.asarray(got[p]), np.asarray(want[p]))
+
+
+@pytest.mark.parametrize("from_source,max_shard_bytes", [(True, export.DEFAULT_MAX_SHARD_BYTES),
+                                                         (False, 40_000)])
+def test_lora_merged_hf_export_matches_transformers(folder, data_file, tmp_path, from_source, max_shard_bytes):
+  cfg, params = trained_lora(folder)
+  runtime = llama.PeftRuntime(lora_scale=lora.lora_scale(4, 8.0))
+  tokenizer = loading.load_tokenizer(folder)
+  ours = jax_loss(params, cfg, runtime, data_file, tokenizer)
+  out = str(tmp_path / "hf")
+  # Without a source folder (e.g. a .gguf source) config.json is rebuilt from the ModelConfig.
+  files = export.write_hf(out, cfg, params, runtime, tokenizer, folder if from_source else None,
+                          max_shard_bytes=max_shard_bytes)
+
+  sharded = max_shard_bytes < export.DEFAULT_MAX_SHARD_BYTES
+  assert os.path.exists(os.path.join(out, "model.safetensors.index.json")) == sharded
+  assert (len(files) > 2) == sharded
+  if sharded:
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+    assert sorted(set(index["weight_map"].values())) == sorted(files)
+  theirs = torch_loss(hf_model(out), transformers.AutoTokenizer.from_pretrained(out))
+  print(f"merged hf export (sharded={sharded}): jaxtune {ours:.6f} transformers {theirs:.6f}")
+  assert abs(ours - theirs) < TOL
+
+  gen = transformers.GenerationConfig.from_pretrained(out)
+  im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+  assert im_end in (gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id])
+  assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "float32"
+
+
+def test_hf_config_round_trips_for_every_family():
+  for family in hf_tiny.FAMILIES:
+    cfg = config_from_hf(hf_tiny.build_hf_model(family).config.to_dict())
+    assert config_from_hf(export.hf_config_of(cfg, "float32")) == cfg, family
+
+
+def test_bfloat16_export_holds_the_rounded_weights(folder, tmp_path):
+  cfg, params = loading.load_model(folder, jnp.bfloat16)
+  out = str(tmp_path / "bf16")
+  export.write_hf(out, cfg, params, llama.PeftRuntime(), None, folder)
+  model = transformers.AutoModelForCausalLM.from_pretrained(out)
+  assert model.dtype == torch.bfloat16
+  q = model.model.layers[1].self_attn.q_proj.weight.detach().float().numpy()
+  np.testing.assert_array_equal(q, np.asarray(params["layers"]["self_attn"]["q_proj"]["kernel"][1], np.float32).T)
+
+
+@pytest.mark.parametrize("reparam_hidden", [0, 16])
+def test_prefix_peft_export_matches_peft(folder, data_file, tmp_path, reparam_hidden):
+  cfg, params = loading.load_model(folder)
+  params = prefix.add_prefix(params, cfg, jax.random.PRNGKey(0), 3, reparam_hidden=reparam_hidden)
+  tokenizer = loading.load_tokenizer(folder)
+  ours = jax_loss(params, cfg, llama.PeftRuntime(), data_file, tokenizer)
+  out = str(tmp_path / "prefix")
+  export.write_peft(out, cfg, params, "prefix", {"prefix": {"length": 3}}, folder)
+
+  model = peft.PeftModel.from_pretrained(hf_model(folder), out).eval()
+  theirs = torch_loss(model, tokenizer)
+  change = logit_change(model, hf_model(folder), tokenizer)
+  print(f"prefix peft export (reparam {reparam_hidden}): jaxtune {ours:.6f} peft {theirs:.6f} "
+        f"(max logit change vs base {change:.3f})")
+  assert abs(ours - theirs) < TOL
+  assert change > 0.01
+
+
+def test_unexportable_combinations_fail_clearly(folder, tmp_path):
+  cfg, params = loading.load_model(folder)
+  with pytest.raises(export.ExportError, match="full fine-tune.*--format hf"):
+    export.write_peft(str(tmp_path / "a"), cfg, params, "full", {}, folder)
+  with_prefix = prefix.add_prefix(params, cfg, jax.random.PRNGKey(0), 2)
+  with pytest.raises(export.ExportError, match="prefix tuning cannot be merged.*--format peft"):
+    export.write_hf(str(tmp_path / "b"), cfg, with_prefix, llama.PeftRuntime(), None, folder)
+  with_adapters = adapter.add_adapters(params, cfg, jax.random.PRNGKey(0), 4)
+  for write in (lambda: export.write_hf(str(tmp_path / "c"), cfg, with_adapters, llama.PeftRuntime(), None, folder),
+                lambda: export.write_peft(str(tmp_path / "d"), cfg, with_adapters, "adapter", {}, folder)):
+    with pytest.raises(export.ExportError, match="adapters .* no peft equivalent|adapters cannot be merged"):
+      write()
+  assert not os.path.exists(tmp_path / "b") and not os.path.exists(tmp_path / "c")
