@@ -1,0 +1,175 @@
+"""Data sources -> records with their origin (FILE:LINE or FILE:ROW), field mapping, train/eval split.
+
+A source is a local .jsonl/.json/.csv/.parquet file, a folder of them, or a `datasets` hub name
+(`NAME` or `NAME:SPLIT`). JSONL is parsed here line by line because `datasets`' json loader
+loses line numbers and dies on the first bad line; CSV and parquet go through `datasets`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+JSONL_EXTS = (".jsonl", ".ndjson")
+DATASETS_BUILDERS = {".csv": "csv", ".parquet": "parquet"}
+EXTS = JSONL_EXTS + (".json",) + tuple(DATASETS_BUILDERS)
+
+
+class DataError(ValueError):
+  """Bad data or a bad source; the message is one line that starts with FILE:LINE (or the source)."""
+
+
+@dataclasses.dataclass
+class Records:
+  """Raw records (whatever JSON value each line held) and where each came from."""
+
+  records: list[Any]
+  origins: list[str]
+  errors: list[str] = dataclasses.field(default_factory=list)  # lines skipped in lenient mode
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def subset(self, indices: Sequence[int]) -> "Records":
+    return Records([self.records[i] for i in indices], [self.origins[i] for i in indices], list(self.errors))
+
+
+def _jsonl(path: str, lenient: bool) -> Records:
+  out = Records([], [])
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue  # blank lines (often a trailing one) carry no record
+      origin = f"{path}:{number}"
+      try:
+        out.records.append(json.loads(line.rstrip("\r\n")))
+        out.origins.append(origin)
+      except json.JSONDecodeError as e:
+        message = f"{origin}: invalid JSON ({e.msg} at column {e.colno})"
+        if not lenient:
+          raise DataError(message) from None
+        out.errors.append(message)
+  return out
+
+
+def _json(path: str, lenient: bool) -> Records:
+  """A .json file holding one array of records, or JSON lines under a .json name."""
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError:
+    return _jsonl(path, lenient)  # not one JSON document: JSON lines, reported per line
+  if isinstance(value, dict):  # a single object on one line is one JSON-lines record
+    return Records([value], [f"{path}:1"])
+  if not isinstance(value, list):
+    raise DataError(f"{path}: expected a JSON array of records, got a {type(value).__name__}")
+  return Records(value, [f"{path}:{row}" for row in range(1, len(value) + 1)])
+
+
+def _datasets_table(dataset, name: str) -> Records:
+  rows = dataset.to_list()
+  return Records(rows, [f"{name}:{row}" for row in range(1, len(rows) + 1)])
+
+
+def _datasets_file(path: str) -> Records:
+  import datasets
+  builder = DATASETS_BUILDERS[os.path.splitext(path)[1].lower()]
+  kwargs = {}
+  if builder == "csv":  # every CSV column is text: pandas would make an answer column of "2"s ints
+    with open(path, encoding="utf-8", newline="") as f:
+      header = next(csv.reader(f), [])
+    kwargs["features"] = datasets.Features({name: datasets.Value("string") for name in header})
+  try:
+    dataset = datasets.load_dataset(builder, data_files=path, split="train", **kwargs)
+  except Exception as e:  # pandas/arrow parse errors: one line naming the file
+    raise DataError(f"{path}: cannot read {builder} ({type(e).__name__}: {e})".splitlines()[0]) from None
+  return _datasets_table(dataset, path)
+
+
+def _hub(name: str) -> Records:
+  import datasets
+  dataset_name, _, split = name.partition(":")
+  try:
+    dataset = datasets.load_dataset(dataset_name, split=split or "train")
+  except Exception as e:  # offline, unknown name, missing split
+    raise DataError(f"{name}: cannot load the datasets name ({type(e).__name__}: {e})".splitlines()[0]) from None
+  return _datasets_table(dataset, name)
+
+
+def _file(path: str, lenient: bool) -> Records:
+  ext = os.path.splitext(path)[1].lower()
+  if ext in JSONL_EXTS:
+    return _jsonl(path, lenient)
+  if ext == ".json":
+    return _json(path, lenient)
+  if ext in DATASETS_BUILDERS:
+    return _datasets_file(path)
+  raise DataError(f"{path}: unsupported data file type (expected one of {', '.join(EXTS)})")
+
+
+def source_files(source: str) -> list[str] | None:
+  """The data files of a local source (sorted for a folder), or None for a datasets hub name."""
+  if os.path.isdir(source):
+    files = sorted(p for p in glob.glob(os.path.join(source, "**", "*"), recursive=True)
+                   if os.path.isfile(p) and os.path.splitext(p)[1].lower() in EXTS)
+    if not files:
+      raise DataError(f"{source}: folder has no data files ({', '.join(EXTS)})")
+    return files
+  if os.path.isfile(source):
+    return [source]
+  if os.path.splitext(source)[1].lower() in EXTS or source.startswith((".", "/", "~")):
+    raise DataError(f"{source}: no such file")
+  return None
+
+
+def rename_fields(record: Any, field_map: Mapping[str, str] | None) -> Any:
+  """{"instruction": "question"} makes the source column "question" the record's "instruction"."""
+  if not field_map or not isinstance(record, dict):
+    return record
+  record = dict(record)
+  for field, column in field_map.items():
+    if column in record:
+      record[field] = record.pop(column)
+  return record
+
+
+def read_records(sources: str | Sequence[str], *, field_map: Mapping[str, str] | None = None,
+                 lenient: bool = False) -> Records:
+  """All records of one or more sources, in order, with field mapping applied.
+
+  A malformed JSON line raises DataError("FILE:LINE: invalid JSON (...)"), or is skipped and
+  recorded in `.errors` when lenient.
+  """
+  sources = [sources] if isinstance(sources, str) else list(sources)
+  out = Records([], [])
+  for source in sources:
+    files = source_files(os.path.expanduser(source))
+    parts = [_hub(source)] if files is None else [_file(f, lenient) for f in files]
+    for part in parts:
+      out.records.extend(rename_fields(r, field_map) for r in part.records)
+      out.origins.extend(part.origins)
+      out.errors.extend(part.errors)
+  return out
+
+
+def split_records(records: Records, eval_fraction: float, seed: int) -> tuple[Records, Records]:
+  """(train, eval): a seeded random `eval_fraction` of the records held out; both keep file order."""
+  if not 0.0 < eval_fraction < 1.0:
+    raise DataError(f"data.eval_fraction={eval_fraction} must be in (0, 1)")
+  n = len(records)
+  n_eval = int(round(eval_fraction * n))
+  if n_eval == 0 or n_eval == n:
+    raise DataError(f"data.eval_fraction={eval_fraction} of {n} records leaves an empty split")
+  held_out = np.zeros(n, dtype=bool)
+  held_out[np.random.default_rng(seed).permutation(n)[:n_eval]] = True
+  train = records.subset(np.flatnonzero(~held_out).tolist())
+  evaluation = records.subset(np.flatnonzero(held_out).tolist())
+  evaluation.errors = []  # skipped lines are reported once, with the train split
+  return train, evaluation
