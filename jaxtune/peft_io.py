@@ -58,7 +58,7 @@ def _check_lora_options(folder: str, config: dict[str, Any]):
 def _lora_leaves(folder: str, cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """{'layers/self_attn/q_proj/lora_a': (L, in, r), ...} from peft's per-layer (r, in) / (out, r)."""
   per_layer: dict[str, dict[int, np.ndarray]] = {}
-  for key, t in tensors.items():
+  for key, t in sorted(tensors.items()):
     m = _LORA_KEY.fullmatch(key)
     if not m or _LINEARS.get(m.group(3)) != m.group(2):
       raise PeftImportError(f"{folder}: adapter tensor {key!r} is not a LoRA matrix of a decoder-layer "
