@@ -98,6 +98,11 @@ def test_csv_parquet_json_and_folder_sources_give_the_same_records(tmp_path, tok
     assert records.records == expected
     assert records.origins == [f"{folder / name}:1", f"{folder / name}:2"]
   assert read_records(str(folder / "c.json")).records == rows
+  (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert read_records(str(tmp_path / "lines.json")).records == rows  # JSON lines named .json
+  (tmp_path / "broken.json").write_text('[\n  {"text": "a"},\n  {"text": }\n]')
+  with pytest.raises(DataError, match=r"broken.json:3: invalid JSON \(Expecting value at column 12\)"):
+    read_records(str(tmp_path / "broken.json"))
   everything = read_records(str(folder))
   assert len(everything) == 8
   assert everything.origins[-1] == f"{folder / 'd.jsonl'}:2"
@@ -143,3 +148,32 @@ def test_held_out_split_is_seeded_and_disjoint(tmp_path):
   assert len(given_train) == len(given_eval) == 50
   with pytest.raises(DataError, match="eval_fraction"):
     split_records(records, 1.5, seed=0)
+
+
+def test_unparseable_csv_names_the_file_and_the_parser_line(tmp_path):
+  path = tmp_path / "d.csv"
+  path.write_text("instruction,output\nAdd,2\nSub,1,3\n")
+  with pytest.raises(DataError) as e:
+    read_records(str(path))
+  assert str(e.value) == (f"{path}: cannot read csv (ParserError: Error tokenizing data. C error: "
+                          "Expected 2 fields in line 3, saw 3)")
+
+
+def test_a_datasets_name_goes_to_load_dataset_with_its_split(monkeypatch):
+  import datasets
+  calls = []
+
+  def fake_load_dataset(name, split):
+    calls.append((name, split))
+    if name == "missing/set":
+      raise ConnectionError("hub not reachable\nsecond line")
+    return datasets.Dataset.from_list([{"question": "q", "answer": "a"}])
+
+  monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+  records = read_records(["org/set", "org/set:test"], field_map={"instruction": "question"})
+  assert calls == [("org/set", "train"), ("org/set", "test")]
+  assert records.records == [{"instruction": "q", "answer": "a"}] * 2
+  assert records.origins == ["org/set:1", "org/set:test:1"]
+  with pytest.raises(DataError) as e:
+    read_records("missing/set")
+  assert str(e.value) == "missing/set: cannot load the datasets name (ConnectionError: hub not reachable second line)"

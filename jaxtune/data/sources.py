@@ -64,13 +64,23 @@ def _json(path: str, lenient: bool) -> Records:
     text = f.read()
   try:
     value = json.loads(text)
-  except json.JSONDecodeError:
+  except json.JSONDecodeError as e:
+    if text.lstrip().startswith("["):  # a broken array: its own line, nothing to skip to
+      raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
     return _jsonl(path, lenient)  # not one JSON document: JSON lines, reported per line
   if isinstance(value, dict):  # a single object on one line is one JSON-lines record
     return Records([value], [f"{path}:1"])
   if not isinstance(value, list):
     raise DataError(f"{path}: expected a JSON array of records, got a {type(value).__name__}")
   return Records(value, [f"{path}:{row}" for row in range(1, len(value) + 1)])
+
+
+def _root_cause(e: BaseException) -> str:
+  """`datasets` wraps the parser's error (which names the line) in a generic one: unwrap it."""
+  while e.__cause__ is not None or e.__context__ is not None:
+    e = e.__cause__ or e.__context__
+  text = " ".join(str(e).split())
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _datasets_table(dataset, name: str) -> Records:
@@ -89,7 +99,7 @@ def _datasets_file(path: str) -> Records:
   try:
     dataset = datasets.load_dataset(builder, data_files=path, split="train", **kwargs)
   except Exception as e:  # pandas/arrow parse errors: one line naming the file
-    raise DataError(f"{path}: cannot read {builder} ({type(e).__name__}: {e})".splitlines()[0]) from None
+    raise DataError(f"{path}: cannot read {builder} ({_root_cause(e)})") from None
   return _datasets_table(dataset, path)
 
 
@@ -99,7 +109,7 @@ def _hub(name: str) -> Records:
   try:
     dataset = datasets.load_dataset(dataset_name, split=split or "train")
   except Exception as e:  # offline, unknown name, missing split
-    raise DataError(f"{name}: cannot load the datasets name ({type(e).__name__}: {e})".splitlines()[0]) from None
+    raise DataError(f"{name}: cannot load the datasets name ({_root_cause(e)})") from None
   return _datasets_table(dataset, name)
 
 
