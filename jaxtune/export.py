@@ -223,14 +223,27 @@ def _generation_config(cfg: ModelConfig, tokenizer, source_dir: str | None) -> d
   return gen
 
 
-def _refuse_unmergeable(flat: Mapping[str, Any]):
-  if any("prefix_" in p for p in flat):
-    raise ExportError("prefix tuning cannot be merged into the weights of a Hugging Face model "
-                      "(it adds virtual key/values, not a weight change): use --format peft")
-  if any("_adapter/" in p for p in flat):
+def check_exportable(method: str, fmt: str) -> None:
+  """Raises ExportError when a run of peft.method `method` cannot be written as `fmt` (hf | peft)."""
+  if method == "adapter":
     raise ExportError("bottleneck adapters cannot be merged into the weights, and peft has no "
                       "equivalent adapter type, so neither --format hf nor --format peft can hold "
                       "them; evaluate/generate with --adapter WORKDIR instead")
+  if fmt == "hf" and method == "prefix":
+    raise ExportError("prefix tuning cannot be merged into the weights of a Hugging Face model "
+                      "(it adds virtual key/values, not a weight change): use --format peft")
+  if fmt == "peft" and method == "full":
+    raise ExportError("a full fine-tune has no adapter to save in PEFT format: use --format hf")
+  if fmt == "peft" and method not in ("lora", "prefix"):
+    raise ExportError(f"peft.method={method!r}: no PEFT export (methods: lora, prefix)")
+
+
+def _method_of_leaves(flat: Mapping[str, Any]) -> str:
+  if any("_adapter/" in p for p in flat):
+    return "adapter"
+  if any("prefix_" in p for p in flat):
+    return "prefix"
+  return "lora" if any(lora.is_lora_leaf(p) for p in flat) else "full"
 
 
 def _merged_leaf(params: llama.Params, path: str, lora_scale: float):
@@ -253,7 +266,7 @@ def write_hf(out_dir: str, cfg: ModelConfig, params: llama.Params, peft_runtime:
   from `cfg`. `dtype` defaults to the embedding's dtype.
   """
   flat = flatten(params)
-  _refuse_unmergeable(flat)
+  check_exportable(_method_of_leaves(flat), "hf")
   base = {p: v for p, v in flat.items() if not partition.is_peft_leaf(p)}
   dtype = dtype or jnp.dtype(base["embed_tokens"].dtype).name
   source_dir = source_model_path if source_model_path and os.path.isdir(source_model_path) else None
@@ -332,11 +345,7 @@ def write_peft(out_dir: str, cfg: ModelConfig, params: llama.Params, method: str
   `peft_settings` is the config's `peft` section (uses lora.alpha/dropout/use_rslora).
   """
   flat = flatten(params)
-  if method == "full":
-    raise ExportError("a full fine-tune has no adapter to save in PEFT format: use --format hf")
-  if method == "adapter":
-    raise ExportError("bottleneck adapters have no peft equivalent, so --format peft cannot hold "
-                      "them; evaluate/generate with --adapter WORKDIR instead")
+  check_exportable(method, "peft")
   if _is_main():
     os.makedirs(out_dir, exist_ok=True)
   if method == "lora":
@@ -358,8 +367,6 @@ def write_peft(out_dir: str, cfg: ModelConfig, params: llama.Params, method: str
     dtype = embeddings.dtype.name
     spec = TensorSpec("prompt_embeddings", tuple(embeddings.shape), "prompt_embeddings", None, False)
     write_safetensors(out_dir, "adapter_model", [spec], [embeddings], dtype)
-  else:
-    raise ExportError(f"peft.method={method!r}: no PEFT export (methods: lora, prefix)")
   if _is_main():
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
       json.dump(config, f, indent=2)

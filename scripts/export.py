@@ -1,0 +1,56 @@
+r"""Export a train.py run: a merged Hugging Face folder or a PEFT adapter folder.
+
+  python scripts/export.py --workdir DIR --out OUT --format hf|peft [--dtype float32|bfloat16] \
+      [--max_shard_mb 5120]
+
+hf:   base + trained weights, LoRA folded in; loads with transformers.AutoModelForCausalLM.
+peft: adapter_config.json + adapter_model.safetensors (LoRA, prefix tuning); loads with
+      peft.PeftModel.from_pretrained(base_model, OUT).
+Multi-host runs: every process runs this script; process 0 writes.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+from jaxtune import export, inference
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A train.py workdir (its newest checkpoint is exported).",
+                               required=True)
+_OUT = flags.DEFINE_string("out", None, "Output folder (new or empty).", required=True)
+_FORMAT = flags.DEFINE_enum("format", None, ["hf", "peft"], "Merged HF model or PEFT adapter.", required=True)
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                           "hf: weight dtype (default: the trained params' dtype).")
+_MAX_SHARD_MB = flags.DEFINE_integer("max_shard_mb", export.DEFAULT_MAX_SHARD_BYTES // 2**20,
+                                     "hf: safetensors shard size limit in MiB.")
+
+
+@inference.exit_on_user_error
+def main(argv):
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+  out = _OUT.value
+  if os.path.isdir(out) and os.listdir(out):
+    raise ValueError(f"--out {out!r} exists and is not empty (export writes into a new or empty folder)")
+  if _MAX_SHARD_MB.value < 1:
+    raise ValueError(f"--max_shard_mb={_MAX_SHARD_MB.value} must be >= 1")
+  run_config = os.path.join(_WORKDIR.value, "config.json")
+  if os.path.exists(run_config):  # refuse an impossible format before loading the model
+    with open(run_config) as f:
+      export.check_exportable(json.load(f)["peft"]["method"], _FORMAT.value)
+  from jaxtune import workdir  # after the cheap checks: it imports the heavy training stack
+  config, cfg, params, runtime, tokenizer = workdir.load_trained(_WORKDIR.value)
+  method = config["peft"]["method"]
+  source = config["model"]["path"]
+  if _FORMAT.value == "hf":
+    export.write_hf(out, cfg, params, runtime, tokenizer, source, _DTYPE.value,
+                    max_shard_bytes=_MAX_SHARD_MB.value * 2**20)
+  else:
+    export.write_peft(out, cfg, params, method, config["peft"], source)
+  print(f"exported {method} run {_WORKDIR.value} as {_FORMAT.value} to {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  app.run(main)
