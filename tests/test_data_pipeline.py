@@ -103,6 +103,7 @@ def test_truncation_policy_is_counted(tmp_path, tok):
   assert cut.arrays["weights"][0].sum() == 15
   dropped = pipeline.build_dataset(path, "text", tok, 16, truncation="drop")
   assert (dropped.stats.kept, dropped.stats.dropped_long, dropped.stats.truncated) == (1, 1, 0)
+  assert dropped.stats.dropped == 2  # "a"*40 too long, "c" no target
   assert "truncated 0, dropped 1 too long" in dropped.stats.summary()
   # an instruction whose prompt fills seq_len: nothing to learn is left after truncation
   prompt_only = jsonl(tmp_path / "i.jsonl", [{"instruction": "x" * 300, "output": "y"},

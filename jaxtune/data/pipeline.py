@@ -1,7 +1,7 @@
 """Sources -> encoded records -> rows (tokenized once, kept in memory) -> per-host global batches.
 
-    train, evaluation = pipeline.load_splits(cfg.data.train, cfg.data.eval, eval_fraction=0.1, seed=0)
-    ds = pipeline.build_dataset(train, "instruction", tokenizer, seq_len=512)
+    train, evaluation = pipeline.load_splits("train.jsonl", eval_fraction=0.1, seed=0)  # or an eval source
+    ds = pipeline.build_dataset(train, "instruction", tokenizer, seq_len=512)  # ds.stats.summary()
     it = pipeline.BatchIterator(ds, global_batch=32, seed=0, process_index=p, process_count=P)
     batch = it.next()            # this host's rows of the next global batch (numpy)
     state = it.state()           # {"epoch", "index", "seed", "rows"}; it.restore(state) resumes exactly
@@ -39,6 +39,10 @@ class DataStats:
   rows: int = 0
   rows_tokens: int = 0      # rows x seq_len (x 2 for preference pairs)
   errors: list[str] = dataclasses.field(default_factory=list)  # the first few skipped-record messages
+
+  @property
+  def dropped(self) -> int:
+    return self.dropped_long + self.dropped_no_target
 
   def summary(self) -> str:
     fill = self.tokens / max(self.rows_tokens, 1)
