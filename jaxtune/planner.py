@@ -1,0 +1,271 @@
+"""On-paper memory plan: what one chip holds for a fine-tuning run on a given mesh.
+
+  python -m jaxtune.planner --preset llama3-70b --method lora --rank 16 --targets _proj \
+      --slice v5p-64 --mesh fsdp=-1 --batch 32 --seq 4096 --remat
+
+Model of the run (jaxtune's own sharding: `sharding.LOGICAL_RULES` applied leaf by leaf):
+- weights, LoRA factors, gradients and optimizer moments are sharded as the trainer shards them
+  (embed -> fsdp; heads, mlp, vocab -> tensor; norms replicated) and replicated over data; with
+  fsdp > 1 a layer's weights are all-gathered over fsdp just before use, and XLA keeps two
+  layers gathered (the current one and the prefetched next);
+- the global batch is split over data x fsdp; head/MLP activations are also split over tensor,
+  the residual stream (hidden_size wide) is not (no sequence parallelism);
+- AdamW keeps two moments per trainable parameter in float32; gradients have the trainable
+  parameters' dtype; only trainable parameters get gradients and moments;
+- saved activations per layer and token, in compute dtype: the residual input and the normed
+  input of both blocks (4 x hidden), q, k (rotated), v, the attention output (2 q_size +
+  2 kv_size), gate, up, silu(gate) and their product (4 x intermediate), and the softmax
+  probabilities (heads x seq_len; absent with a fused/flash attention kernel). With remat
+  (jax.checkpoint per scanned layer) only each layer's input (hidden) is kept and one layer's
+  full set is live again during its backward pass;
+- the float32 logits and their gradient (2 x 4 bytes x vocab per token) exist once.
+It ignores XLA's scratch space and fragmentation: `fits` keeps a `reserve` fraction of HBM free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+import sys
+import types
+
+import jax.numpy as jnp
+
+from jaxtune import sharding
+from jaxtune.models.config import ModelConfig, config_from_hf, read_hf_config
+from jaxtune.models.llama import logical_axes, param_shapes
+
+GIB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  hbm_gib: float
+  cores_per_chip: int  # v4/v5p slice names count TensorCores (2 per chip); v5e/v6e names count chips
+  slice_prefix: str
+
+
+CHIPS = {
+    "v4": Chip(hbm_gib=32, cores_per_chip=2, slice_prefix="v4"),
+    "v5e": Chip(hbm_gib=16, cores_per_chip=1, slice_prefix="v5litepod"),
+    "v5p": Chip(hbm_gib=95, cores_per_chip=2, slice_prefix="v5p"),
+    "v6e": Chip(hbm_gib=32, cores_per_chip=1, slice_prefix="v6e"),
+}
+
+
+def _preset(vocab, hidden, inter, layers, heads, kv_heads, tied):
+  return ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                     num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
+                     head_dim=hidden // heads, tie_word_embeddings=tied)
+
+
+PRESETS = {
+    "smollm2-135m": _preset(49152, 576, 1536, 30, 9, 3, True),
+    "llama2-7b": _preset(32000, 4096, 11008, 32, 32, 32, False),
+    "llama3-8b": _preset(128256, 4096, 14336, 32, 32, 8, False),
+    "llama3-70b": _preset(128256, 8192, 28672, 80, 64, 8, False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Mesh:
+  data: int = 1
+  fsdp: int = 1
+  tensor: int = 1
+
+  @property
+  def size(self) -> int:
+    return self.data * self.fsdp * self.tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Bytes per chip (except the counts)."""
+  total_params: int
+  trainable_params: int
+  params: float           # frozen/base weights
+  lora_params: float
+  gathered_weights: float  # FSDP all-gathered layers in flight
+  gradients: float
+  optimizer: float
+  activations_no_remat: float  # saved layer activations + logits, without remat
+  activations_remat: float     # same with per-layer remat
+  activations: float           # the one the run uses
+  total: float
+  hbm: float
+  fits: bool
+
+
+def slice_chips(name: str) -> tuple[str, int]:
+  """'v5p-64' -> ('v5p', 32): the chip generation and the number of chips (JAX devices)."""
+  for gen, chip in CHIPS.items():
+    match = re.fullmatch(re.escape(chip.slice_prefix) + r"-(\d+)", name)
+    if match:
+      return gen, max(1, int(match.group(1)) // chip.cores_per_chip)
+  prefixes = ", ".join(c.slice_prefix + "-N" for c in CHIPS.values())
+  raise ValueError(f"slice {name!r} is not a known TPU accelerator type ({prefixes})")
+
+
+def resolve_mesh(devices: int, data: int = 1, fsdp: int = -1, tensor: int = 1) -> Mesh:
+  """Fills the -1 axis with the remaining devices, as the trainer does for mesh.* = -1."""
+  return Mesh(*sharding.mesh_shape(data, fsdp, tensor, devices))
+
+
+def _leaves(tree, prefix=""):
+  for key, value in tree.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, dict):
+      yield from _leaves(value, path + "/")
+    else:
+      yield path, value
+
+
+def _lora_leaves(cfg: ModelConfig, rank: int, targets: str):
+  """A (in x r) and B (r x out) for every kernel whose module path matches the `targets` regex."""
+  for path, shape in _leaves(param_shapes(cfg)):
+    module, name = path.rpartition("/")[::2]
+    if name == "kernel" and re.search(targets, module):
+      *lead, n_in, n_out = shape
+      yield f"{module}/lora_a", (*lead, n_in, rank)
+      yield f"{module}/lora_b", (*lead, rank, n_out)
+
+
+def count_params(cfg: ModelConfig) -> int:
+  return sum(math.prod(shape) for _, shape in _leaves(param_shapes(cfg)))
+
+
+def count_lora_params(cfg: ModelConfig, rank: int, targets: str) -> int:
+  return sum(math.prod(shape) for _, shape in _lora_leaves(cfg, rank, targets))
+
+
+def _shard_elements(leaves, mesh: Mesh, gathered: bool = False) -> float:
+  """Elements per chip under the trainer's sharding; `gathered`: one layer after the fsdp gather."""
+  sizes = dataclasses.asdict(mesh)
+  mesh_like = types.SimpleNamespace(shape=sizes)  # spec_for only reads mesh.shape
+  total = 0.0
+  for path, shape in leaves:
+    if gathered:
+      if not path.startswith("layers/"):
+        continue
+      shape = (1,) + tuple(shape[1:])
+    spec = sharding.spec_for(logical_axes(path, len(shape)), shape, mesh_like)
+    split = math.prod(sizes[a] for a in spec if a and not (gathered and a == "fsdp"))
+    total += math.prod(shape) / split
+  return total
+
+
+def _layer_activation_elements(cfg: ModelConfig, seq_len: int, tensor: int, fused_attention: bool):
+  """Saved elements per token for one layer (see the module docstring)."""
+  split = 2 * cfg.q_size + 2 * cfg.kv_size + 4 * cfg.intermediate_size
+  probs = 0 if fused_attention else cfg.num_heads * seq_len
+  return 4 * cfg.hidden_size + (split + probs) / tensor
+
+
+def plan(cfg: ModelConfig, mesh: Mesh, chip: str, batch_size: int, seq_len: int, *,
+         method: str = "lora", lora_rank: int = 8, lora_targets: str = "q_proj|v_proj",
+         param_dtype: str = "bfloat16", compute_dtype: str = "bfloat16", remat: bool = True,
+         fused_attention: bool = False, reserve: float = 0.1) -> Plan:
+  """Per-chip memory of a full or LoRA fine-tuning step (AdamW) of `cfg` on `mesh` of `chip`s."""
+  if chip not in CHIPS:
+    raise ValueError(f"chip {chip!r} is not one of {', '.join(CHIPS)}")
+  if method not in ("full", "lora"):
+    raise ValueError(f"method {method!r} is not one of full, lora")
+  rows = mesh.data * mesh.fsdp
+  if batch_size % rows:
+    raise ValueError(f"batch_size {batch_size} is not divisible by data x fsdp = {rows}")
+  p_bytes, c_bytes = jnp.dtype(param_dtype).itemsize, jnp.dtype(compute_dtype).itemsize
+  base = list(_leaves(param_shapes(cfg)))
+  lora_leaves = list(_lora_leaves(cfg, lora_rank, lora_targets)) if method == "lora" else []
+  trainable = lora_leaves if method == "lora" else base
+  n_base, n_lora, n_train = (sum(math.prod(shape) for _, shape in leaves)
+                             for leaves in (base, lora_leaves, trainable))
+
+  params = _shard_elements(base, mesh) * p_bytes
+  lora = _shard_elements(lora_leaves, mesh) * p_bytes
+  gathered = 2 * _shard_elements(base, mesh, gathered=True) * p_bytes if mesh.fsdp > 1 else 0.0
+  train_elements = _shard_elements(trainable, mesh)
+  grads = train_elements * p_bytes
+  optimizer = train_elements * 2 * 4
+
+  tokens = batch_size // rows * seq_len
+  layer_bytes = _layer_activation_elements(cfg, seq_len, mesh.tensor, fused_attention) * c_bytes
+  logits = tokens * cfg.vocab_size / mesh.tensor * 4 * 2
+  act_no_remat = tokens * cfg.num_layers * layer_bytes + logits
+  act_remat = tokens * (cfg.num_layers * cfg.hidden_size * c_bytes + layer_bytes) + logits
+  activations = act_remat if remat else act_no_remat
+
+  total = params + lora + gathered + grads + optimizer + activations
+  hbm = CHIPS[chip].hbm_gib * GIB
+  return Plan(total_params=n_base + n_lora, trainable_params=n_train, params=params,
+              lora_params=lora, gathered_weights=gathered, gradients=grads, optimizer=optimizer,
+              activations_no_remat=act_no_remat, activations_remat=act_remat,
+              activations=activations, total=total, hbm=hbm, fits=total <= hbm * (1 - reserve))
+
+
+def format_plan(p: Plan) -> str:
+  rows = [("params (frozen/base)", p.params), ("LoRA params", p.lora_params),
+          ("FSDP-gathered layers", p.gathered_weights), ("gradients", p.gradients),
+          ("optimizer (AdamW fp32 m, v)", p.optimizer),
+          ("activations, no remat", p.activations_no_remat),
+          ("activations, remat", p.activations_remat), ("total (as configured)", p.total),
+          ("HBM per chip", p.hbm)]
+  lines = [f"total params {p.total_params:,}   trainable {p.trainable_params:,}",
+           "per chip:"] + [f"  {name:<28} {value / GIB:9.3f} GiB" for name, value in rows]
+  lines.append(f"fits: {'yes' if p.fits else 'NO'} ({p.total / p.hbm:.0%} of HBM)")
+  return "\n".join(lines)
+
+
+def _parse_mesh(text: str) -> dict[str, int]:
+  sizes = {}
+  for item in text.split(","):
+    key, _, value = item.partition("=")
+    if key not in ("data", "fsdp", "tensor") or not re.fullmatch(r"-?\d+", value):
+      raise ValueError(f"--mesh item {item!r} is not data=N, fsdp=N or tensor=N")
+    sizes[key] = int(value)
+  return sizes
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m jaxtune.planner", description=__doc__.split("\n")[0])
+  model = ap.add_mutually_exclusive_group(required=True)
+  model.add_argument("--preset", choices=sorted(PRESETS))
+  model.add_argument("--model", help="Hugging Face folder with a config.json")
+  hw = ap.add_mutually_exclusive_group(required=True)
+  hw.add_argument("--slice", help="TPU accelerator type, e.g. v5p-64 (sets the chip and device count)")
+  hw.add_argument("--chip", choices=sorted(CHIPS), help="chip generation; the mesh gives the device count")
+  ap.add_argument("--mesh", default="fsdp=-1", help="data=N,fsdp=N,tensor=N (-1 fills; default fsdp=-1)")
+  ap.add_argument("--method", choices=("full", "lora"), default="lora")
+  ap.add_argument("--rank", type=int, default=8)
+  ap.add_argument("--targets", default="q_proj|v_proj", help="regex over module paths ('_proj' = all 7)")
+  ap.add_argument("--batch", type=int, default=None, help="global batch in sequences (default: 1 per row)")
+  ap.add_argument("--seq", type=int, default=2048)
+  ap.add_argument("--param_dtype", default="bfloat16")
+  ap.add_argument("--compute_dtype", default="bfloat16")
+  ap.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True)
+  ap.add_argument("--fused_attention", action="store_true")
+  args = ap.parse_args(argv)
+  try:
+    cfg = PRESETS[args.preset] if args.preset else config_from_hf(read_hf_config(args.model))
+    sizes = _parse_mesh(args.mesh)
+    if args.slice:
+      chip, devices = slice_chips(args.slice)
+    else:
+      chip, devices = args.chip, math.prod(v for v in sizes.values() if v > 0)
+    mesh = resolve_mesh(devices, **sizes)
+    batch = args.batch or mesh.data * mesh.fsdp
+    result = plan(cfg, mesh, chip, batch, args.seq, method=args.method, lora_rank=args.rank,
+                  lora_targets=args.targets, param_dtype=args.param_dtype,
+                  compute_dtype=args.compute_dtype, remat=args.remat,
+                  fused_attention=args.fused_attention)
+  except (ValueError, TypeError, OSError, KeyError) as e:
+    print(f"planner: {e}", file=sys.stderr)
+    return 2
+  print(f"{chip} x {devices} chips, mesh {dataclasses.asdict(mesh)}, batch {batch} x {args.seq}")
+  print(format_plan(result))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

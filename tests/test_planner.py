@@ -1,0 +1,127 @@
+"""The on-paper planner: exact parameter counts (vs transformers/peft on the meta device) and a
+memory breakdown computed by hand."""
+
+import pytest
+
+from jaxtune import planner
+from jaxtune.models.config import ModelConfig
+
+KNOWN_COUNTS = {
+    "llama2-7b": 6_738_415_616,
+    "llama3-8b": 8_030_261_248,
+    "llama3-70b": 70_553_706_496,
+    "smollm2-135m": 134_515_008,
+}
+
+
+def _meta_hf_model(cfg: ModelConfig):
+  """The same shape as a transformers Llama, built on the meta device (no memory allocated)."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  hf = transformers.LlamaConfig(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+      intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+      tie_word_embeddings=cfg.tie_word_embeddings)
+  with torch.device("meta"):
+    return transformers.AutoModelForCausalLM.from_config(hf)
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN_COUNTS))
+def test_param_counts_exact(name):
+  cfg = planner.PRESETS[name]
+  assert planner.count_params(cfg) == KNOWN_COUNTS[name]
+  model = _meta_hf_model(cfg)
+  assert sum(p.numel() for p in model.parameters()) == KNOWN_COUNTS[name]
+
+
+@pytest.mark.parametrize("name,rank,targets,peft_targets,expected", [
+    ("llama2-7b", 8, "q_proj|v_proj", ["q_proj", "v_proj"], 4_194_304),
+    ("llama3-70b", 16, "_proj", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                 "down_proj"], 207_093_760),
+])
+def test_lora_counts_match_peft(name, rank, targets, peft_targets, expected):
+  peft = pytest.importorskip("peft")
+  cfg = planner.PRESETS[name]
+  assert planner.count_lora_params(cfg, rank, targets) == expected
+  model = peft.get_peft_model(_meta_hf_model(cfg),
+                              peft.LoraConfig(r=rank, target_modules=peft_targets))
+  trainable, total = model.get_nb_trainable_parameters()
+  assert trainable == expected
+  mesh = planner.Mesh(fsdp=8)
+  p = planner.plan(cfg, mesh, "v5p", 8, 128, lora_rank=rank, lora_targets=targets)
+  assert (p.trainable_params, p.total_params) == (trainable, total)
+
+
+TINY = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                   num_heads=4, num_kv_heads=2, head_dim=16)
+
+
+def test_memory_breakdown_by_hand():
+  # Full fine-tuning, fp32 params, bf16 compute, batch 4 x 8 on fsdp=2 (v5e, 16 GiB).
+  p = planner.plan(TINY, planner.Mesh(fsdp=2), "v5e", 4, 8, method="full",
+                   param_dtype="float32", compute_dtype="bfloat16", remat=False)
+  per_layer = 64 * 64 + 2 * (64 * 32) + 64 * 64 + 3 * 64 * 128 + 2 * 64  # q, k+v, o, mlp, norms
+  n = 2 * per_layer + 2 * 256 * 64 + 64                                  # + embed, lm_head, norm
+  norms = 2 * 2 * 64 + 64                  # replicated; every other leaf has a 64-wide embed dim
+  per_chip = (n - norms) / 2 + norms       # split over fsdp=2
+  assert p.total_params == p.trainable_params == n == 106_816
+  assert p.params == p.gradients == per_chip * 4 == 214_272
+  assert p.optimizer == per_chip * 8
+  assert p.gathered_weights == 2 * per_layer * 4     # two whole layers after the gather, fp32
+  assert p.lora_params == 0
+  tokens = 4 // 2 * 8                                # per chip
+  saved = 4 * 64 + 2 * 64 + 2 * 32 + 4 * 128 + 4 * 8  # residual/normed, q,k,v,attn out, mlp, probs
+  logits = tokens * 256 * 4 * 2
+  assert p.activations_no_remat == tokens * 2 * saved * 2 + logits == 96_256
+  assert p.activations_remat == tokens * (2 * 64 * 2 + saved * 2) + logits == 68_608
+  assert p.activations == p.activations_no_remat
+  assert p.total == 214_272 + 295_936 + 214_272 + 428_544 + 96_256
+  assert p.hbm == 16 * 2**30 and p.fits
+
+
+def test_tensor_axis_and_lora_sharding():
+  n, norms = 106_816, 320
+  p = planner.plan(TINY, planner.Mesh(fsdp=2, tensor=2), "v4", 4, 8, lora_rank=4)
+  assert p.params == ((n - norms) / 4 + norms) * 2   # bf16; embed over fsdp, heads/mlp/vocab over tensor
+  p = planner.plan(TINY, planner.Mesh(fsdp=2), "v4", 4, 8, lora_rank=4)
+  assert p.trainable_params == 2 * (64 * 4 + 4 * 64) + 2 * (64 * 4 + 4 * 32)  # q and v, 2 layers
+  # A (L, embed, r) splits over fsdp; B (L, r, heads) has no fsdp dim: replicated with tensor=1.
+  per_chip = 2 * 64 * 4 / 2 + 2 * 4 * 64 + 2 * 64 * 4 / 2 + 2 * 4 * 32
+  assert p.lora_params == p.gradients == per_chip * 2 and p.optimizer == per_chip * 8
+
+
+def test_70b_lora_fits_v5p64_but_full_does_not_fit_v5e16():
+  cfg = planner.PRESETS["llama3-70b"]
+  gen, chips = planner.slice_chips("v5p-64")
+  assert (gen, chips) == ("v5p", 32)
+  mesh = planner.resolve_mesh(chips, fsdp=-1)
+  lora = planner.plan(cfg, mesh, gen, 32, 4096, lora_rank=16, lora_targets="_proj")
+  assert lora.fits and lora.total < 25 * 2**30
+  assert lora.activations_no_remat > lora.hbm      # without remat the activations alone overflow
+  full = planner.plan(cfg, planner.resolve_mesh(16), "v5e", 16, 2048, method="full")
+  assert not full.fits and full.optimizer == pytest.approx(70_553_706_496 * 8 / 16, rel=1e-3)
+
+
+def test_slices_and_meshes():
+  assert planner.slice_chips("v4-32") == ("v4", 16)
+  assert planner.slice_chips("v5litepod-16") == ("v5e", 16)
+  assert planner.slice_chips("v6e-8") == ("v6e", 8)
+  assert planner.resolve_mesh(32, data=2, fsdp=-1, tensor=4) == planner.Mesh(2, 4, 4)
+  with pytest.raises(ValueError, match="v7-8"):
+    planner.slice_chips("v7-8")
+  with pytest.raises(ValueError, match="not divisible"):
+    planner.resolve_mesh(32, fsdp=-1, tensor=3)
+  with pytest.raises(ValueError, match="batch_size 3"):
+    planner.plan(TINY, planner.Mesh(fsdp=2), "v4", 3, 8)
+
+
+def test_cli(capsys):
+  assert planner.main(["--preset", "smollm2-135m", "--chip", "v6e", "--mesh", "fsdp=4",
+                       "--method", "full", "--batch", "8", "--seq", "512"]) == 0
+  out = capsys.readouterr().out
+  assert "total params 134,515,008   trainable 134,515,008" in out
+  assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in out and "fits: yes" in out
+  assert planner.main(["--preset", "llama3-70b", "--slice", "v5p-64", "--mesh", "fsdp=-1,tensor=3"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "not divisible by the other mesh axes' product 3" in err[0]
