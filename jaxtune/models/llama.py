@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.models.config import ModelConfig
+from jaxtune.peft import prefix as prefix_tuning
 
 Params = dict[str, Any]
 _MASKED = -1e30
@@ -281,6 +282,7 @@ def forward(
   positions default to 0..T-1 (or continue from the cache); segment ids default to 1 (0 = padding).
   A prefix-tuning prefix shifts real positions by its length, as peft's past_key_values do.
   """
+  params = prefix_tuning.materialize_prefix(params, cfg)  # a reparametrised prefix's MLP, if present
   B, T = tokens_BxT.shape
   if segment_ids_BxT is None:
     segment_ids_BxT = jnp.ones((B, T), jnp.int32)
