@@ -5,6 +5,7 @@ Resumes from the newest complete checkpoint in the workdir by itself.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -127,8 +128,26 @@ def evaluate_dataset(evaluate, trainable, frozen, dataset, batch_size, mesh, max
   return {"eval_loss": total / max(weight, 1.0), "eval_tokens": weight}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> list[dict]:
-  """Trains (or resumes) to config.train.steps; returns the logged metric rows of this invocation."""
+@dataclasses.dataclass
+class Run:
+  """Everything a training loop needs, built from a config (see `setup`)."""
+
+  config: ml_collections.ConfigDict
+  mesh: Any
+  train_data: Any
+  eval_data: Any
+  trainable: dict
+  frozen: dict
+  opt_state: Any
+  rng: jax.Array
+  schedule: Any
+  step_fn: Any
+  eval_fn: Any
+  counts: dict
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=lm_loss_sums) -> Run:
+  """Validates against the mesh and workdir, loads data and model, builds the jitted step."""
   os.makedirs(workdir, exist_ok=True)
   check_workdir(workdir, config)
   is_main = jax.process_index() == 0
@@ -149,12 +168,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   if is_main:
     print(f"params: trainable {counts['trainable_params']:,} / total {counts['total_params']:,} "
           f"({100 * counts['trainable_params'] / counts['total_params']:.3f}%)", flush=True)
-    write_json(os.path.join(workdir, "params.json"), counts)
-    write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
 
   steps = config.train.steps
   optimizer = build_optimizer(config.optimizer, steps, trainable.keys())
-  schedule = learning_rate_schedule(config.optimizer, steps)
   tr_sh = sharding.param_shardings(trainable, mesh)
   shardings = dict(trainable=tr_sh, frozen=sharding.param_shardings(frozen, mesh),
                    batch=sharding.batch_sharding(mesh), replicated=sharding.replicated(mesh))
@@ -163,9 +179,25 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   rng = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 2), shardings["replicated"])
   spec = StepSpec(model=model["model_cfg"], peft=model["peft"], compute_dtype=config.precision.compute_dtype,
                   remat=config.train.remat, grad_accum=config.train.grad_accum)
-  step_fn, eval_fn = make_step_fns(config, spec, optimizer, shardings)
+  step_fn, eval_fn = make_step_fns(config, spec, optimizer, shardings, loss_sums)
+  return Run(config=config, mesh=mesh, train_data=train_data, eval_data=eval_data, trainable=trainable,
+             frozen=frozen, opt_state=opt_state, rng=rng,
+             schedule=learning_rate_schedule(config.optimizer, steps), step_fn=step_fn, eval_fn=eval_fn,
+             counts=counts)
 
-  batches = pipeline.BatchIterator(train_data, config.train.batch_size, config.train.seed,
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
+        loss_sums=lm_loss_sums) -> list[dict]:
+  """Trains (or resumes) to config.train.steps; returns the logged metric rows of this invocation."""
+  r = setup(config, workdir, loss_sums)
+  is_main = jax.process_index() == 0
+  if is_main:
+    write_json(os.path.join(workdir, "params.json"), r.counts)
+    write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+  mesh, steps = r.mesh, config.train.steps
+  trainable, frozen, opt_state, rng = r.trainable, r.frozen, r.opt_state, r.rng
+  eval_data, eval_fn, step_fn = r.eval_data, r.eval_fn, r.step_fn
+  batches = pipeline.BatchIterator(r.train_data, config.train.batch_size, config.train.seed,
                                    jax.process_index(), jax.process_count())
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
   start = manager.latest_step() or 0
@@ -196,7 +228,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
         raise FloatingPointError(f"non-finite loss or gradients near step {bad}; the last good "
                                  f"checkpoint is {manager.latest_step()} (lower optimizer.learning_rate?)")
       elapsed = time.perf_counter() - window_start
-      row = {"step": step, "loss": float(fetched[-1]["loss"]), "learning_rate": float(schedule(step - 1)),
+      row = {"step": step, "loss": float(fetched[-1]["loss"]), "learning_rate": float(r.schedule(step - 1)),
              "tokens_per_sec": window_tokens / elapsed if elapsed > 0 and window_tokens else 0.0,
              "grad_norm": float(fetched[-1]["grad_norm"])}
       row.update({k: float(v) for k, v in fetched[-1].items() if k not in ("loss", "grad_norm", "finite", "tokens")})

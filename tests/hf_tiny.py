@@ -58,10 +58,9 @@ def save_byte_tokenizer(folder: str):
   alphabet = pre_tokenizers.ByteLevel.alphabet()
   vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}  # 256 byte symbols
   specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-  # Re-use the three least-used control bytes' ids for the specials keeps the vocab at 256.
+  # The specials take the ids of bytes 0x00-0x02 (never in text), so the vocab stays at 256.
   for i, tok in enumerate(specials):
-    victim = sorted(vocab, key=vocab.get)[i]
-    vocab[tok] = vocab.pop(victim)
+    vocab[tok] = vocab.pop(chr(0x100 + i))
   tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()

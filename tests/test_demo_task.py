@@ -5,11 +5,11 @@ import os
 import subprocess
 import sys
 
+import hf_tiny
 import pytest
 
 from jaxtune import demo_task
 from jaxtune.data.formats import encode_instruction
-from tests import hf_tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "make_demo_data.py")

@@ -2,6 +2,9 @@
 
 import json
 import os
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -134,6 +137,26 @@ def test_lora_merged_hf_export_matches_transformers(folder, data_file, tmp_path,
   assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "float32"
 
 
+def test_streaming_writer_fetches_each_leaf_once_and_shards_round_trip(tmp_path):
+  from safetensors.numpy import load_file
+  rs = np.random.RandomState(0)
+  flat = {"embed_tokens": rs.randn(10, 4).astype(np.float32),
+          "layers/mlp/up_proj/kernel": rs.randn(3, 4, 6).astype(np.float32)}
+  fetched = []
+  fetch = lambda path: fetched.append(path) or flat[path]
+  specs = export.tensor_specs(flat, loading.hf_name_of)
+  files = export.write_safetensors(str(tmp_path), "model", specs, export.stream_tensors(specs, fetch),
+                                   "float32", max_shard_bytes=200)
+  assert fetched == list(flat) and len(files) == 3
+  written = {}
+  for f in files:
+    written.update(load_file(str(tmp_path / f)))
+  np.testing.assert_array_equal(written["model.embed_tokens.weight"], flat["embed_tokens"])
+  for i in range(3):
+    np.testing.assert_array_equal(written[f"model.layers.{i}.mlp.up_proj.weight"],
+                                  flat["layers/mlp/up_proj/kernel"][i].T)
+
+
 def test_hf_config_round_trips_for_every_family():
   for family in hf_tiny.FAMILIES:
     cfg = config_from_hf(hf_tiny.build_hf_model(family).config.to_dict())
@@ -181,3 +204,54 @@ def test_unexportable_combinations_fail_clearly(folder, tmp_path):
     with pytest.raises(export.ExportError, match="bottleneck adapters cannot be merged.*peft has no equivalent"):
       write()
   assert not os.path.exists(tmp_path / "b") and not os.path.exists(tmp_path / "c")
+
+
+MULTIHOST_WORKER = """
+import sys
+process_id, port, folder, adapter, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+import jax
+jax.distributed.initialize(coordinator_address="127.0.0.1:" + port, num_processes=2, process_id=process_id)
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from jaxtune import export, peft_io
+from jaxtune.models import loading
+
+cfg, params = loading.load_model(folder)
+params, runtime = peft_io.load_peft_adapter(params, cfg, adapter)
+mesh = jax.make_mesh((2,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+
+def spread(x):  # every even leading axis split over the two processes: no process holds it all
+  host = np.asarray(x)
+  spec = PartitionSpec("fsdp") if host.shape[0] % 2 == 0 else PartitionSpec()
+  return jax.make_array_from_callback(host.shape, NamedSharding(mesh, spec), lambda index: host[index])
+
+params = jax.tree.map(spread, params)
+assert not params["layers"]["self_attn"]["q_proj"]["kernel"].is_fully_addressable
+export.write_hf(out + str(process_id), cfg, params, runtime, None, folder)
+"""
+
+
+def test_multihost_export_is_written_once_by_process_0(tmp_path):
+  """Two CPU processes holding halves of each leaf: process 0 writes what one process would."""
+  folder = str(tmp_path / "model")
+  hf_tiny.save_hf_model("llama_untied", folder)
+  cfg, params = trained_lora(folder)
+  runtime = llama.PeftRuntime(lora_scale=lora.lora_scale(4, 8.0))
+  adapter_dir = str(tmp_path / "adapter")  # hands the same LoRA to the workers
+  export.write_peft(adapter_dir, cfg, params, "lora", lora_settings(8.0, False), folder)
+  worker = tmp_path / "worker.py"
+  worker.write_text(MULTIHOST_WORKER)
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = str(sock.getsockname()[1])
+  out = str(tmp_path / "out")
+  procs = [subprocess.Popen([sys.executable, str(worker), str(i), port, folder, adapter_dir, out],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = [p.communicate(timeout=300)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), logs
+  assert not os.path.exists(out + "1")
+
+  single = str(tmp_path / "single")
+  export.write_hf(single, cfg, params, runtime, None, folder)
+  for name in ("model.safetensors", "config.json", "generation_config.json"):
+    assert open(os.path.join(out + "0", name), "rb").read() == open(os.path.join(single, name), "rb").read()

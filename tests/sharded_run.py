@@ -1,0 +1,36 @@
+"""Runs tiny training on a fake 8-device CPU mesh; prints one JSON line per mesh (for test_sharding.py).
+
+usage: python tests/sharded_run.py MODEL DATA WORKDIR METHOD MESH [MESH ...]   (MESH = data,fsdp,tensor)
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from jaxtune import trainer  # noqa: E402
+from train_helpers import losses, tiny_config  # noqa: E402
+
+
+def main(model, data, workdir, method, *meshes):
+  traces = []
+  original = trainer.train_step
+
+  def counted(*args, **kwargs):
+    traces.append(1)  # runs once per trace, not per call
+    return original(*args, **kwargs)
+
+  trainer.train_step = counted
+  for mesh in meshes:
+    d, f, t = (int(x) for x in mesh.split(","))
+    traces.clear()
+    config = tiny_config(model, data, **{"peft.method": method, "mesh.data": d, "mesh.fsdp": f,
+                                         "mesh.tensor": t, "optimizer.learning_rate": 1e-3})
+    rows = trainer.run(config, os.path.join(workdir, mesh.replace(",", "_")))
+    print(json.dumps({"mesh": mesh, "losses": losses(rows), "traces": len(traces)}), flush=True)
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:])

@@ -1,0 +1,81 @@
+"""The scripts as users run them: evaluate.py's last-line JSON, generate.py's output, one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import hf_tiny
+from jaxtune import evaluation, inference, sampling
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(name, *args):
+  env = dict(os.environ, PYTHONIOENCODING="utf-8", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", name), *args],
+                        capture_output=True, text=True, env=env, timeout=600)
+
+
+def assert_one_line_error(proc, *fragments):
+  assert proc.returncode != 0
+  assert "Traceback" not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ")
+  for fragment in fragments:
+    assert fragment in last, last
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  return hf_tiny.tiny_folder(tmp_path_factory, "qwen2")
+
+
+def test_evaluate_last_line_is_the_json_result(folder, tmp_path):
+  data = tmp_path / "text.jsonl"
+  data.write_text("\n".join(json.dumps({"text": t}) for t in ["short", "a somewhat longer line", "x" * 90]))
+  proc = run_script("evaluate.py", "--model", folder, "--data", str(data), "--batch_size", "2")
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  expected = evaluation.evaluate_path(folder, str(data), "text", batch_size=2)
+  assert result["tokens"] == expected["tokens"] == 4 + 21 + 89
+  assert result["records"] == 3
+  assert abs(result["loss"] - expected["loss"]) < 1e-6
+  assert abs(result["perplexity"] - expected["perplexity"]) < 1e-6 * expected["perplexity"]
+
+
+def test_evaluate_bad_input_is_one_line(folder, tmp_path):
+  data = tmp_path / "bad.jsonl"
+  data.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"txt": "oops"}) + "\n")
+  assert_one_line_error(run_script("evaluate.py", "--model", folder, "--data", str(data)),
+                        f"{data}:2:", "'text'")
+  data.write_text(json.dumps({"text": "fine"}) + "\n{not json\n")
+  assert_one_line_error(run_script("evaluate.py", "--model", folder, "--data", str(data)),
+                        f"{data}:2:", "invalid JSON")
+  missing = str(tmp_path / "no_such_model")
+  assert_one_line_error(run_script("evaluate.py", "--model", missing, "--data", str(data)), missing)
+
+
+def test_generate_json_uses_the_chat_template(folder):
+  prompts = ["What is JAX?", "Hi"]
+  proc = run_script("generate.py", "--model", folder, "--prompt", prompts[0], "--prompt", prompts[1],
+                    "--max_new_tokens", "12", "--json")
+  assert proc.returncode == 0, proc.stderr
+  rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+  cfg, params, peft, tokenizer = inference.load_for_inference(folder)
+  ids = [sampling.prompt_ids(tokenizer, p, chat=True) for p in prompts]
+  # The chat template wraps the prompt: <|im_start|>user\n...<|im_end|>\n<|im_start|>assistant\n
+  assert ids[1] == tokenizer("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
+  outputs = sampling.generate(params, cfg, ids, max_new_tokens=12,
+                              eos_ids=inference.eos_ids(cfg, tokenizer), pad_id=tokenizer.pad_token_id)
+  assert rows == [{"prompt": p, "completion": tokenizer.decode(o, skip_special_tokens=True)}
+                  for p, o in zip(prompts, outputs)]
+
+
+def test_generate_bad_input_is_one_line(folder):
+  assert_one_line_error(run_script("generate.py", "--model", folder, "--prompt", "x", "--top_p", "0"),
+                        "--top_p")
+  missing = folder + "_missing"
+  assert_one_line_error(run_script("generate.py", "--model", missing, "--prompt", "x"), missing)
