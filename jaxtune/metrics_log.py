@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
+
+from etils import epath
 
 
 class MetricsLog:
@@ -11,10 +12,10 @@ class MetricsLog:
     self.enabled = enabled
     self._file = self._writer = None
     if enabled:
-      self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._file = (epath.Path(workdir) / "metrics.jsonl").open("a")  # local or gs://
       try:
         from tensorboardX import SummaryWriter
-        self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._writer = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
       except ImportError:  # TensorBoard files are a convenience; metrics.jsonl is the contract
         self._writer = None
 
@@ -36,5 +37,5 @@ class MetricsLog:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+  with (epath.Path(workdir) / "metrics.jsonl").open() as f:
     return [json.loads(line) for line in f if line.strip()]

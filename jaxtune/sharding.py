@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 from typing import Any
@@ -32,8 +33,14 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
   if coordinator_address:
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
-  elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
-    jax.distributed.initialize()
+  elif on_tpu_vm():
+    jax.distributed.initialize()  # reads the slice's topology from the TPU VM metadata
+
+
+def on_tpu_vm() -> bool:
+  """A Cloud TPU VM: TPU device files (v4+: /dev/vfio/N, v2/v3: /dev/accelN) or its env variables."""
+  return bool(os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID")
+              or glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[int, int, int]:

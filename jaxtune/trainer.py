@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
+from etils import epath
 
 from jaxtune import checkpoint, sharding
 from jaxtune.config_checks import ConfigError, field_map
@@ -40,11 +41,10 @@ def _get(tree: dict, dotted: str):
 
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   """A workdir already holding a run with another identity is an error (nothing is touched)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
     return
-  with open(path) as f:
-    old = json.load(f)
+  old = json.loads(path.read_text())
   new = json.loads(config.to_json())
   for key in RUN_IDENTITY_KEYS:
     if _get(old, key) != _get(new, key):
@@ -91,12 +91,12 @@ def load_data(config: ml_collections.ConfigDict, tokenizer):
   return train, evald
 
 
-def write_json(path: str, obj: Any) -> None:
+def write_json(path: str | epath.Path, obj: Any) -> None:
   """Atomic write (tmp + rename) so a crash never leaves a half-written file."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
+  path = epath.Path(path)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2))
+  tmp.replace(path)
 
 
 def make_step_fns(config, spec: StepSpec, optimizer, shardings: dict[str, Any], loss_sums=lm_loss_sums):
@@ -148,7 +148,7 @@ class Run:
 
 def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=lm_loss_sums) -> Run:
   """Validates against the mesh and workdir, loads data and model, builds the jitted step."""
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
   check_workdir(workdir, config)
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
