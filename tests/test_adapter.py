@@ -1,5 +1,7 @@
 """Bottleneck adapters: exact base model at init, placement checked against transformers, gradients."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,3 +120,20 @@ def test_adapter_numerics_match_hooks_on_transformers(tmp_path):
   assert np.abs(np.asarray(logits) - expected).max() < 2e-4
   base_logits, _ = forward(loading.load_model(folder)[1], cfg, TOKENS)
   assert np.abs(np.asarray(base_logits) - expected).max() > 1e-2  # the adapters do change the model
+
+
+def test_adapter_training_reduces_loss_and_starts_at_the_base(tiny_setup, tmp_path):
+  from jaxtune import trainer
+  from train_helpers import losses, tiny_config
+  model, data = tiny_setup
+  full = losses(trainer.run(tiny_config(model, data, **{"peft.method": "full", "train.steps": 1}),
+                            str(tmp_path / "full")))
+  run = tiny_config(model, data, **{"peft.method": "adapter", "peft.adapter.size": 16, "train.steps": 8})
+  trained = losses(trainer.run(run, str(tmp_path / "adapter")))
+  print("adapter losses", [round(x, 4) for x in trained])
+  # up = 0 at init: the first forward is the base model's, so the first-step loss equals full's.
+  assert abs(trained[0] - full[0]) < 1e-6, (trained[0], full[0])
+  assert trained[-1] < trained[0] - 0.2, trained
+  counts = json.load(open(tmp_path / "adapter" / "params.json"))
+  D, L = 64, 2  # hf_tiny's llama
+  assert counts["trainable_params"] == 2 * L * (2 * D * 16 + 16 + D)

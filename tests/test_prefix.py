@@ -1,5 +1,7 @@
 """Prefix tuning: numerics against Hugging Face peft's PREFIX_TUNING, masks, packing and the KV cache."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -203,3 +205,21 @@ def test_only_prefix_leaves_get_gradients(prefixed):
   grads = jax.grad(loss)(trainable)
   assert all(float(jnp.abs(g).max()) > 0 for g in grads.values())
   print(f"prefix trainable {partition.count(trainable)} of {partition.count(trainable) + partition.count(frozen)}")
+
+
+@pytest.mark.parametrize("reparam_hidden,learning_rate", [(0, 1e-1), (32, 1e-2)], ids=["direct", "reparam"])
+def test_prefix_training_reduces_loss(tiny_setup, tmp_path, reparam_hidden, learning_rate):
+  # Prefix tuning wants a larger learning rate than LoRA (peft's examples use 1e-2 to 3e-2).
+  from jaxtune import trainer
+  from train_helpers import losses, tiny_config
+  model, data = tiny_setup
+  run = tiny_config(model, data, **{"peft.method": "prefix", "peft.prefix.length": 8, "train.steps": 8,
+                                    "peft.prefix.reparam_hidden": reparam_hidden,
+                                    "optimizer.learning_rate": learning_rate})
+  trained = losses(trainer.run(run, str(tmp_path)))
+  print("prefix losses", [round(x, 4) for x in trained])
+  assert trained[-1] < trained[0] - 0.15, trained
+  counts = json.load(open(tmp_path / "params.json"))
+  L, KV, hd = 2, 2, 16  # hf_tiny's llama
+  encoder = 8 * KV * hd + (KV * hd + 1) * 32 + (32 + 1) * L * 2 * KV * hd
+  assert counts["trainable_params"] == (encoder if reparam_hidden else 2 * L * 8 * KV * hd)
