@@ -275,3 +275,53 @@ def test_multihost_export_is_written_once_by_process_0(tmp_path):
   export.write_hf(single, cfg, params, runtime, None, folder)
   for name in ("model.safetensors", "config.json", "generation_config.json"):
     assert open(os.path.join(out + "0", name), "rb").read() == open(os.path.join(single, name), "rb").read()
+
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "export.py")
+
+
+def run_export(workdir, out, fmt):
+  return subprocess.run([sys.executable, SCRIPT, "--workdir", workdir, "--out", out, "--format", fmt],
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("method,formats,refused", [("lora", ["peft", "hf"], "none"),
+                                                    ("prefix", ["peft"], "hf"),
+                                                    ("full", ["hf"], "peft")])
+def test_export_script_on_trained_runs(tiny_setup, data_file, tmp_path, method, formats, refused):
+  """train.py run -> scripts/export.py -> peft / transformers give evaluate --adapter WORKDIR's loss."""
+  from train_helpers import tiny_config
+  from jaxtune import trainer
+  model, train_data = tiny_setup
+  workdir = str(tmp_path / "run")
+  trainer.run(tiny_config(model, train_data, **{"peft.method": method, "peft.prefix.length": 3,
+                                                "optimizer.learning_rate": 1e-2}), workdir)
+  ours = evaluation.evaluate_path(model, data_file, "text", adapter=workdir)["loss"]
+  tokenizer = loading.load_tokenizer(model)
+  for fmt in formats:
+    out = str(tmp_path / fmt)
+    result = run_export(workdir, out, fmt)
+    assert result.returncode == 0, result.stderr
+    exported = hf_model(out) if fmt == "hf" else peft.PeftModel.from_pretrained(hf_model(model), out).eval()
+    theirs = torch_loss(exported, tokenizer)
+    change = logit_change(exported, hf_model(model), tokenizer)
+    print(f"export.py {method} --format {fmt}: evaluate --adapter {ours:.6f} exported {theirs:.6f} "
+          f"(max logit change vs base {change:.3f})")
+    assert abs(ours - theirs) < TOL
+    assert change > 0.01  # training moved the model
+    if fmt == "peft":  # and jaxtune reads its own PEFT export back
+      assert abs(evaluation.evaluate_path(model, data_file, "text", adapter=out)["loss"] - ours) < TOL
+  if refused != "none":
+    result = run_export(workdir, str(tmp_path / "refused"), refused)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "--format" in last, result.stderr
+    assert not os.path.exists(tmp_path / "refused")
+  # Bottleneck adapters fit neither format: refused from the run's config before any loading.
+  fake = tmp_path / "adapter_run"
+  fake.mkdir()
+  config = json.load(open(os.path.join(workdir, "config.json")))
+  config["peft"]["method"] = "adapter"
+  json.dump(config, open(fake / "config.json", "w"))
+  result = run_export(str(fake), str(tmp_path / "never"), formats[0])
+  assert result.returncode != 0 and "bottleneck adapters" in result.stderr.strip().splitlines()[-1]
