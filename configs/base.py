@@ -70,6 +70,19 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.dpo.beta = 0.1
   c.dpo.loss_type = "sigmoid"  # sigmoid | ipo
   c.dpo.label_smoothing = 0.0
+  c.dpo.precompute_reference = False  # True: reference log-probs once before training, also for PEFT
+  #                                     (full fine-tuning always precomputes them)
+
+  c.grpo = ml_collections.ConfigDict()  # objective=grpo; train.batch_size counts completions
+  c.grpo.group_size = 4  # completions sampled per prompt (divides train.batch_size)
+  c.grpo.max_new_tokens = 32
+  c.grpo.temperature = 1.0
+  c.grpo.top_p = 1.0
+  c.grpo.reward_fn = ""  # "module:function", called as fn(prompts, completions) -> list of floats
+  c.grpo.reward_model = ""  # or a train.py workdir of objective=reward (its newest checkpoint)
+  c.grpo.kl_coef = 0.04  # beta of the k3 KL penalty to the reference (adapter off / initial params)
+  c.grpo.clip_eps = 0.2
+  c.grpo.updates_per_batch = 1  # optimizer steps on each batch of completions (> 1: clipping matters)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1 = the remaining devices

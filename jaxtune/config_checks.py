@@ -89,6 +89,11 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   _positive(c, "optimizer.weight_decay", allow_zero=True)
   _positive(c, "optimizer.grad_clip", allow_zero=True)
   _positive(c, "dpo.beta")
+  _choice(c, "dpo.loss_type", ("sigmoid", "ipo"))
+  if not 0 <= c.dpo.label_smoothing < 0.5:
+    raise ConfigError("dpo.label_smoothing", f"must be in [0, 0.5), got {c.dpo.label_smoothing}")
+  if c.objective == "grpo":
+    _check_grpo(c)
   for key in ("mesh.data", "mesh.fsdp", "mesh.tensor"):
     value = _get(c, key)
     if not isinstance(value, int) or (value < 1 and value != -1):
@@ -99,6 +104,24 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     _choice(c, key, DTYPES)
   if c.objective in ("dpo", "reward") and c.data.format != "preference":
     raise ConfigError("data.format", f"objective={c.objective} needs data.format=preference")
+
+
+def _check_grpo(c: ml_collections.ConfigDict) -> None:
+  for key in ("grpo.group_size", "grpo.max_new_tokens", "grpo.updates_per_batch", "grpo.top_p"):
+    _positive(c, key)
+  for key in ("grpo.temperature", "grpo.kl_coef", "grpo.clip_eps"):
+    _positive(c, key, allow_zero=True)
+  if c.grpo.group_size < 2:
+    raise ConfigError("grpo.group_size", f"must be >= 2 (advantages compare completions of a prompt), got {c.grpo.group_size}")
+  if c.train.batch_size % c.grpo.group_size:
+    raise ConfigError("grpo.group_size", f"{c.grpo.group_size} does not divide train.batch_size={c.train.batch_size}")
+  if c.grpo.max_new_tokens >= c.data.seq_len:
+    raise ConfigError("grpo.max_new_tokens", f"{c.grpo.max_new_tokens} leaves no room for the prompt in "
+                      f"data.seq_len={c.data.seq_len}")
+  if bool(c.grpo.reward_fn) == bool(c.grpo.reward_model):
+    raise ConfigError("grpo.reward_fn", "give exactly one of grpo.reward_fn (module:function) or grpo.reward_model")
+  if c.grpo.reward_fn and ":" not in c.grpo.reward_fn:
+    raise ConfigError("grpo.reward_fn", f"{c.grpo.reward_fn!r} is not module:function")
 
 
 def dtype_of(name: str):

@@ -19,7 +19,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from jaxtune import checkpoint, sharding
+from jaxtune import checkpoint, objectives, sharding
 from jaxtune.config_checks import ConfigError, field_map
 from jaxtune.data import pipeline
 from jaxtune.metrics_log import MetricsLog
@@ -67,6 +67,7 @@ def build_model(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
                               shardings=sharding.param_shardings(base_shapes, mesh))[1]
   peft_rng = jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 1)
   params = methods.add_peft(params, model_cfg, config.peft, peft_rng, param_dtype)
+  params = objectives.add_params(config, params, model_cfg, param_dtype)
   trainable, frozen = partition.split(params, config.peft.method)
   trainable = jax.device_put(trainable, sharding.param_shardings(trainable, mesh))
   frozen = jax.device_put(frozen, sharding.param_shardings(frozen, mesh))
@@ -120,12 +121,16 @@ def opt_state_shardings(optimizer, trainable, trainable_shardings, mesh):
 
 def evaluate_dataset(evaluate, trainable, frozen, dataset, batch_size, mesh, max_batches=0) -> dict[str, float]:
   total = weight = 0.0
+  extra = {}  # objective metrics (per-weight means in each batch), weighted over batches
   for i, local in enumerate(pipeline.eval_batches(dataset, batch_size, jax.process_index(), jax.process_count())):
     if max_batches and i >= max_batches:
       break
-    s, w, _ = evaluate(trainable, frozen, sharding.global_batch(local, mesh))
+    s, w, metrics = evaluate(trainable, frozen, sharding.global_batch(local, mesh))
     total, weight = total + float(s), weight + float(w)
-  return {"eval_loss": total / max(weight, 1.0), "eval_tokens": weight}
+    for k, v in metrics.items():
+      extra[f"eval_{k}"] = extra.get(f"eval_{k}", 0.0) + float(v) * float(w)
+  extra = {k: v / max(weight, 1.0) for k, v in extra.items()}
+  return {"eval_loss": total / max(weight, 1.0), "eval_tokens": weight, **extra}
 
 
 @dataclasses.dataclass
@@ -144,10 +149,14 @@ class Run:
   step_fn: Any
   eval_fn: Any
   counts: dict
+  spec: StepSpec = None
+  tokenizer: Any = None
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=lm_loss_sums) -> Run:
-  """Validates against the mesh and workdir, loads data and model, builds the jitted step."""
+def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=None, load=load_data) -> Run:
+  """Validates against the mesh and workdir, loads data (`load(config, tokenizer)`) and model, builds
+  the jitted step for `loss_sums` (default: config.objective's)."""
+  loss_sums = loss_sums or objectives.objective_loss_sums(config)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
   check_workdir(workdir, config)
   is_main = jax.process_index() == 0
@@ -158,7 +167,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=lm_loss_sum
   if (config.train.batch_size // config.train.grad_accum) % sharding.batch_divisor(mesh):
     raise ConfigError("train.grad_accum", "each micro-batch must still divide over mesh.data*mesh.fsdp")
   tokenizer = loading.load_tokenizer(config.model.tokenizer or config.model.path)
-  train_data, eval_data = load_data(config, tokenizer)
+  train_data, eval_data = load(config, tokenizer)
   if is_main:
     print(f"data: train {train_data.stats.summary()}", flush=True)
   model = build_model(config, mesh)
@@ -180,15 +189,19 @@ def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=lm_loss_sum
   spec = StepSpec(model=model["model_cfg"], peft=model["peft"], compute_dtype=config.precision.compute_dtype,
                   remat=config.train.remat, grad_accum=config.train.grad_accum)
   step_fn, eval_fn = make_step_fns(config, spec, optimizer, shardings, loss_sums)
+  train_data, eval_data = objectives.prepare_data(config, (train_data, eval_data), trainable, frozen, spec, mesh)
   return Run(config=config, mesh=mesh, train_data=train_data, eval_data=eval_data, trainable=trainable,
              frozen=frozen, opt_state=opt_state, rng=rng,
              schedule=learning_rate_schedule(config.optimizer, steps), step_fn=step_fn, eval_fn=eval_fn,
-             counts=counts)
+             counts=counts, spec=spec, tokenizer=tokenizer)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
-        loss_sums=lm_loss_sums) -> list[dict]:
+        loss_sums=None) -> list[dict]:
   """Trains (or resumes) to config.train.steps; returns the logged metric rows of this invocation."""
+  if config.objective == "grpo":  # generation between steps: its own loop over the same set-up
+    from jaxtune.objectives import grpo
+    return grpo.run(config, workdir, stop_after=stop_after)
   r = setup(config, workdir, loss_sums)
   is_main = jax.process_index() == 0
   if is_main:

@@ -20,6 +20,8 @@ def is_peft_leaf(path: str) -> bool:
 
 
 def is_trainable(path: str, method: str) -> bool:
+  if path.startswith("reward_head/"):  # the reward model's new scalar head trains under every method
+    return True
   if method == "full":
     return not is_peft_leaf(path)
   if method == "lora":

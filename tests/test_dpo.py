@@ -1,0 +1,89 @@
+"""DPO: ln 2 at step 0 (policy = reference), learns the bundled preference rule, equals TRL's formula
+on transformers' log-probs."""
+
+import math
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtune import sharding, trainer
+from jaxtune.data import pipeline
+from jaxtune.models import loading
+from jaxtune.objectives import dpo
+from jaxtune.train_step import StepSpec
+from train_helpers import losses, tiny_config
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "jaxtune", "data", "preference_demo")
+
+
+def dpo_config(model, **overrides):
+  kw = {"objective": "dpo", "data.format": "preference", "data.eval": os.path.join(DATA, "eval.jsonl"),
+        "data.seq_len": 96, "train.steps": 12, "optimizer.learning_rate": 3e-3, "dpo.beta": 0.5,
+        "train.eval_batches": 2}
+  kw.update(overrides)
+  return tiny_config(model, os.path.join(DATA, "train.jsonl"), **kw)
+
+
+@pytest.mark.parametrize("method,lr", [("lora", 5e-3), ("full", 5e-4)])
+def test_dpo_starts_at_ln2_and_learns_the_preference(tiny_setup, tmp_path, method, lr):
+  model, _ = tiny_setup
+  rows = trainer.run(dpo_config(model, **{"peft.method": method, "optimizer.learning_rate": lr}), str(tmp_path))
+  train = [r for r in rows if "rewards_chosen" in r]
+  assert abs(train[0]["loss"] - math.log(2)) < 1e-5, train[0]
+  assert abs(train[0]["reward_margin"]) < 1e-5
+  late = np.mean([r["loss"] for r in train[-3:]])
+  assert late < math.log(2) - 0.1, losses(rows)
+  assert np.mean([r["reward_margin"] for r in train[-3:]]) > 0.2, [r["reward_margin"] for r in train]
+  assert train[-1]["rewards_chosen"] > train[-1]["rewards_rejected"]
+  final = rows[-1]
+  assert final["eval_reward_accuracy"] > 0.7 and final["eval_loss"] < math.log(2), final
+
+
+def _torch_logps(model, batch, side):
+  """Sum of response-token log-probs from a transformers model (HF label-shift convention)."""
+  import torch
+  inputs = torch.tensor(np.asarray(batch[f"{side}_inputs"]), dtype=torch.long)
+  mask = torch.tensor(np.asarray(batch[f"{side}_segment_ids"]) != 0, dtype=torch.long)
+  with torch.no_grad():
+    logits = model(input_ids=inputs, attention_mask=mask).logits.double()
+  logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(np.asarray(batch[f"{side}_targets"]),
+                                                               dtype=torch.long)[..., None])[..., 0]
+  return (logp * torch.tensor(np.asarray(batch[f"{side}_weights"]), dtype=torch.float64)).sum(-1)
+
+
+def test_dpo_loss_equals_trl_formula_on_transformers_logprobs(tmp_path):
+  import torch
+  from hf_tiny import save_hf_model
+  policy_hf = save_hf_model("llama_untied", str(tmp_path / "policy"), seed=0)
+  reference_hf = save_hf_model("llama_untied", str(tmp_path / "reference"), seed=1)
+  tok = loading.load_tokenizer(str(tmp_path / "policy"))
+  ds = pipeline.build_dataset(os.path.join(DATA, "eval.jsonl"), "preference", tok, 96, template="chat")
+  batch = {k: v[:8] for k, v in ds.arrays.items()}
+  cfg, policy = loading.load_model(str(tmp_path / "policy"))
+  _, reference = loading.load_model(str(tmp_path / "reference"))
+  spec = StepSpec(model=cfg)
+  mesh = sharding.make_mesh()
+  with_ref = dpo.add_reference_logps(pipeline.PackedDataset(batch, 96, ds.stats), reference, spec, mesh, 4)
+  beta = 0.3
+  total, pairs, metrics = dpo.dpo_loss_sums(policy, spec, with_ref.arrays, beta=beta)
+  ours = float(total) / float(pairs)
+
+  pc, pr = _torch_logps(policy_hf, batch, "chosen"), _torch_logps(policy_hf, batch, "rejected")
+  rc, rr = _torch_logps(reference_hf, batch, "chosen"), _torch_logps(reference_hf, batch, "rejected")
+  trl = -torch.nn.functional.logsigmoid(beta * ((pc - rc) - (pr - rr))).mean().item()
+  assert abs(ours - trl) < 1e-4, (ours, trl)
+  assert abs(float(metrics["reward_margin"]) - (beta * ((pc - rc) - (pr - rr))).mean().item()) < 1e-3
+  np.testing.assert_allclose(with_ref.arrays["chosen_ref_logp"], rc.numpy(), rtol=1e-5, atol=1e-3)
+
+
+def test_label_smoothing_and_ipo_match_their_formulas():
+  h = jnp.array([-1.0, 0.0, 2.0])
+  beta, eps = 0.2, 0.1
+  smoothed = dpo.dpo_losses(h, jnp.zeros(3), beta, "sigmoid", eps)
+  expected = [-(1 - eps) * math.log(1 / (1 + math.exp(-beta * x))) - eps * math.log(1 / (1 + math.exp(beta * x)))
+              for x in (-1.0, 0.0, 2.0)]
+  np.testing.assert_allclose(smoothed, expected, rtol=1e-6)
+  np.testing.assert_allclose(dpo.dpo_losses(h, jnp.zeros(3), beta, "ipo"), [(x - 1 / (2 * beta)) ** 2 for x in (-1.0, 0.0, 2.0)], rtol=1e-6)
+  assert float(dpo.dpo_losses(jnp.zeros(1), jnp.zeros(1), beta)[0]) == pytest.approx(math.log(2))
