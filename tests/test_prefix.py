@@ -223,3 +223,16 @@ def test_prefix_training_reduces_loss(tiny_setup, tmp_path, reparam_hidden, lear
   L, KV, hd = 2, 2, 16  # hf_tiny's llama
   encoder = 8 * KV * hd + (KV * hd + 1) * 32 + (32 + 1) * L * 2 * KV * hd
   assert counts["trainable_params"] == (encoder if reparam_hidden else 2 * L * 8 * KV * hd)
+
+
+def test_reparametrised_prefix_resumes_exactly(tiny_setup, tmp_path):
+  """The encoder (a top-level `prefix_encoder` subtree, not a layer leaf) is checkpointed and restored."""
+  from jaxtune import trainer
+  from train_helpers import losses, tiny_config
+  model, data = tiny_setup
+  kw = {"peft.method": "prefix", "peft.prefix.length": 4, "peft.prefix.reparam_hidden": 16, "train.steps": 6,
+        "train.checkpoint_every": 3, "optimizer.learning_rate": 1e-2}
+  straight = losses(trainer.run(tiny_config(model, data, **kw), str(tmp_path / "straight")))
+  trainer.run(tiny_config(model, data, **kw), str(tmp_path / "resumed"), stop_after=3)
+  second = trainer.run(tiny_config(model, data, **kw), str(tmp_path / "resumed"))
+  assert second[0]["step"] == 4 and losses(second) == straight[3:], (losses(second), straight)
