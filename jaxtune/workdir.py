@@ -41,7 +41,11 @@ def load_adapter_from_workdir(params: llama.Params, cfg: ModelConfig, workdir: s
             "rng": jax.random.PRNGKey(0)}
   state, _ = checkpoint.restore(manager, step, target)
   manager.close()
-  return partition.merge(state["trainable"], frozen), methods.peft_runtime(config.peft)
+  params = partition.merge(state["trainable"], frozen)
+  if config.peft.method == "prefix":  # fold a reparametrised prefix once, not at every decode step
+    from jaxtune.peft import prefix
+    params = prefix.fold_prefix(params, cfg)
+  return params, methods.peft_runtime(config.peft)
 
 
 def load_trained(workdir: str) -> tuple[dict[str, Any], ModelConfig, llama.Params, llama.PeftRuntime, Any]:
