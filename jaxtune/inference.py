@@ -1,0 +1,44 @@
+"""Loading a model (+ optional adapter) for evaluation and generation."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax.numpy as jnp
+
+from jaxtune.models import llama, loading
+from jaxtune.models.config import ModelConfig
+
+
+def load_for_inference(model_path: str, adapter: str | None = None, dtype=jnp.float32
+                       ) -> tuple[ModelConfig, llama.Params, llama.PeftRuntime, Any]:
+  """(config, params, PEFT knobs, tokenizer) of a HF folder or .gguf, with an adapter applied.
+
+  `adapter` is a PEFT adapter folder (it has adapter_config.json) or a train.py workdir.
+  """
+  cfg, params = loading.load_model(model_path, dtype)
+  tokenizer = loading.load_tokenizer(model_path)
+  peft = llama.PeftRuntime()
+  if adapter:
+    if not os.path.isdir(adapter):
+      raise FileNotFoundError(f"--adapter {adapter!r}: no such folder")
+    if os.path.exists(os.path.join(adapter, "adapter_config.json")):
+      from jaxtune import peft_io  # only needed with a PEFT adapter
+      params, peft = peft_io.load_peft_adapter(params, cfg, adapter)
+    else:
+      from jaxtune import workdir  # only needed with a train.py workdir
+      params, peft = workdir.load_adapter_from_workdir(params, cfg, adapter)
+  return cfg, params, peft, tokenizer
+
+
+def has_chat_template(tokenizer) -> bool:
+  return bool(getattr(tokenizer, "chat_template", None))
+
+
+def eos_ids(cfg: ModelConfig, tokenizer) -> tuple[int, ...]:
+  """Every id that ends a sequence: the tokenizer's eos and the config's eos_token_id(s)."""
+  ids = set(cfg.eos_token_ids)
+  if tokenizer.eos_token_id is not None:
+    ids.add(int(tokenizer.eos_token_id))
+  return tuple(sorted(ids))

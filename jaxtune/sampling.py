@@ -1,0 +1,124 @@
+"""KV-cache generation: left-padded prompt batch, one prefill, then a jitted decode loop.
+
+Greedy at temperature 0, otherwise temperature + top-p (nucleus) sampling from a seed. Each
+sequence stops at its first eos id and is padded after it. Compiles once per (batch, prompt
+length bucket, max_new_tokens, model).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtune.evaluation import bucket_length
+from jaxtune.models import llama
+from jaxtune.models.config import ModelConfig
+
+
+def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
+  """Token ids of a prompt: as one user turn of the chat template (+ generation prompt), or raw."""
+  if chat:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                         add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+  return list(tokenizer(prompt)["input_ids"])
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int):
+  """(tokens, positions, segment_ids), each B x length; pads are segment 0 and positions count
+  from each prompt's first real token (as Hugging Face derives them from the attention mask)."""
+  B = len(prompts)
+  tokens = np.full((B, length), pad_id, np.int32)
+  positions = np.zeros((B, length), np.int32)
+  segments = np.zeros((B, length), np.int32)
+  for row, ids in enumerate(prompts):
+    n = len(ids)
+    tokens[row, length - n:] = ids
+    positions[row, length - n:] = np.arange(n)
+    segments[row, length - n:] = 1
+  return tokens, positions, segments
+
+
+def top_p_filter(logits_BxV, top_p):
+  """Logits outside the smallest set of tokens whose probability reaches top_p set to -inf."""
+  order_BxV = jnp.argsort(-logits_BxV, axis=-1)
+  sorted_BxV = jnp.take_along_axis(logits_BxV, order_BxV, axis=-1)
+  probs = jax.nn.softmax(sorted_BxV, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  # The most likely token always stays (mass_before = 0), so top_p -> 0 means greedy.
+  keep_sorted = (mass_before < top_p) | (jnp.arange(logits_BxV.shape[-1]) == 0)
+  keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order_BxV, axis=-1), axis=-1)
+  return jnp.where(keep, logits_BxV, -jnp.inf)
+
+
+def next_token(logits_BxV, rng, temperature, top_p):
+  """argmax at temperature 0, else a sample from softmax(logits / temperature) cut to top_p."""
+  greedy = jnp.argmax(logits_BxV, axis=-1)
+  scaled = logits_BxV / jnp.maximum(temperature, 1e-6)
+  sampled = jax.random.categorical(rng, top_p_filter(scaled, top_p), axis=-1)
+  return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "peft", "max_new_tokens"))
+def generate_padded(params: llama.Params, tokens_BxP, positions_BxP, segments_BxP, eos_ids_E, rng,
+                    temperature, top_p, pad_id, *, cfg: ModelConfig, peft: llama.PeftRuntime,
+                    max_new_tokens: int):
+  """New tokens B x max_new_tokens for left-padded prompts; pad_id after each sequence's eos."""
+  B, P = tokens_BxP.shape
+  cache = llama.init_cache(cfg, B, P + max_new_tokens)
+  logits, cache = llama.forward(params, cfg, tokens_BxP, positions_BxP, segments_BxP, cache=cache,
+                                peft=peft)
+  state = dict(step=jnp.zeros((), jnp.int32), logits=logits[:, -1], cache=cache,
+               position=positions_BxP[:, -1] + 1,  # the last slot is real in every row
+               out=jnp.full((B, max_new_tokens), pad_id, jnp.int32), done=jnp.zeros((B,), bool),
+               rng=rng)
+
+  def unfinished(s):
+    return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
+
+  def decode_step(s):
+    rng, key = jax.random.split(s["rng"])
+    token = jnp.where(s["done"], pad_id, next_token(s["logits"], key, temperature, top_p))
+    out = jax.lax.dynamic_update_slice_in_dim(s["out"], token[:, None], s["step"], axis=1)
+    logits, cache = llama.forward(params, cfg, token[:, None], s["position"][:, None],
+                                  jnp.ones((B, 1), jnp.int32), cache=s["cache"], peft=peft)
+    return dict(step=s["step"] + 1, logits=logits[:, 0], cache=cache, position=s["position"] + 1,
+                out=out, done=s["done"] | jnp.isin(token, eos_ids_E), rng=rng)
+
+  return jax.lax.while_loop(unfinished, decode_step, state)["out"]
+
+
+def check_options(max_new_tokens: int, temperature: float, top_p: float):
+  if max_new_tokens < 1:
+    raise ValueError(f"--max_new_tokens={max_new_tokens} must be >= 1")
+  if temperature < 0:
+    raise ValueError(f"--temperature={temperature} must be >= 0")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"--top_p={top_p} must be in (0, 1]")
+
+
+def generate(params: llama.Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
+             max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             eos_ids: Sequence[int] = (), pad_id: int = 0,
+             peft: llama.PeftRuntime = llama.PeftRuntime()) -> list[list[int]]:
+  """New token ids per prompt, each ending at (and including) its first eos id."""
+  check_options(max_new_tokens, temperature, top_p)
+  for i, ids in enumerate(prompts):
+    if not ids:
+      raise ValueError(f"prompt {i + 1} is empty (no tokens to condition on)")
+  tokens, positions, segments = left_pad(prompts, bucket_length(max(map(len, prompts))), pad_id)
+  # A fixed number of eos slots (-1 = none) keeps the shape, so the eos set never recompiles.
+  eos = np.full((max(8, len(set(eos_ids))),), -1, np.int32)
+  eos[:len(set(eos_ids))] = sorted(set(eos_ids))
+  out = generate_padded(params, tokens, positions, segments, eos, jax.random.key(seed),
+                        np.float32(temperature), np.float32(top_p), np.int32(pad_id), cfg=cfg,
+                        peft=peft, max_new_tokens=max_new_tokens)
+  result = []
+  for row in np.asarray(out).tolist():
+    ends = [j for j, t in enumerate(row) if t in eos_ids]
+    result.append(row[:ends[0] + 1] if ends else row)
+  return result

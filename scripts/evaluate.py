@@ -1,0 +1,44 @@
+r"""Loss and perplexity of a model (+ optional adapter) on a data file.
+
+  python scripts/evaluate.py --model MODEL [--adapter DIR] --data FILE.jsonl \
+      [--data_format text|instruction|chat] [--batch_size 8] [--max_len 0] \
+      [--instruction_template alpaca|chat]
+
+The LAST stdout line is one JSON object: {"loss", "perplexity", "tokens", "records"}.
+"""
+
+import json
+import sys
+
+from absl import app, flags
+
+from jaxtune import cli, evaluation
+from jaxtune.data import formats
+
+_MODEL = flags.DEFINE_string("model", None, "Hugging Face model folder or .gguf file.", required=True)
+_DATA = flags.DEFINE_string("data", None, "Data file (JSONL/JSON/CSV/parquet) or folder.", required=True)
+_FORMAT = flags.DEFINE_enum("data_format", "text", ["text", "instruction", "chat"], "Record format.")
+_ADAPTER = flags.DEFINE_string("adapter", None, "A train.py workdir or a PEFT adapter folder.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Records per batch.")
+_MAX_LEN = flags.DEFINE_integer("max_len", 0, "Cut records to this many tokens (0 = no limit).")
+_TEMPLATE = flags.DEFINE_enum(
+    "instruction_template", None, list(formats.INSTRUCTION_TEMPLATES),
+    "Prompt template of instruction records (default: chat if the tokenizer has one, else alpaca).")
+
+
+def log(message: str):
+  print(message, file=sys.stderr)
+
+
+@cli.exit_on_user_error
+def main(argv):
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+  result = evaluation.evaluate_path(
+      _MODEL.value, _DATA.value, _FORMAT.value, adapter=_ADAPTER.value, batch_size=_BATCH.value,
+      max_len=_MAX_LEN.value, instruction_template=_TEMPLATE.value, progress=True, log=log)
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)
