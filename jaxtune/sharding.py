@@ -99,6 +99,22 @@ def batch_divisor(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def put_global(tree, shardings):
+  """device_put onto (possibly multi-process) shardings.
+
+  A process-local array (e.g. LoRA init or an RNG key computed identically on every host) goes
+  through host memory: jax 0.10's device_put of a committed single-device array onto a sharding
+  spanning other processes' devices builds an array whose shards cannot be read (Orbax fails).
+  """
+  def put(x, s):
+    if jax.process_count() > 1 and isinstance(x, jax.Array) and x.is_fully_addressable:
+      x = np.asarray(x)
+    return jax.device_put(x, s)
+  if isinstance(shardings, NamedSharding):
+    return jax.tree.map(lambda x: put(x, shardings), tree)
+  return jax.tree.map(put, tree, shardings)
+
+
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Builds global arrays from each process's rows of the global batch."""
   sharding = batch_sharding(mesh)

@@ -69,8 +69,8 @@ def build_model(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
   params = methods.add_peft(params, model_cfg, config.peft, peft_rng, param_dtype)
   params = objectives.add_params(config, params, model_cfg, param_dtype)
   trainable, frozen = partition.split(params, config.peft.method)
-  trainable = jax.device_put(trainable, sharding.param_shardings(trainable, mesh))
-  frozen = jax.device_put(frozen, sharding.param_shardings(frozen, mesh))
+  trainable = sharding.put_global(trainable, sharding.param_shardings(trainable, mesh))
+  frozen = sharding.put_global(frozen, sharding.param_shardings(frozen, mesh))
   return dict(model_cfg=model_cfg, trainable=trainable, frozen=frozen,
               peft=methods.peft_runtime(config.peft))
 
@@ -185,7 +185,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=None, load=
                    batch=sharding.batch_sharding(mesh), replicated=sharding.replicated(mesh))
   shardings["opt_state"] = opt_state_shardings(optimizer, trainable, tr_sh, mesh)
   opt_state = jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(trainable)
-  rng = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 2), shardings["replicated"])
+  rng = sharding.put_global(jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 2), shardings["replicated"])
   spec = StepSpec(model=model["model_cfg"], peft=model["peft"], compute_dtype=config.precision.compute_dtype,
                   remat=config.train.remat, grad_accum=config.train.grad_accum)
   step_fn, eval_fn = make_step_fns(config, spec, optimizer, shardings, loss_sums)
