@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxtune import checkpoint
+from jaxtune import checkpoint, objectives
 from jaxtune.models import llama, loading
 from jaxtune.models.config import ModelConfig
 from jaxtune.optimizer import build_optimizer
@@ -31,6 +31,7 @@ def load_adapter_from_workdir(params: llama.Params, cfg: ModelConfig, workdir: s
   config = read_config(workdir)
   dtype = jnp.dtype(config.precision.param_dtype)
   params = methods.add_peft(params, cfg, config.peft, jax.random.PRNGKey(0), dtype)
+  params = objectives.add_params(config, params, cfg, dtype)  # e.g. a reward model's head
   trainable, frozen = partition.split(params, config.peft.method)
   manager = checkpoint.make_manager(workdir, async_save=False)
   step = manager.latest_step()

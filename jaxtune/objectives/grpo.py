@@ -1,0 +1,314 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath): RL from a reward with on-policy generation, on the shared step.
+
+Each round takes train.batch_size / G prompts, samples G completions per prompt with the KV-cache
+generator, scores them (a Python function named by grpo.reward_fn, or a trained reward model),
+normalises the rewards within each group (advantage = (r - mean) / (std + 1e-4)) and takes
+grpo.updates_per_batch optimizer steps on the clipped policy-ratio objective plus kl_coef times the
+k3 estimate of KL(policy || reference); the reference is the adapter switched off with PEFT, a
+frozen copy of the initial weights for full fine-tuning. Steps count optimizer updates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import json
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxtune import checkpoint, inference, sampling, sharding, trainer
+from jaxtune.config_checks import ConfigError, field_map
+from jaxtune.data import formats, pipeline
+from jaxtune.data.sources import DataError
+from jaxtune.metrics_log import MetricsLog
+from jaxtune.models import llama
+from jaxtune.objectives import dpo
+from jaxtune.peft import partition
+from jaxtune.train_step import Batch, StepSpec, forward_logits
+
+RewardFn = Callable[[Sequence[Any], Sequence[str]], Sequence[float]]
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def token_logps(params, spec: StepSpec, batch: Batch, rng=None):
+  """log p(target token) per position, B x T float32."""
+  return -llama.token_nll(forward_logits(params, spec, batch, rng), batch["targets"])
+
+
+token_logps_jit = jax.jit(token_logps, static_argnames=("spec",))
+
+
+def grpo_loss_sums(params, spec: StepSpec, batch: Batch, rng=None, *, clip_eps: float = 0.2,
+                   kl_coef: float = 0.04):
+  """(sum over completions of their mean per-token loss, number of completions, metrics).
+
+  batch: the completion rows (weights mark completion tokens), "advantages" (B,), "ref_logp" (B x T)
+  and, when the batch is reused for several updates, "old_logp" (B x T) of the sampling policy.
+  """
+  logp_BxT = token_logps(params, spec, batch, rng)
+  old_BxT = batch["old_logp"] if "old_logp" in batch else jax.lax.stop_gradient(logp_BxT)
+  weights_BxT = batch["weights"].astype(jnp.float32)
+  ratio_BxT = jnp.exp(logp_BxT - old_BxT)
+  adv_Bx1 = batch["advantages"][:, None]
+  policy_BxT = -jnp.minimum(ratio_BxT * adv_Bx1, jnp.clip(ratio_BxT, 1 - clip_eps, 1 + clip_eps) * adv_Bx1)
+  log_ref_ratio_BxT = batch["ref_logp"] - logp_BxT
+  kl_BxT = jnp.exp(log_ref_ratio_BxT) - log_ref_ratio_BxT - 1  # k3: unbiased, always >= 0
+  ntok_B = jnp.sum(weights_BxT, axis=-1)
+  per_seq_B = jnp.sum((policy_BxT + kl_coef * kl_BxT) * weights_BxT, axis=-1) / jnp.maximum(ntok_B, 1.0)
+  valid_B = (ntok_B > 0).astype(jnp.float32)
+  tokens = jnp.maximum(jnp.sum(weights_BxT), 1.0)
+  clipped = (jnp.abs(ratio_BxT - 1) > clip_eps).astype(jnp.float32)
+  metrics = {"kl": jnp.sum(jax.lax.stop_gradient(kl_BxT) * weights_BxT) / tokens,
+             "clip_fraction": jnp.sum(clipped * weights_BxT) / tokens}
+  return jnp.sum(per_seq_B * valid_B), jnp.sum(valid_B), metrics
+
+
+def group_advantages(rewards_B: np.ndarray, group_size: int) -> np.ndarray:
+  """(r - group mean) / (group std + 1e-4); rows are grouped consecutively, G per prompt."""
+  r = np.asarray(rewards_B, np.float32).reshape(-1, group_size)
+  return ((r - r.mean(1, keepdims=True)) / (r.std(1, keepdims=True) + 1e-4)).reshape(-1)
+
+
+# ----------------------------------------------------------------------------- prompts and completions
+
+
+@dataclasses.dataclass
+class Prompts:
+  given: list[Any]  # each prompt as the data gives it (text or messages): what the reward function sees
+  ids: list[list[int]]
+
+  @property
+  def stats(self) -> pipeline.DataStats:
+    n, tokens = len(self.ids), sum(map(len, self.ids))
+    return pipeline.DataStats(records=n, kept=n, rows=n, tokens=tokens, rows_tokens=tokens)
+
+  def index(self) -> pipeline.PackedDataset:
+    """A one-column dataset of prompt indices, so BatchIterator gives a seeded, resumable order."""
+    return pipeline.PackedDataset({"index": np.arange(len(self.ids))}, 0, pipeline.DataStats())
+
+
+def prompt_of(record: dict, template: str):
+  """The record's prompt: "prompt" (text or messages), else "instruction" (+ optional "context")."""
+  if not isinstance(record, dict):
+    raise formats.RecordError(f"record is a {type(record).__name__}, expected a JSON object")
+  if "prompt" in record and record["prompt"]:
+    return record["prompt"]
+  if record.get("instruction"):
+    if template == "chat":
+      return formats.instruction_messages(record["instruction"], record.get("context"))
+    return formats.alpaca_prompt(record["instruction"], record.get("context"))
+  raise formats.RecordError("needs a non-empty field 'prompt' (or 'instruction')")
+
+
+def encode_prompt(prompt, tokenizer, template: str) -> list[int]:
+  if isinstance(prompt, list) or template == "chat":
+    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+  return list(tokenizer(prompt)["input_ids"])
+
+
+def encode_prompts(records, tokenizer, template: str, max_len: int) -> Prompts:
+  given, ids = [], []
+  for record, origin in zip(records.records, records.origins):
+    try:
+      prompt = prompt_of(record, template)
+      encoded = encode_prompt(prompt, tokenizer, template)
+    except formats.RecordError as e:
+      raise DataError(f"{origin}: {e}") from None
+    if len(encoded) > max_len:
+      raise DataError(f"{origin}: the prompt has {len(encoded)} tokens, more than data.seq_len - "
+                      f"grpo.max_new_tokens = {max_len}")
+    given.append(prompt)
+    ids.append(encoded)
+  if not ids:
+    raise DataError("no prompts in the data")
+  return Prompts(given, ids)
+
+
+def load_prompts(config: ml_collections.ConfigDict, tokenizer) -> tuple[Prompts, Prompts | None]:
+  """(train prompts, eval prompts or None): trainer.setup's `load` for GRPO."""
+  train, evald = pipeline.load_splits(config.data.train, config.data.eval or None,
+                                      eval_fraction=config.data.eval_fraction, seed=config.train.seed,
+                                      field_map=field_map(config.data.field_map), lenient=config.data.lenient)
+  template = trainer.instruction_template(config, tokenizer)
+  max_len = config.data.seq_len - config.grpo.max_new_tokens
+  return (encode_prompts(train, tokenizer, template, max_len),
+          encode_prompts(evald, tokenizer, template, max_len) if evald is not None and len(evald) else None)
+
+
+def completion_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                     seq_len: int) -> dict[str, np.ndarray]:
+  """Rows prompt + completion in the batch contract; only completion tokens are targets."""
+  B = len(prompts)
+  out = {k: np.zeros((B, seq_len), np.int32) for k in ("inputs", "targets", "positions", "segment_ids")}
+  out["weights"] = np.zeros((B, seq_len), np.float32)
+  for row, (p, c) in enumerate(zip(prompts, completions)):
+    ids = list(p) + list(c)
+    n = len(ids) - 1
+    out["inputs"][row, :n], out["targets"][row, :n] = ids[:-1], ids[1:]
+    out["positions"][row, :n], out["segment_ids"][row, :n] = np.arange(n), 1
+    out["weights"][row, len(p) - 1:n] = 1.0
+  return out
+
+
+# ----------------------------------------------------------------------------- rewards
+
+
+def load_reward_fn(path: str) -> RewardFn:
+  """"package.module:function" -> the function."""
+  module, _, name = path.partition(":")
+  try:
+    return getattr(importlib.import_module(module), name)
+  except (ImportError, AttributeError) as e:
+    raise ConfigError("grpo.reward_fn", f"{path!r} cannot be loaded: {e}") from None
+
+
+def reward_model_fn(workdir_path: str) -> RewardFn:
+  """A trained reward model (an objective=reward workdir) as a reward function over texts."""
+  from jaxtune import workdir
+  from jaxtune.data.packing import pack
+  from jaxtune.evaluation import bucket_length
+  from jaxtune.objectives import reward
+  config, cfg, params, peft, tokenizer = workdir.load_trained(workdir_path)
+  if config["objective"] != "reward":
+    raise ConfigError("grpo.reward_model", f"{workdir_path} is an objective={config['objective']} run, "
+                      "not a reward model")
+  template = trainer.instruction_template(ml_collections.ConfigDict(config), tokenizer)
+  style = "chat" if template == "chat" else "raw"  # as formats.encode_preference renders pairs
+  score = jax.jit(lambda p, tokens, positions, segments: reward.rewards(p, cfg, tokens, positions, segments,
+                                                                       peft=peft))
+
+  def fn(prompts, completions):
+    encoded = [formats.encode_prompt_response(p, c, tokenizer, template=style)
+               for p, c in zip(prompts, completions)]
+    rows = pack(encoded, bucket_length(max(len(e.ids) for e in encoded)), False)
+    return np.asarray(score(params, rows["inputs"], rows["positions"], rows["segment_ids"])).tolist()
+
+  return fn
+
+
+def reward_fn_of(g: ml_collections.ConfigDict) -> RewardFn:
+  return load_reward_fn(g.reward_fn) if g.reward_fn else reward_model_fn(g.reward_model)
+
+
+def score(fn: RewardFn, prompts: Sequence[Any], texts: Sequence[str]) -> np.ndarray:
+  values = np.asarray(fn(list(prompts), list(texts)), np.float32).reshape(-1)
+  if values.shape[0] != len(texts) or not np.all(np.isfinite(values)):
+    raise ValueError(f"the GRPO reward function returned {values.shape[0]} values (finite: "
+                     f"{bool(np.all(np.isfinite(values)))}) for {len(texts)} completions")
+  return values
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def sample_round(params, spec: StepSpec, tokenizer, prompts: Prompts, index: Sequence[int], group: int,
+                 g: ml_collections.ConfigDict, seed: int, fn: RewardFn, temperature: float):
+  """(prompt ids per completion, completion ids, rewards) for `group` samples of each indexed prompt."""
+  prompt_ids = [prompts.ids[i] for i in index for _ in range(group)]
+  eos = inference.eos_ids(spec.model, tokenizer)
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+  completions = sampling.generate(params, spec.model, prompt_ids, max_new_tokens=g.max_new_tokens,
+                                  temperature=temperature, top_p=g.top_p, seed=seed, eos_ids=eos, pad_id=pad,
+                                  peft=spec.peft)
+  texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+  rewards = score(fn, [prompts.given[i] for i in index for _ in range(group)], texts)
+  return prompt_ids, completions, rewards
+
+
+def reference_params(config: ml_collections.ConfigDict, trainable: dict, frozen: dict) -> llama.Params:
+  """The adapter switched off (PEFT: no copy), or a copy of the initial weights (full fine-tuning)."""
+  if config.peft.method == "full":
+    return partition.merge(jax.tree.map(jnp.copy, trainable), frozen)
+  return dpo.base_params(partition.merge({}, frozen))
+
+
+def evaluate_rewards(params, spec, tokenizer, prompts: Prompts, config, fn: RewardFn) -> dict[str, float]:
+  """Mean reward of greedy completions of the eval prompts (train.eval_batches caps the batches)."""
+  size, values = config.train.batch_size, []
+  for b, start in enumerate(range(0, len(prompts.ids), size)):
+    if config.train.eval_batches and b >= config.train.eval_batches:
+      break
+    index = range(start, min(start + size, len(prompts.ids)))
+    values.append(sample_round(params, spec, tokenizer, prompts, index, 1, config.grpo, 0, fn, 0.0)[2])
+  return {"eval_reward_mean": float(np.mean(np.concatenate(values)))}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> list[dict]:
+  """Trains (or resumes) to config.train.steps optimizer updates; returns the logged rows."""
+  if jax.process_count() > 1:
+    raise NotImplementedError("objective=grpo runs on one process for now (generation is not multi-host)")
+  r = trainer.setup(config, workdir, load=load_prompts)
+  g, spec, mesh, tokenizer = config.grpo, r.spec, r.mesh, r.tokenizer
+  trainer.write_json(os.path.join(workdir, "params.json"), r.counts)
+  trainer.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+  fn = reward_fn_of(g)
+  trainable, frozen, opt_state, rng = r.trainable, r.frozen, r.opt_state, r.rng
+  reference = reference_params(config, trainable, frozen)  # before a step donates the initial weights
+  batches = pipeline.BatchIterator(r.train_data.index(), config.train.batch_size // g.group_size,
+                                   config.train.seed)
+  manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
+  step = manager.latest_step() or 0
+  if step:
+    state, meta = checkpoint.restore(manager, step, {"trainable": trainable, "opt_state": opt_state, "rng": rng})
+    trainable, opt_state, rng = state["trainable"], state["opt_state"], state["rng"]
+    batches.restore(meta["data"])
+    print(f"resumed from {checkpoint.checkpoint_dir(workdir)}/{step}", flush=True)
+  log, rows = MetricsLog(workdir), []
+  last = min(config.train.steps, stop_after) if stop_after else config.train.steps
+  window_start, window_tokens = time.perf_counter(), 0
+  while step < last:
+    params = partition.merge(trainable, frozen)
+    round_seed = config.train.seed * 1_000_003 + step
+    prompt_ids, completions, rewards = sample_round(params, spec, tokenizer, r.train_data, batches.next()["index"],
+                                                    g.group_size, g, round_seed, fn, g.temperature)
+    local = completion_batch(prompt_ids, completions, config.data.seq_len)
+    local["advantages"] = group_advantages(rewards, g.group_size)
+    batch = sharding.global_batch(local, mesh)
+    batch["ref_logp"] = token_logps_jit(reference, spec, batch)
+    if g.updates_per_batch > 1:  # the sampling policy's log-probs, for the ratio after the first update
+      batch["old_logp"] = token_logps_jit(params, spec, batch)
+    sampled = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+               "completion_length": float(np.mean([len(c) for c in completions]))}
+    for _ in range(min(g.updates_per_batch, last - step)):
+      step += 1
+      window_tokens += int(np.count_nonzero(local["segment_ids"]))
+      trainable, opt_state, metrics = r.step_fn(trainable, frozen, opt_state, batch, jax.random.fold_in(rng, step))
+      if step % config.train.log_every and step != last:
+        continue
+      m = jax.device_get(metrics)
+      if not m["finite"]:
+        raise FloatingPointError(f"non-finite GRPO loss or gradients at step {step}")
+      elapsed = time.perf_counter() - window_start
+      row = {"step": step, "loss": float(m["loss"]), "learning_rate": float(r.schedule(step - 1)),
+             "tokens_per_sec": window_tokens / max(elapsed, 1e-9),
+             "grad_norm": float(m["grad_norm"]), "kl": float(m["kl"]), "clip_fraction": float(m["clip_fraction"]),
+             **sampled}
+      if r.eval_data is not None and config.train.eval_every and step % config.train.eval_every == 0:
+        row.update(evaluate_rewards(partition.merge(trainable, frozen), spec, tokenizer, r.eval_data, config, fn))
+      log.write(row)
+      rows.append(row)
+      print(" ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
+      window_start, window_tokens = time.perf_counter(), 0
+    if step == last or (config.train.checkpoint_every and step % config.train.checkpoint_every < g.updates_per_batch):
+      checkpoint.save(manager, step, {"trainable": trainable, "opt_state": opt_state, "rng": rng},
+                      {"data": batches.state()})
+  evaluated_last = config.train.eval_every and last % config.train.eval_every == 0
+  if r.eval_data is not None and last == config.train.steps and not evaluated_last:
+    row = {"step": last, **evaluate_rewards(partition.merge(trainable, frozen), spec, tokenizer, r.eval_data,
+                                            config, fn)}
+    log.write(row)
+    rows.append(row)
+  manager.wait_until_finished()
+  log.close()
+  return rows

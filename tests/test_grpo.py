@@ -1,0 +1,105 @@
+"""GRPO: the loss equals the GRPO formula on transformers' log-probs, rows mark only completion tokens,
+advantages are group-normalised, a trained reward model scores as the reward head does, and a LoRA
+run raises the mean reward of a programmatic reward while its KL to the reference stays bounded."""
+
+import os
+
+import numpy as np
+import pytest
+
+from jaxtune import trainer
+from jaxtune.data import pipeline
+from jaxtune.models import loading
+from jaxtune.objectives import grpo, reward
+from jaxtune.train_step import StepSpec
+from train_helpers import tiny_config
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "jaxtune", "data", "preference_demo")
+DIGITS = "jaxtune.objectives.toy_rewards:digit_fraction"
+
+
+@pytest.fixture(scope="module")
+def peaked_model(tmp_path_factory):
+  """A tiny model whose output distribution is not flat (lm_head x 20), so LoRA can move it."""
+  import torch
+  from hf_tiny import build_hf_model, save_byte_tokenizer
+  folder = str(tmp_path_factory.mktemp("grpo_model"))
+  model = build_hf_model("llama_untied")
+  with torch.no_grad():
+    model.lm_head.weight.mul_(20.0)
+  model.save_pretrained(folder)
+  save_byte_tokenizer(folder)
+  return folder, model
+
+
+def test_group_advantages_and_completion_rows():
+  adv = grpo.group_advantages(np.array([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0]), 4)
+  np.testing.assert_allclose(adv[:4], np.array([0.5, -0.5, -0.5, 0.5]) / (0.5 + 1e-4), rtol=1e-6)
+  np.testing.assert_allclose(adv[4:], 0.0)
+  rows = grpo.completion_batch([[5, 6, 7], [8]], [[9, 10], [11, 12, 13]], 8)
+  np.testing.assert_array_equal(rows["inputs"][0, :4], [5, 6, 7, 9])
+  np.testing.assert_array_equal(rows["targets"][0, :4], [6, 7, 9, 10])
+  np.testing.assert_array_equal(rows["weights"][0], [0, 0, 1, 1, 0, 0, 0, 0])  # targets 9, 10 only
+  np.testing.assert_array_equal(rows["weights"][1], [1, 1, 1, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(rows["segment_ids"][1], [1, 1, 1, 0, 0, 0, 0, 0])
+
+
+def test_grpo_loss_equals_the_formula_on_transformers_logprobs(peaked_model):
+  import torch
+  folder, hf = peaked_model
+  cfg, params = loading.load_model(folder)
+  rng = np.random.default_rng(0)
+  batch = grpo.completion_batch([list(rng.integers(3, 256, 5)) for _ in range(4)],
+                                [list(rng.integers(3, 256, n)) for n in (2, 6, 4, 1)], 16)
+  batch["advantages"] = np.array([1.5, -0.5, 0.7, -1.7], np.float32)
+  logp = np.asarray(grpo.token_logps(params, StepSpec(model=cfg), batch))
+  batch["old_logp"] = (logp + rng.normal(0, 0.3, logp.shape)).astype(np.float32)  # ratios both sides of the clip
+  batch["ref_logp"] = (logp + rng.normal(0, 0.5, logp.shape)).astype(np.float32)
+  eps, beta = 0.2, 0.3
+  total, count, metrics = grpo.grpo_loss_sums(params, StepSpec(model=cfg), batch, clip_eps=eps, kl_coef=beta)
+
+  with torch.no_grad():
+    logits = hf(input_ids=torch.tensor(batch["inputs"], dtype=torch.long),
+                attention_mask=torch.tensor(batch["segment_ids"] != 0, dtype=torch.long)).logits.double()
+  logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(batch["targets"], dtype=torch.long)[..., None])[..., 0]
+  w, adv = torch.tensor(batch["weights"], dtype=torch.float64), torch.tensor(batch["advantages"], dtype=torch.float64)[:, None]
+  ratio = torch.exp(logp - torch.tensor(batch["old_logp"], dtype=torch.float64))
+  policy = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps, 1 + eps) * adv)
+  d = torch.tensor(batch["ref_logp"], dtype=torch.float64) - logp
+  per_token = policy + beta * (torch.exp(d) - d - 1)
+  expected = ((per_token * w).sum(-1) / w.sum(-1)).mean().item()  # GRPO: mean over tokens, then over samples
+  assert float(count) == 4
+  assert abs(float(total) / float(count) - expected) < 1e-4, (float(total) / 4, expected)
+  assert 0 < float(metrics["clip_fraction"]) < 1
+
+
+def test_reward_model_scores_completions_like_the_head(tiny_setup, tmp_path):
+  model, _ = tiny_setup
+  config = tiny_config(model, os.path.join(DATA, "train.jsonl"), **{
+      "objective": "reward", "data.format": "preference", "data.seq_len": 96, "train.steps": 3})
+  trainer.run(config, str(tmp_path))
+  fn = grpo.reward_model_fn(str(tmp_path))
+  prompts, texts = ["What is 2 plus 3?", "Add 1 and 1."], ["Happy to help! It is 5.", "Ugh. 7."]
+  from jaxtune import workdir
+  _, cfg, params, peft, tok = workdir.load_trained(str(tmp_path))
+  records = pipeline.Records([{"prompt": p, "chosen": t, "rejected": t} for p, t in zip(prompts, texts)], ["a:1", "a:2"], [])
+  rows = pipeline.build_dataset(records, "preference", tok, 96, template="chat").arrays
+  expected = reward.rewards(params, cfg, rows["chosen_inputs"], rows["chosen_positions"], rows["chosen_segment_ids"],
+                            peft=peft)
+  np.testing.assert_allclose(fn(prompts, texts), expected, atol=1e-5)
+  assert abs(float(expected[0] - expected[1])) > 1e-6  # the trained head does tell them apart
+
+
+def test_grpo_lora_raises_reward_and_kl_stays_bounded(peaked_model, tmp_path):
+  folder, _ = peaked_model
+  config = tiny_config(folder, os.path.join(DATA, "train.jsonl"), **{
+      "objective": "grpo", "data.format": "preference", "data.seq_len": 64, "train.steps": 16,
+      "train.batch_size": 16, "grpo.group_size": 4, "grpo.max_new_tokens": 8, "grpo.reward_fn": DIGITS,
+      "grpo.kl_coef": 0.2, "optimizer.learning_rate": 3e-3, "train.checkpoint_every": 8})
+  rows = trainer.run(config, str(tmp_path))
+  rewards, kls = [r["reward_mean"] for r in rows], [r["kl"] for r in rows]
+  assert [r["step"] for r in rows] == list(range(1, 17))
+  assert kls[0] == 0.0  # the first completions come from the reference itself (LoRA B = 0)
+  early, late = np.mean(rewards[:3]), np.mean(rewards[-4:])
+  assert late > early + 0.2 and late > 3 * early, rewards
+  assert max(kls) < 5.0, kls
