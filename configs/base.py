@@ -54,6 +54,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 3
   c.train.remat = False
+  c.train.skip_nonfinite = False  # True: a step with a non-finite loss/gradient is not applied (counted)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"  # adamw | adafactor | sgd

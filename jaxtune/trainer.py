@@ -9,6 +9,8 @@ import dataclasses
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -100,10 +102,19 @@ def write_json(path: str | epath.Path, obj: Any) -> None:
   tmp.replace(path)
 
 
+def skipping_nonfinite(trainable, frozen, opt_state, batch, rng, **kwargs):
+  """train_step, but a non-finite loss or gradient leaves the params and optimizer state as they were."""
+  new_trainable, new_opt_state, metrics = train_step(trainable, frozen, opt_state, batch, rng, **kwargs)
+  def keep_if_finite(new, old):
+    return jax.tree.map(lambda n, o: jnp.where(metrics["finite"] > 0, n, o), new, old)
+  return keep_if_finite(new_trainable, trainable), keep_if_finite(new_opt_state, opt_state), metrics
+
+
 def make_step_fns(config, spec: StepSpec, optimizer, shardings: dict[str, Any], loss_sums=lm_loss_sums):
   """jit(train_step) and jit(eval_step) with explicit in/out shardings and donation."""
   tr, fr, opt, batch, rep = (shardings[k] for k in ("trainable", "frozen", "opt_state", "batch", "replicated"))
-  step = jax.jit(functools.partial(train_step, spec=spec, optimizer=optimizer, loss_sums=loss_sums),
+  fn = skipping_nonfinite if config.train.skip_nonfinite else train_step
+  step = jax.jit(functools.partial(fn, spec=spec, optimizer=optimizer, loss_sums=loss_sums),
                  in_shardings=(tr, fr, opt, batch, rep), out_shardings=(tr, opt, rep),
                  donate_argnums=(0, 2))
   evaluate = jax.jit(functools.partial(eval_step, spec=spec, loss_sums=loss_sums),
@@ -196,73 +207,183 @@ def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=None, load=
              counts=counts, spec=spec, tokenizer=tokenizer)
 
 
+class TrainingInterrupted(Exception):
+  """SIGTERM/SIGINT stopped training after a checkpoint at `step` was saved; rerunning resumes."""
+
+  def __init__(self, signum: int, step: int, newest: str | None):
+    saved = f"checkpoint {newest}" if newest else "no checkpoint yet"
+    super().__init__(f"{signal.Signals(signum).name}: stopped after step {step} ({saved}); "
+                     "run the same command again to resume")
+    self.exit_code = 128 + signum  # the shell's "ended by this signal": the run has not finished
+
+
+class StopSignals:
+  """While active, SIGTERM (what a TPU preemption sends) and SIGINT (Ctrl-C) only note the signal;
+  the loop then saves and stops at the next step boundary. A second signal gets the previous
+  handler back (Ctrl-C twice aborts at once)."""
+
+  def __init__(self):
+    self.signum, self._previous = None, {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():  # Python sets handlers only there
+      self._previous = {s: signal.signal(s, self._note) for s in (signal.SIGTERM, signal.SIGINT)}
+    return self
+
+  def _note(self, signum, frame):
+    del frame  # no printing here: the main thread may be inside a write to the same stream
+    self.signum = signum
+    self.__exit__()
+
+  def __exit__(self, *exc):
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
+    self._previous = {}
+
+  def requested(self) -> bool:
+    """Whether any process got a signal: all processes must stop (and save) at the same step."""
+    if jax.process_count() == 1:
+      return self.signum is not None
+    from jax.experimental import multihost_utils
+    return bool(np.max(multihost_utils.process_allgather(np.int32(self.signum is not None))))
+
+
+def trim_metrics(workdir: str, step: int) -> None:
+  """Drops metrics rows after `step` (and a line torn by a kill): the resumed run logs them again."""
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return
+  lines = path.read_text().splitlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line).get("step", 0) <= step:
+        keep.append(line)
+    except json.JSONDecodeError:
+      pass
+  if len(keep) != len(lines):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
         loss_sums=None) -> list[dict]:
-  """Trains (or resumes) to config.train.steps; returns the logged metric rows of this invocation."""
+  """Trains (or resumes) to config.train.steps; returns the logged metric rows of this invocation.
+
+  Raises FloatingPointError at a non-finite step (unless train.skip_nonfinite) and
+  TrainingInterrupted after SIGTERM/SIGINT, both once the newest good checkpoint is complete.
+  """
   if config.objective == "grpo":  # generation between steps: its own loop over the same set-up
     from jaxtune.objectives import grpo
     return grpo.run(config, workdir, stop_after=stop_after)
+  with StopSignals() as stop:
+    return _train(config, workdir, stop, stop_after, loss_sums)
+
+
+def _train(config, workdir: str, stop: StopSignals, stop_after: int | None, loss_sums) -> list[dict]:
   r = setup(config, workdir, loss_sums)
   is_main = jax.process_index() == 0
-  if is_main:
-    write_json(os.path.join(workdir, "params.json"), r.counts)
-    write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
   mesh, steps = r.mesh, config.train.steps
   trainable, frozen, opt_state, rng = r.trainable, r.frozen, r.opt_state, r.rng
   eval_data, eval_fn, step_fn = r.eval_data, r.eval_fn, r.step_fn
   batches = pipeline.BatchIterator(r.train_data, config.train.batch_size, config.train.seed,
                                    jax.process_index(), jax.process_count())
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
-  start = manager.latest_step() or 0
+  start = manager.latest_step() or 0  # only complete checkpoints: Orbax renames a save when done
+  skipped = 0  # non-finite steps skipped (train.skip_nonfinite), over the whole run
   if start:
     state, meta = checkpoint.restore(manager, start, {"trainable": trainable, "opt_state": opt_state, "rng": rng})
     trainable, opt_state, rng = state["trainable"], state["opt_state"], state["rng"]
     batches.restore(meta["data"])
+    skipped = meta.get("skipped_steps", 0)
     if is_main:
       print(f"resumed from {checkpoint.checkpoint_dir(workdir)}/{start}", flush=True)
+  if is_main:  # only now: a checkpoint that does not fit has left the workdir untouched
+    write_json(os.path.join(workdir, "params.json"), r.counts)
+    write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+    trim_metrics(workdir, start)
+
+  saved = start
+
+  def save(step):
+    nonlocal saved
+    saved = step
+    checkpoint.save(manager, step, {"trainable": trainable, "opt_state": opt_state, "rng": rng},
+                    {"data": batches.state(), "skipped_steps": skipped})
 
   log = MetricsLog(workdir, enabled=is_main)
-  rows, pending, window_tokens, window_start = [], [], 0, None
+  rows, pending, window_tokens, window_start, checked = [], [], 0, None, start
   last = min(steps, stop_after) if stop_after else steps
   bar = tqdm.tqdm(total=steps, initial=start, desc="train", disable=not is_main, dynamic_ncols=True)
-  for step in range(start + 1, last + 1):
-    local = batches.next()
-    window_tokens += int(np.count_nonzero(local["segment_ids" if "segment_ids" in local else "chosen_segment_ids"]))
-    trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, sharding.global_batch(local, mesh),
-                                            jax.random.fold_in(rng, step))
-    pending.append(metrics)
-    if window_start is None:  # the first step compiles: time from its end
-      jax.block_until_ready(metrics)
-      window_start, window_tokens = time.perf_counter(), 0
-    if step % config.train.log_every == 0 or step == last:
-      fetched = jax.device_get(pending)
-      if not all(m["finite"] for m in fetched):
-        bad = start + 1 + next(i for i, m in enumerate(fetched) if not m["finite"])
-        raise FloatingPointError(f"non-finite loss or gradients near step {bad}; the last good "
-                                 f"checkpoint is {manager.latest_step()} (lower optimizer.learning_rate?)")
-      elapsed = time.perf_counter() - window_start
-      row = {"step": step, "loss": float(fetched[-1]["loss"]), "learning_rate": float(r.schedule(step - 1)),
-             "tokens_per_sec": window_tokens / elapsed if elapsed > 0 and window_tokens else 0.0,
-             "grad_norm": float(fetched[-1]["grad_norm"])}
-      row.update({k: float(v) for k, v in fetched[-1].items() if k not in ("loss", "grad_norm", "finite", "tokens")})
-      pending, window_tokens, window_start = [], 0, time.perf_counter()
-      if eval_data is not None and config.train.eval_every and step % config.train.eval_every == 0:
-        row.update(evaluate_dataset(eval_fn, trainable, frozen, eval_data, config.train.batch_size, mesh,
-                                    config.train.eval_batches))
+  try:
+    for step in range(start + 1, last + 1):
+      if stop.requested():
+        if saved < step - 1:
+          if checked < step - 1:  # only finite steps may be saved
+            pending, skipped = _check_finite(pending, checked, skipped, config, manager)
+          save(step - 1)
+        raise TrainingInterrupted(stop.signum or signal.SIGTERM, step - 1, _newest(manager))
+      local = batches.next()
+      window_tokens += int(np.count_nonzero(local["segment_ids" if "segment_ids" in local else "chosen_segment_ids"]))
+      trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, sharding.global_batch(local, mesh),
+                                              jax.random.fold_in(rng, step))
+      pending.append((step, metrics))
+      if window_start is None:  # the first step compiles: time from its end
+        jax.block_until_ready(metrics)
+        window_start, window_tokens = time.perf_counter(), 0
+      is_log = step % config.train.log_every == 0 or step == last
+      is_save = step == last or (config.train.checkpoint_every and step % config.train.checkpoint_every == 0)
+      if is_log or is_save:
+        pending, skipped = _check_finite(pending, checked, skipped, config, manager)
+        checked = step
+      if is_log:
+        fetched = pending[-1][1]
+        elapsed = time.perf_counter() - window_start
+        row = {"step": step, "loss": float(fetched["loss"]), "learning_rate": float(r.schedule(step - 1)),
+               "tokens_per_sec": window_tokens / elapsed if elapsed > 0 and window_tokens else 0.0,
+               "grad_norm": float(fetched["grad_norm"])}
+        row.update({k: float(v) for k, v in fetched.items() if k not in ("loss", "grad_norm", "finite", "tokens")})
+        if config.train.skip_nonfinite:
+          row["skipped_steps"] = skipped
+        pending, window_tokens, window_start = [], 0, time.perf_counter()
+        if eval_data is not None and config.train.eval_every and step % config.train.eval_every == 0:
+          row.update(evaluate_dataset(eval_fn, trainable, frozen, eval_data, config.train.batch_size, mesh,
+                                      config.train.eval_batches))
+        log.write(row)
+        rows.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:.0f}")
+      bar.update(1)
+      if is_save:
+        save(step)
+    evaluated_last = config.train.eval_every and last % config.train.eval_every == 0
+    if eval_data is not None and last == steps and not evaluated_last:
+      row = {"step": last, **evaluate_dataset(eval_fn, trainable, frozen, eval_data, config.train.batch_size,
+                                              mesh, config.train.eval_batches)}
       log.write(row)
       rows.append(row)
-      bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:.0f}")
-    bar.update(1)
-    if step == last or (config.train.checkpoint_every and step % config.train.checkpoint_every == 0):
-      checkpoint.save(manager, step, {"trainable": trainable, "opt_state": opt_state, "rng": rng},
-                      {"data": batches.state()})
-  bar.close()
-  evaluated_last = config.train.eval_every and last % config.train.eval_every == 0
-  if eval_data is not None and last == steps and not evaluated_last:
-    row = {"step": last, **evaluate_dataset(eval_fn, trainable, frozen, eval_data, config.train.batch_size,
-                                            mesh, config.train.eval_batches)}
-    log.write(row)
-    rows.append(row)
-  manager.wait_until_finished()
-  log.close()
+  finally:  # also on errors and signals: the newest checkpoint is complete before we leave
+    bar.close()
+    manager.wait_until_finished()
+    log.close()
   return rows
+
+
+def _newest(manager) -> str | None:
+  step = manager.latest_step()
+  return None if step is None else f"{manager.directory}/{step}"
+
+
+def _check_finite(pending, checked: int, skipped: int, config, manager):
+  """Fetches the pending (step, metrics); a non-finite step stops the run unless train.skip_nonfinite
+  (then it was not applied, and is counted). Returns (pending on the host, skipped)."""
+  fetched = jax.device_get([m for _, m in pending])
+  pending = [(s, m) for (s, _), m in zip(pending, fetched)]
+  bad = [s for s, m in pending if s > checked and not m["finite"]]
+  if bad and not config.train.skip_nonfinite:
+    manager.wait_until_finished()
+    raise FloatingPointError(
+        f"step {bad[0]}: non-finite loss or gradients, training stopped; the newest good checkpoint is "
+        f"{_newest(manager) or 'none'} (lower optimizer.learning_rate, or set train.skip_nonfinite=True "
+        "to skip such batches)")
+  return pending, skipped + len(bad)

@@ -15,7 +15,7 @@ import sys
 
 from absl import app, flags
 
-from jaxtune import export, inference
+from jaxtune import cli, export
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A train.py workdir (its newest checkpoint is exported).",
                                required=True)
@@ -27,7 +27,7 @@ _MAX_SHARD_MB = flags.DEFINE_integer("max_shard_mb", export.DEFAULT_MAX_SHARD_BY
                                      "hf: safetensors shard size limit in MiB.")
 
 
-@inference.exit_on_user_error
+@cli.exit_on_user_error
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -53,4 +53,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
