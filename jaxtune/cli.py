@@ -89,8 +89,4 @@ def _config_file_error(e: BaseException) -> str:
   while e.__cause__ is not None:
     e = e.__cause__
   lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-  try:
-    where = f"--config={flags.FLAGS['config'].config_filename}"
-  except Exception:  # the file raised while being parsed: its name is not set yet
-    where = "--config"
-  return f"{where}: cannot load: {type(e).__name__}: {lines[-1]}"
+  return f"--config: cannot load: {type(e).__name__}: {lines[-1]}"

@@ -168,8 +168,6 @@ def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=None, load=
   """Validates against the mesh and workdir, loads data (`load(config, tokenizer)`) and model, builds
   the jitted step for `loss_sums` (default: config.objective's)."""
   loss_sums = loss_sums or objectives.objective_loss_sums(config)
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
-  check_workdir(workdir, config)
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   if config.train.batch_size % sharding.batch_divisor(mesh):
@@ -177,6 +175,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=None, load=
                       f"(mesh.data*mesh.fsdp = {sharding.batch_divisor(mesh)})")
   if (config.train.batch_size // config.train.grad_accum) % sharding.batch_divisor(mesh):
     raise ConfigError("train.grad_accum", "each micro-batch must still divide over mesh.data*mesh.fsdp")
+  check_workdir(workdir, config)  # the config errors come before anything touches the workdir
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
   tokenizer = loading.load_tokenizer(config.model.tokenizer or config.model.path)
   train_data, eval_data = load(config, tokenizer)
   if is_main:

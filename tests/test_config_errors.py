@@ -1,0 +1,135 @@
+"""Every config mistake given to scripts/train.py: exit code 2, ONE line `error: ...` naming the key
+as stderr's last line, no traceback, before any work, and the workdir left exactly as it was."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRAIN = os.path.join(HERE, "..", "scripts", "train.py")
+TINY = os.path.join(HERE, "..", "configs", "tiny.py")
+
+# (case id, extra flags, fake devices, what the error line must contain)
+CASES = [
+    ("unknown_key", ["--config.train.stepz=3"], 1,
+     "error: --config.train.stepz: unknown config key 'stepz' (Did you mean \"steps\""),
+    ("unknown_section", ["--config.trainz.steps=3"], 1, "error: --config.trainz.steps: unknown config key 'trainz'"),
+    ("wrong_type", ["--config.train.steps=abc"], 1, "error: flag --config.train.steps=abc: invalid literal for int()"),
+    ("float_for_int", ["--config.train.batch_size=4.5"], 1, "error: flag --config.train.batch_size=4.5:"),
+    ("missing_value", ["--config.train.steps"], 1, "error: Missing value for flag --config.train.steps"),
+    ("unknown_flag", ["--stepz=3"], 1, "error: Unknown command line flag 'stepz'"),
+    ("stray_argument", ["steps=3"], 1, "error: unexpected arguments: steps=3"),
+    ("steps_zero", ["--config.train.steps=0"], 1, "error: config.train.steps: must be > 0, got 0"),
+    ("steps_negative", ["--config.train.steps=-5"], 1, "error: config.train.steps: must be > 0, got -5"),
+    ("lora_rank_zero", ["--config.peft.lora.rank=0"], 1, "error: config.peft.lora.rank: must be > 0, got 0"),
+    ("unknown_method", ["--config.peft.method=qlora"], 1,
+     "error: config.peft.method: 'qlora' is not one of full | lora | adapter | prefix"),
+    ("unknown_objective", ["--config.objective=ppo2"], 1, "error: config.objective: 'ppo2' is not one of"),
+    ("bad_learning_rate", ["--config.optimizer.learning_rate=-1e-3"], 1,
+     "error: config.optimizer.learning_rate: must be > 0"),
+    ("mesh_not_devices", ["--config.mesh.data=3"], 1, "error: config.mesh: data*fsdp*tensor = 3*1*1 = 3 != 1 devices"),
+    ("mesh_cannot_fill", ["--config.mesh.fsdp=3"], 8,
+     "error: config.mesh.data: cannot fill: 8 devices are not divisible by the other mesh axes' product 3"),
+    ("batch_not_divisible", ["--config.train.batch_size=6"], 4,
+     "error: config.train.batch_size: 6 is not divisible by the data axes (mesh.data*mesh.fsdp = 4)"),
+    ("micro_batch_not_divisible", ["--config.train.batch_size=8", "--config.train.grad_accum=4"], 4,
+     "error: config.train.grad_accum: each micro-batch must still divide over mesh.data*mesh.fsdp"),
+    ("missing_config_file", ["--config=configs/nope.py"], 1,
+     "error: --config: cannot load: OSError: [Errno 2] No such file or directory: 'configs/nope.py'"),
+]
+
+
+def snapshot(folder) -> dict[str, tuple[int, str]]:
+  """path -> (mtime_ns, sha256) of every file under `folder`."""
+  out = {}
+  for root, _, files in os.walk(folder):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, folder)] = (os.stat(path).st_mtime_ns, hashlib.sha256(f.read()).hexdigest())
+  return out
+
+
+def train(workdir, extra, model, data, devices=1, wait=True):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  args = [sys.executable, TRAIN, "--config", TINY, "--workdir", str(workdir), f"--config.model.path={model}",
+          "--config.optimizer.warmup_steps=0",
+          f"--config.data.train={data}", "--config.data.eval=", "--config.data.seq_len=64", *extra]
+  proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return proc.communicate(timeout=300) + (proc.returncode,) if wait else proc
+
+
+def assert_one_line_error(out, err, rc, expected):
+  assert rc == 2, (rc, err[-2000:])
+  assert "Traceback" not in err, err[-3000:]
+  last = err.strip().splitlines()[-1]
+  assert last.startswith(expected), last
+  return last
+
+
+@pytest.fixture(scope="module")
+def results(tiny_setup, tmp_path_factory):
+  """All cases run at once (each is mostly interpreter start-up)."""
+  model, data = tiny_setup
+  root = tmp_path_factory.mktemp("config_errors")
+  procs = {name: train(root / name, extra, model, data, devices, wait=False) for name, extra, devices, _ in CASES}
+  return root, {name: p.communicate(timeout=300) + (p.returncode,) for name, p in procs.items()}
+
+
+@pytest.mark.parametrize("name,expected", [(c[0], c[3]) for c in CASES], ids=[c[0] for c in CASES])
+def test_config_mistake_is_one_line_before_any_work(results, name, expected):
+  root, outs = results
+  assert_one_line_error(*outs[name], expected)
+  assert not os.path.exists(root / name), "the workdir was created"
+
+
+def fill_workdir(workdir, config_json):
+  os.makedirs(workdir / "checkpoints" / "10")
+  (workdir / "config.json").write_text(json.dumps(config_json))
+  (workdir / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+  (workdir / "checkpoints" / "10" / "data").write_bytes(b"weights")
+
+
+def test_workdir_of_an_incompatible_run_is_refused_untouched(tiny_setup, tmp_path):
+  model, data = tiny_setup
+  sys.path.insert(0, os.path.join(HERE, ".."))
+  from configs.tiny import get_config
+  old = get_config()
+  old.model.path, old.data.train, old.data.eval, old.data.seq_len = model, data, "", 64
+  old.peft.method = "full"
+  fill_workdir(tmp_path, json.loads(old.to_json()))
+  before = snapshot(tmp_path)
+  last = assert_one_line_error(*train(tmp_path, [], model, data), "error: config.peft: the workdir")
+  assert "peft={'method': 'full'" in last and "use a new --workdir" in last
+  assert snapshot(tmp_path) == before
+
+
+def test_checkpoint_of_another_model_shape_is_refused_untouched(tmp_path):
+  """The model folder at model.path was replaced by another-shaped one (head_dim 32, not 16)."""
+  from hf_tiny import save_hf_model
+  from train_helpers import write_instruction_data
+  model, data = str(tmp_path / "model"), write_instruction_data(str(tmp_path / "train.jsonl"), n=16)
+  save_hf_model("llama_untied", model)
+  workdir = tmp_path / "run"
+  out, err, rc = train(workdir, ["--config.train.steps=1", "--config.train.batch_size=2"], model, data)
+  assert rc == 0, err[-2000:]
+  shutil.rmtree(model)
+  save_hf_model("llama3_rope", model)
+  before = snapshot(workdir)
+  last = assert_one_line_error(*train(workdir, ["--config.train.steps=2", "--config.train.batch_size=2"], model, data),
+                               f"error: {workdir}/checkpoints/1: checkpoint param ")
+  assert "but the model needs" in last and "nothing was overwritten" in last
+  assert snapshot(workdir) == before
+
+
+def test_bad_data_and_model_paths_are_one_line(tiny_setup, tmp_path):
+  model, data = tiny_setup
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": \n')
+  assert_one_line_error(*train(tmp_path / "a", [], model, str(bad)), f"error: {bad}:3: invalid JSON")
+  assert_one_line_error(*train(tmp_path / "b", [], str(tmp_path / "no_model"), data), "error: ")
