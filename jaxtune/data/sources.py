@@ -40,18 +40,38 @@ class Records:
     return Records([self.records[i] for i in indices], [self.origins[i] for i in indices], list(self.errors))
 
 
+def _not_utf8(origin: str, data: bytes, e: UnicodeDecodeError) -> str:
+  column = e.start - data.rfind(b"\n", 0, e.start)
+  return f"{origin}: not UTF-8 text (byte {data[e.start]:#04x} at column {column})"
+
+
+def _check_unicode(record: Any) -> Any:
+  """json.loads accepts escaped lone surrogates ("\\ud800"), which no tokenizer can encode."""
+  try:
+    json.dumps(record, ensure_ascii=False).encode("utf-8")
+  except UnicodeEncodeError:
+    raise ValueError("a string holds an unpaired surrogate escape such as \\ud800 (not Unicode text)") from None
+  return record
+
+
 def _jsonl(path: str, lenient: bool) -> Records:
   out = Records([], [])
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue  # blank lines (often a trailing one) carry no record
+  with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported (or skipped) by itself
+    for number, raw in enumerate(f, start=1):
       origin = f"{path}:{number}"
       try:
-        out.records.append(json.loads(line.rstrip("\r\n")))
+        line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # -sig: a byte-order mark is fine
+        if not line.strip():
+          continue  # blank lines (often a trailing one) carry no record
+        out.records.append(_check_unicode(json.loads(line.rstrip("\r\n"))))
         out.origins.append(origin)
-      except json.JSONDecodeError as e:
-        message = f"{origin}: invalid JSON ({e.msg} at column {e.colno})"
+      except ValueError as e:  # bad bytes, bad JSON, bad escapes
+        if isinstance(e, UnicodeDecodeError):
+          message = _not_utf8(origin, raw, e)
+        elif isinstance(e, json.JSONDecodeError):
+          message = f"{origin}: invalid JSON ({e.msg} at column {e.colno})"
+        else:
+          message = f"{origin}: {e}"
         if not lenient:
           raise DataError(message) from None
         out.errors.append(message)
@@ -60,8 +80,15 @@ def _jsonl(path: str, lenient: bool) -> Records:
 
 def _json(path: str, lenient: bool) -> Records:
   """A .json file holding one array of records, or JSON lines under a .json name."""
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    text = data.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    if lenient and not data.lstrip().startswith(b"["):  # JSON lines: skip just the bad ones
+      return _jsonl(path, lenient)
+    line = data.count(b"\n", 0, e.start) + 1
+    raise DataError(_not_utf8(f"{path}:{line}", data, e)) from None
   try:
     value = json.loads(text)
   except json.JSONDecodeError as e:
@@ -69,10 +96,19 @@ def _json(path: str, lenient: bool) -> Records:
       raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
     return _jsonl(path, lenient)  # not one JSON document: JSON lines, reported per line
   if isinstance(value, dict):  # a single object on one line is one JSON-lines record
-    return Records([value], [f"{path}:1"])
+    value = [value]
   if not isinstance(value, list):
     raise DataError(f"{path}: expected a JSON array of records, got a {type(value).__name__}")
-  return Records(value, [f"{path}:{row}" for row in range(1, len(value) + 1)])
+  out = Records([], [])
+  for row, record in enumerate(value, start=1):
+    try:
+      out.records.append(_check_unicode(record))
+      out.origins.append(f"{path}:{row}")
+    except ValueError as e:
+      if not lenient:
+        raise DataError(f"{path}:{row}: {e}") from None
+      out.errors.append(f"{path}:{row}: {e}")
+  return out
 
 
 def _root_cause(e: BaseException) -> str:
