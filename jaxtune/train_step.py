@@ -31,6 +31,10 @@ class StepSpec:
   compute_dtype: str = "float32"
   remat: bool = False
   grad_accum: int = 1
+  # > 0: compute logits only at the first `max_targets` weighted positions of each row. Exact when
+  # no row has more weighted positions (the trainer sets it from the data); saves the LM head and
+  # softmax on prompt tokens, most of a row in instruction data.
+  max_targets: int = 0
 
 
 def forward_logits(params, spec: StepSpec, batch: Batch, rng=None, prefix: str = ""):
@@ -41,11 +45,25 @@ def forward_logits(params, spec: StepSpec, batch: Batch, rng=None, prefix: str =
   return logits
 
 
+def select_targets(weights_BxT, k: int):
+  """Indices (B x k) of each row's first k weighted positions (then unweighted ones), in order."""
+  return jnp.argsort(weights_BxT <= 0, axis=1, stable=True)[:, :k]
+
+
 def lm_loss_sums(params, spec: StepSpec, batch: Batch, rng=None) -> tuple[jax.Array, jax.Array, Metrics]:
   """(sum of token NLL over weighted tokens, number of weighted tokens, extra metrics)."""
-  logits = forward_logits(params, spec, batch, rng)
-  nll = llama.token_nll(logits, batch["targets"])
-  weights = batch["weights"].astype(jnp.float32)
+  targets, weights = batch["targets"], batch["weights"].astype(jnp.float32)
+  if not spec.max_targets or spec.max_targets >= targets.shape[1]:
+    logits = forward_logits(params, spec, batch, rng)
+  else:
+    hidden, _ = llama.forward(
+        params, spec.model, batch["inputs"], batch["positions"], batch["segment_ids"], peft=spec.peft,
+        rng=rng, remat=spec.remat, compute_dtype=jnp.dtype(spec.compute_dtype), return_hidden=True)
+    idx = select_targets(weights, spec.max_targets)
+    hidden = jnp.take_along_axis(hidden, idx[..., None], axis=1)
+    targets, weights = jnp.take_along_axis(targets, idx, 1), jnp.take_along_axis(weights, idx, 1)
+    logits = llama.lm_logits(params, hidden)
+  nll = llama.token_nll(logits, targets)
   return jnp.sum(nll * weights), jnp.sum(weights), {}
 
 

@@ -94,6 +94,13 @@ def load_data(config: ml_collections.ConfigDict, tokenizer):
   return train, evald
 
 
+def max_targets_per_row(*datasets) -> int:
+  """Most weighted positions in any row, rounded up to a multiple of 8 (see StepSpec.max_targets)."""
+  most = max((int((d.arrays["weights"] > 0).sum(axis=1).max()) for d in datasets
+              if d is not None and "weights" in d.arrays), default=0)
+  return -(-most // 8) * 8
+
+
 def write_json(path: str | epath.Path, obj: Any) -> None:
   """Atomic write (tmp + rename) so a crash never leaves a half-written file."""
   path = epath.Path(path)
@@ -198,7 +205,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=None, load=
   opt_state = jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(trainable)
   rng = sharding.put_global(jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 2), shardings["replicated"])
   spec = StepSpec(model=model["model_cfg"], peft=model["peft"], compute_dtype=config.precision.compute_dtype,
-                  remat=config.train.remat, grad_accum=config.train.grad_accum)
+                  remat=config.train.remat, grad_accum=config.train.grad_accum,
+                  max_targets=max_targets_per_row(train_data, eval_data))
   step_fn, eval_fn = make_step_fns(config, spec, optimizer, shardings, loss_sums)
   train_data, eval_data = objectives.prepare_data(config, (train_data, eval_data), trainable, frozen, spec, mesh)
   return Run(config=config, mesh=mesh, train_data=train_data, eval_data=eval_data, trainable=trainable,

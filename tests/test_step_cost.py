@@ -20,7 +20,7 @@ def _step_flops(config, workdir):
 
 def test_lora_step_skips_frozen_weight_gradients(tiny_setup, tmp_path):
   model, data = tiny_setup
-  full, _ = _step_flops(tiny_config(model, data, **{"peft.method": "full"}), str(tmp_path / "f"))
+  full, r = _step_flops(tiny_config(model, data, **{"peft.method": "full"}), str(tmp_path / "f"))
   lora, r = _step_flops(tiny_config(model, data, **{"peft.method": "lora"}), str(tmp_path / "l"))
   # Matmul params N (per token 2N forward, 2N activation grads, 2N weight grads) plus attention A
   # (no weights: 3x its forward either way).
@@ -28,11 +28,14 @@ def test_lora_step_skips_frozen_weight_gradients(tiny_setup, tmp_path):
   cfg = trainer.loading.model_config_of(model)
   tokens = 8 * 64
   n = 1 * (cfg.hidden_size * (cfg.q_size * 2 + cfg.kv_size * 2)
-                        + 3 * cfg.hidden_size * cfg.intermediate_size) + cfg.hidden_size * cfg.vocab_size
+           + 3 * cfg.hidden_size * cfg.intermediate_size)
+  head = cfg.hidden_size * cfg.vocab_size  # the LM head runs only at the r.spec.max_targets positions
+  head_tokens = 8 * r.spec.max_targets
+  assert 0 < r.spec.max_targets < 64
   attention = 1 * 4 * 64 * cfg.q_size  # QK^T and PV per token, full (masked) T=64
-  expected_full = tokens * (6 * n + 3 * attention)
+  expected_full = tokens * (6 * n + 3 * attention) + head_tokens * 6 * head
   lora_params = r.counts["trainable_params"] // cfg.num_layers  # one (scanned) layer's A and B
-  expected_lora = tokens * (4 * n + 3 * attention + 6 * lora_params)
+  expected_lora = tokens * (4 * n + 3 * attention + 6 * lora_params) + head_tokens * 4 * head
   assert abs(full / expected_full - 1) < 0.1, (full, expected_full)
   assert abs(lora / expected_lora - 1) < 0.1, (lora, expected_lora)
   assert lora / full < 0.85, lora / full  # with frozen weight grads it would exceed 1

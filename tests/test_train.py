@@ -55,3 +55,31 @@ def test_grad_accumulation_equals_big_batch(tiny_setup, tmp_path):
   big = losses(trainer.run(tiny_config(model, data, **kw), str(tmp_path / "big")))
   acc = losses(trainer.run(tiny_config(model, data, **kw, **{"train.grad_accum": 4}), str(tmp_path / "acc")))
   np.testing.assert_allclose(acc, big, atol=1e-5, rtol=0)
+
+
+def test_logits_only_at_target_positions_is_exact(tiny_setup):
+  """StepSpec.max_targets (set from the data) gives the same loss and gradients as full logits."""
+  import jax
+  from jaxtune import train_step
+  from jaxtune.models import loading
+  from jaxtune.peft import partition
+  model, _ = tiny_setup
+  cfg, params = loading.load_model(model)
+  rng = np.random.default_rng(0)
+  weights = np.zeros((4, 32), np.float32)
+  for row, start in enumerate((3, 10, 20, 28)):
+    weights[row, start:start + 4] = 1.0
+  batch = {"inputs": rng.integers(0, 256, (4, 32)), "targets": rng.integers(0, 256, (4, 32)),
+           "weights": weights, "positions": np.tile(np.arange(32), (4, 1)),
+           "segment_ids": np.ones((4, 32), np.int32)}
+  trainable, frozen = partition.split(params, "full")
+
+  def loss_and_grads(k):
+    spec = train_step.StepSpec(model=cfg, max_targets=k)
+    f = lambda tr: train_step.lm_loss_sums(partition.merge(tr, frozen), spec, batch)[0]
+    return jax.value_and_grad(f)(trainable)
+
+  (full, g_full), (sel, g_sel) = loss_and_grads(0), loss_and_grads(8)
+  np.testing.assert_allclose(sel, full, rtol=1e-6)
+  for path in g_full:
+    np.testing.assert_allclose(g_sel[path], g_full[path], atol=1e-6, err_msg=path)
