@@ -127,7 +127,7 @@ def test_kill9_during_async_checkpoint_write_never_picks_the_partial_one(tiny_se
   assert sorted(os.listdir(workdir / "checkpoints")) == ["20", "30", "40"]  # the partial ones are gone
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_sigterm_and_ctrl_c_save_the_current_step_and_resume_exactly(tiny_setup, env, straight, tmp_path, sig):
   args = train_args(tiny_setup, tmp_path)
   proc = start(args, env)
@@ -175,7 +175,7 @@ def poison(monkeypatch, bad_steps):
     batch = original(self)
     calls.append(1)
     if len(calls) in bad_steps:
-      batch = dict(batch, weights=batch["weights"] * np.float32(np.inf))
+      batch = dict(batch, weights=batch["weights"] + np.float32(np.inf))
     return batch
 
   monkeypatch.setattr(pipeline.BatchIterator, "next", next_batch)
