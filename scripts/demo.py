@@ -16,42 +16,44 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxtune import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.py"),
     "The demo config.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Output folder.")
 
 
+@cli.exit_on_user_error
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from jaxtune import cli, demo, export, trainer, workdir
+  from jaxtune import demo, export, trainer, workdir
   from jaxtune.config_checks import check_config
   from jaxtune.metrics_log import read_metrics
   from jaxtune.models import llama, loading
   config, out = _CONFIG.value, _WORKDIR.value
   start = time.time()
-  with cli.fail_cleanly():
-    check_config(config)
-    print(f"loading {config.model.path}", flush=True)
-    cfg, base = loading.load_model(config.model.path)
-    tokenizer = loading.load_tokenizer(config.model.path)
-    print("evaluating the base model on the held-out set...", flush=True)
-    before = demo.score(base, cfg, llama.PeftRuntime(), tokenizer, config.data.eval)
-    print(f"before: eval loss {before['eval_loss']:.4f}, exact match {before['exact_match']:.0%}", flush=True)
-    trainer.run(config, out)
-    params, peft = workdir.load_adapter_from_workdir(base, cfg, out)
-    print("evaluating the fine-tuned model...", flush=True)
-    after = demo.score(params, cfg, peft, tokenizer, config.data.eval)
-    shutil.rmtree(os.path.join(out, "peft_adapter"), ignore_errors=True)  # a rerun re-exports
-    export.write_peft(os.path.join(out, "peft_adapter"), cfg, params, config.peft.method,
-                      config.peft.to_dict(), config.model.path)
-    demo.plot_losses(read_metrics(out), os.path.join(out, "loss_curve.png"))
-    summary = demo.write_summary(out, before, after)
+  check_config(config)
+  print(f"loading {config.model.path}", flush=True)
+  cfg, base = loading.load_model(config.model.path)
+  tokenizer = loading.load_tokenizer(config.model.path)
+  print("evaluating the base model on the held-out set...", flush=True)
+  before = demo.score(base, cfg, llama.PeftRuntime(), tokenizer, config.data.eval)
+  print(f"before: eval loss {before['eval_loss']:.4f}, exact match {before['exact_match']:.0%}", flush=True)
+  trainer.run(config, out)
+  params, peft = workdir.load_adapter_from_workdir(base, cfg, out)
+  print("evaluating the fine-tuned model...", flush=True)
+  after = demo.score(params, cfg, peft, tokenizer, config.data.eval)
+  shutil.rmtree(os.path.join(out, "peft_adapter"), ignore_errors=True)  # a rerun re-exports
+  export.write_peft(os.path.join(out, "peft_adapter"), cfg, params, config.peft.method,
+                    config.peft.to_dict(), config.model.path)
+  demo.plot_losses(read_metrics(out), os.path.join(out, "loss_curve.png"))
+  summary = demo.write_summary(out, before, after)
   print(demo.report(before, after))
   print(f"\nwrote {out}/: checkpoints/, metrics.jsonl, loss_curve.png, peft_adapter/, {os.path.basename(summary)}"
         f"  ({time.time() - start:.0f} s)")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
