@@ -103,3 +103,16 @@ def test_grpo_lora_raises_reward_and_kl_stays_bounded(peaked_model, tmp_path):
   early, late = np.mean(rewards[:3]), np.mean(rewards[-4:])
   assert late > early + 0.2 and late > 3 * early, rewards
   assert max(kls) < 5.0, kls
+
+
+def test_bad_grpo_configs_fail_naming_the_key(tiny_setup):
+  from jaxtune.config_checks import ConfigError, check_config
+  model, data = tiny_setup
+  base = {"objective": "grpo", "grpo.reward_fn": DIGITS, "data.seq_len": 64}
+  for overrides, key in (({"grpo.group_size": 1}, "grpo.group_size"), ({"grpo.group_size": 3}, "grpo.group_size"),
+                         ({"grpo.max_new_tokens": 64}, "grpo.max_new_tokens"),
+                         ({"grpo.reward_fn": ""}, "grpo.reward_fn"), ({"grpo.reward_fn": "nocolon"}, "grpo.reward_fn")):
+    with pytest.raises(ConfigError, match=f"config.{key}"):
+      check_config(tiny_config(model, data, **{**base, **overrides}))
+  with pytest.raises(ConfigError, match="grpo.reward_fn.*no_such_module"):
+    grpo.load_reward_fn("no_such_module:f")
