@@ -116,3 +116,17 @@ def test_bad_grpo_configs_fail_naming_the_key(tiny_setup):
       check_config(tiny_config(model, data, **{**base, **overrides}))
   with pytest.raises(ConfigError, match="grpo.reward_fn.*no_such_module"):
     grpo.load_reward_fn("no_such_module:f")
+
+
+def test_grpo_resume_is_exact(tiny_setup, tmp_path):
+  model, _ = tiny_setup
+  kw = {"objective": "grpo", "data.format": "preference", "data.seq_len": 48, "train.steps": 4,
+        "train.batch_size": 8, "grpo.group_size": 4, "grpo.max_new_tokens": 4, "grpo.reward_fn": DIGITS,
+        "train.checkpoint_every": 2, "optimizer.learning_rate": 1e-2}
+  data = os.path.join(DATA, "train.jsonl")
+  straight = trainer.run(tiny_config(model, data, **kw), str(tmp_path / "straight"))
+  trainer.run(tiny_config(model, data, **kw), str(tmp_path / "resumed"), stop_after=2)
+  second = trainer.run(tiny_config(model, data, **kw), str(tmp_path / "resumed"))
+  assert [r["step"] for r in second] == [3, 4]
+  for key in ("loss", "reward_mean", "kl"):
+    assert [r[key] for r in second] == [r[key] for r in straight[2:]], key

@@ -83,17 +83,23 @@ def group_advantages(rewards_B: np.ndarray, group_size: int) -> np.ndarray:
 
 @dataclasses.dataclass
 class Prompts:
+  """The prompts of a GRPO run; as a dataset its rows are prompt indices (BatchIterator gives a
+  seeded, resumable order of them)."""
+
   given: list[Any]  # each prompt as the data gives it (text or messages): what the reward function sees
   ids: list[list[int]]
+
+  @property
+  def arrays(self) -> dict[str, np.ndarray]:
+    return {"index": np.arange(len(self.ids))}
+
+  def __len__(self) -> int:
+    return len(self.ids)
 
   @property
   def stats(self) -> pipeline.DataStats:
     n, tokens = len(self.ids), sum(map(len, self.ids))
     return pipeline.DataStats(records=n, kept=n, rows=n, tokens=tokens, rows_tokens=tokens)
-
-  def index(self) -> pipeline.PackedDataset:
-    """A one-column dataset of prompt indices, so BatchIterator gives a seeded, resumable order."""
-    return pipeline.PackedDataset({"index": np.arange(len(self.ids))}, 0, pipeline.DataStats())
 
 
 def prompt_of(record: dict, template: str):
@@ -255,7 +261,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   fn = reward_fn_of(g)
   trainable, frozen, opt_state, rng = r.trainable, r.frozen, r.opt_state, r.rng
   reference = reference_params(config, trainable, frozen)  # before a step donates the initial weights
-  batches = pipeline.BatchIterator(r.train_data.index(), config.train.batch_size // g.group_size,
+  batches = pipeline.BatchIterator(r.train_data, config.train.batch_size // g.group_size,
                                    config.train.seed)
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
   step = manager.latest_step() or 0
