@@ -40,10 +40,11 @@ def main(argv):
   tokenizer = loading.load_tokenizer(config.model.path)
   print("evaluating the base model on the held-out set...", flush=True)
   before = demo.score(base, cfg, llama.PeftRuntime(), tokenizer, config.data.eval)
-  print(f"before: eval loss {before['eval_loss']:.4f}, exact match {before['exact_match']:.0%}", flush=True)
+  print(f"before: eval loss {before['eval_loss']:.4f}, exact match {before['exact_match']:.0%} "
+        f"({time.time() - start:.0f} s)", flush=True)
   trainer.run(config, out)
   params, peft = workdir.load_adapter_from_workdir(base, cfg, out)
-  print("evaluating the fine-tuned model...", flush=True)
+  print(f"evaluating the fine-tuned model... ({time.time() - start:.0f} s)", flush=True)
   after = demo.score(params, cfg, peft, tokenizer, config.data.eval)
   shutil.rmtree(os.path.join(out, "peft_adapter"), ignore_errors=True)  # a rerun re-exports
   export.write_peft(os.path.join(out, "peft_adapter"), cfg, params, config.peft.method,
