@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxtune.models.config import ModelConfig
 from jaxtune.peft import prefix as prefix_tuning
@@ -196,16 +197,22 @@ def attention_weights_mask(q_pos_BxT, q_seg_BxT, k_pos_BxS, k_seg_BxS, sliding_w
 
 
 def grouped_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
-  """Softmax attention with grouped-query heads; scores and softmax in float32."""
+  """Softmax attention with grouped-query heads; scores and softmax in float32.
+
+  The G query heads sharing a kv head are folded into the query rows (B x K x G*T x H), so each
+  product is one batched matmul per (batch, kv head): ~2x faster than 5-d einsums on XLA CPU.
+  """
   B, T, N, H = q_BxTxNxH.shape
-  K = k_BxSxKxH.shape[2]
-  q = q_BxTxNxH.reshape(B, T, K, N // K, H)
-  scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH, preferred_element_type=jnp.float32)
-  scores = scores / math.sqrt(H)
+  S, K = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
+  G = N // K
+  q_BxKxMxH = q_BxTxNxH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+  k_BxKxSxH, v_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3), v_BxSxKxH.transpose(0, 2, 1, 3)
+  scores = jnp.einsum("bkmh,bksh->bkms", q_BxKxMxH, k_BxKxSxH, preferred_element_type=jnp.float32)
+  scores = scores.reshape(B, K, G, T, S) / math.sqrt(H)
   scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
-  return out.reshape(B, T, N * H)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype).reshape(B, K, G * T, S)
+  out_BxKxMxH = jnp.einsum("bkms,bksh->bkmh", probs, v_BxKxSxH)
+  return out_BxKxMxH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N * H)
 
 
 # ----------------------------------------------------------------------------- the decoder
@@ -224,8 +231,12 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) ->
 
 
 def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs):
-  """One decoder block. Returns (new hidden, (new cache k, new cache v) or None)."""
-  B, T, _ = x.shape
+  """One decoder block on x_(B*T)xD. Returns (new hidden, (new cache k, new cache v) or None).
+
+  Tokens stay flattened so every projection (and its weight gradient) is a 2-d matmul: XLA CPU
+  runs dots that contract over both batch and time ~1.5x slower.
+  """
+  B, T = cos.shape[:2]
   attn = layer["self_attn"]
   h = rms_norm(x, layer["input_layernorm"], cfg.rms_norm_eps)
   q = dense(attn["q_proj"], h, peft, rngs[0]).reshape(B, T, cfg.num_heads, cfg.head_dim)
@@ -245,7 +256,7 @@ def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs):
     pv = jnp.broadcast_to(attn["prefix_v"].astype(x.dtype), (B,) + attn["prefix_v"].shape)
     k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
     mask = jnp.concatenate([jnp.ones((B, T, P), bool), mask], axis=-1)
-  out = dense(attn["o_proj"], grouped_attention(q, k, v, mask), peft, rngs[3])
+  out = dense(attn["o_proj"], grouped_attention(q, k, v, mask).reshape(B * T, -1), peft, rngs[3])
   if "attn_adapter" in layer:
     out = bottleneck_adapter(layer["attn_adapter"], out)
   x = x + out
@@ -301,7 +312,7 @@ def forward(
     new_seg = jax.lax.dynamic_update_slice_in_dim(cache["seg"], segment_ids_BxT.astype(jnp.int32), idx, 1)
     mask = attention_weights_mask(positions_BxT, segment_ids_BxT, new_pos, new_seg, cfg.sliding_window)
 
-  x = params["embed_tokens"].astype(compute_dtype)[tokens_BxT]
+  x = params["embed_tokens"].astype(compute_dtype)[tokens_BxT.reshape(B * T)]
   if rng is None:
     layer_rngs = jnp.zeros((cfg.num_layers,), jnp.uint32)  # placeholder, unused
   else:
@@ -318,7 +329,7 @@ def forward(
     body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
   kv_in = None if cache is None else (cache["k"], cache["v"])
   x, kv_out = jax.lax.scan(body, x, (params["layers"], kv_in, layer_rngs))
-  x = rms_norm(x, params["norm"], cfg.rms_norm_eps)
+  x = rms_norm(x.reshape(B, T, -1), params["norm"], cfg.rms_norm_eps)
   new_cache = None
   if cache is not None:
     new_cache = {"k": kv_out[0], "v": kv_out[1], "pos": new_pos, "seg": new_seg,
@@ -329,15 +340,42 @@ def forward(
 
 
 def lm_logits(params: Params, hidden_BxTxD):
+  """float32 logits (... x V); tokens are flattened for a 2-d matmul (see `_layer`)."""
+  h_NxD = hidden_BxTxD.reshape(-1, hidden_BxTxD.shape[-1])
   if "lm_head" in params:
-    w = params["lm_head"]["kernel"].astype(hidden_BxTxD.dtype)
-    return jnp.einsum("btd,dv->btv", hidden_BxTxD, w, preferred_element_type=jnp.float32)
-  w = params["embed_tokens"].astype(hidden_BxTxD.dtype)
-  return jnp.einsum("btd,vd->btv", hidden_BxTxD, w, preferred_element_type=jnp.float32)
+    w = params["lm_head"]["kernel"].astype(h_NxD.dtype)
+    logits = jnp.einsum("nd,dv->nv", h_NxD, w, preferred_element_type=jnp.float32)
+  else:
+    w = params["embed_tokens"].astype(h_NxD.dtype)
+    logits = jnp.einsum("nd,vd->nv", h_NxD, w, preferred_element_type=jnp.float32)
+  return logits.reshape(*hidden_BxTxD.shape[:-1], logits.shape[-1])
 
 
+@jax.custom_vjp
 def token_nll(logits_BxTxV, targets_BxT):
-  """Per-token negative log-likelihood in float32."""
+  """Per-token negative log-likelihood in float32.
+
+  Custom gradient (softmax - one_hot) in one fused pass: autodiff of logsumexp makes several
+  passes over the B x T x V logits, ~1/3 of the LM head's training time on CPU.
+  """
+  return _token_nll_fwd(logits_BxTxV, targets_BxT)[0]
+
+
+def _token_nll_fwd(logits_BxTxV, targets_BxT):
   logits = logits_BxTxV.astype(jnp.float32)
+  lse_BxT = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
-  return jax.nn.logsumexp(logits, axis=-1) - target_logit
+  return lse_BxT - target_logit, (logits_BxTxV, targets_BxT, lse_BxT)
+
+
+def _token_nll_bwd(residuals, g_BxT):
+  logits_BxTxV, targets_BxT, lse_BxT = residuals
+  V = logits_BxTxV.shape[-1]
+  probs = jnp.exp(logits_BxTxV.astype(jnp.float32) - lse_BxT[..., None])
+  one_hot = targets_BxT[..., None] == jnp.arange(V, dtype=targets_BxT.dtype)
+  d_logits = (probs - one_hot) * g_BxT[..., None].astype(jnp.float32)
+  targets_zero_grad = np.zeros(targets_BxT.shape, jax.dtypes.float0)  # integer input: no gradient
+  return d_logits.astype(logits_BxTxV.dtype), targets_zero_grad
+
+
+token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)

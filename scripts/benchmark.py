@@ -1,0 +1,294 @@
+"""Training speed: jaxtune vs the Hugging Face peer (transformers + peft, torch) on one model and batch.
+
+    python scripts/benchmark.py                       # the CPU comparison (docs/benchmark.md)
+    python scripts/benchmark.py --preset 1b --dtype bfloat16 --sides jaxtune --peak_tflops 989  # GPU
+
+For each side and method (full, LoRA r=8 on the 7 projections) a fresh subprocess trains
+--steps AdamW steps (grad clip 1.0, as train.py) on one fixed random batch, so peak RSS
+(ru_maxrss) is each side's own. Both sides start from the same random weights (the peer loads
+them from a HF folder written here) and report their first loss, which must agree. MFU = model
+FLOPs/s over a matmul peak this script measures (jitted 2048^2 matmul) or --peak_tflops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LORA_TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+PEER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  vocab: int
+  hidden: int
+  inter: int
+  layers: int
+  heads: int
+  kv_heads: int
+  batch: int
+  seq: int
+  tied: bool = False
+
+
+PRESETS = {
+    "cpu": Preset(8192, 256, 688, 4, 8, 4, batch=8, seq=256),  # DESIGN.md section 4's peer baseline
+    "tiny": Preset(256, 64, 128, 2, 4, 2, batch=2, seq=32),  # smoke test
+    # Llama-3.2-1B shape; 4 x 1024 tokens keep the un-fused float32 attention scores well inside 80 GB.
+    "1b": Preset(128256, 2048, 8192, 16, 32, 8, batch=4, seq=1024, tied=True),
+}
+
+
+def model_config(p: Preset):
+  from jaxtune.models.config import ModelConfig
+  return ModelConfig(vocab_size=p.vocab, hidden_size=p.hidden, intermediate_size=p.inter, num_layers=p.layers,
+                     num_heads=p.heads, num_kv_heads=p.kv_heads, head_dim=p.hidden // p.heads,
+                     rms_norm_eps=1e-5, tie_word_embeddings=p.tied, max_position_embeddings=max(2048, p.seq))
+
+
+def matmul_params(p: Preset) -> int:
+  """Weights that take part in matmuls (the embedding lookup does not; a tied head does)."""
+  hd = p.hidden // p.heads
+  attn = p.hidden * hd * (2 * p.heads + 2 * p.kv_heads)
+  return p.layers * (attn + 3 * p.hidden * p.inter) + p.hidden * p.vocab
+
+
+def lora_params(p: Preset, rank: int) -> int:
+  hd = p.hidden // p.heads
+  outs = [p.heads * hd, p.kv_heads * hd, p.kv_heads * hd, p.hidden, p.inter, p.inter, p.hidden]
+  ins = [p.hidden] * 3 + [p.heads * hd] + [p.hidden] * 2 + [p.inter]
+  return p.layers * rank * sum(i + o for i, o in zip(ins, outs))
+
+
+def train_flops_per_token(p: Preset, method: str, rank: int = 8) -> float:
+  """Model FLOPs (PaLM-style, no recompute): matmul weights 6N (full) or 4N + 6*LoRA (no frozen
+  weight gradients), attention scores and values 3 x 4*T*q_size per layer (unmasked count)."""
+  attention = 3 * p.layers * 4 * p.seq * p.hidden
+  if method == "full":
+    return 6 * matmul_params(p) + attention
+  return 4 * matmul_params(p) + 6 * lora_params(p, rank) + attention
+
+
+def fixed_batch(p: Preset, seed: int = 0) -> dict[str, np.ndarray]:
+  tokens = np.random.default_rng(seed).integers(0, p.vocab, (p.batch, p.seq + 1), dtype=np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "weights": np.ones((p.batch, p.seq), np.float32),
+          "positions": np.broadcast_to(np.arange(p.seq, dtype=np.int32), (p.batch, p.seq)).copy(),
+          "segment_ids": np.ones((p.batch, p.seq), np.int32)}
+
+
+def peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def base_params(p: Preset, dtype="float32", seed: int = 0):
+  import jax
+  import jax.numpy as jnp
+  from jaxtune.models import llama
+  return llama.init_params(model_config(p), jax.random.PRNGKey(seed), jnp.dtype(dtype))
+
+
+def write_peer_model(p: Preset, folder: str) -> str:
+  """The same random weights as jaxtune's `base_params`, as a HF folder the peer loads."""
+  from jaxtune import export
+  from jaxtune.models import llama
+  export.write_hf(folder, model_config(p), base_params(p), llama.PeftRuntime(), None, None)
+  return folder
+
+
+def measure_matmul_peak(n: int = 2048, dtype: str = "float32", repeats: int = 10) -> float:
+  """Best FLOP/s of a jitted n x n matmul (JAX, default device)."""
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best
+
+
+# ----------------------------------------------------------------------------- the two sides
+
+
+def run_jaxtune(p: Preset, method: str, steps: int, dtype: str = "float32", rank: int = 8) -> dict:
+  """jaxtune's jitted, donated train_step (the one train.py runs) on the fixed batch."""
+  import functools
+
+  import jax
+  import ml_collections
+  from jaxtune.models import llama
+  from jaxtune.optimizer import build_optimizer
+  from jaxtune.peft import lora, partition
+  from jaxtune.train_step import StepSpec, train_step
+  sys.path.insert(0, ROOT)
+  from configs.base import get_base_config
+
+  cfg = model_config(p)
+  params = base_params(p)  # float32 master weights; `dtype` is the compute dtype
+  scale = 1.0
+  if method == "lora":
+    params = lora.add_lora(params, jax.random.PRNGKey(1), rank, LORA_TARGETS)
+    scale = 2.0  # alpha 16 / r 8, as the peer
+  trainable, frozen = partition.split(params, method)
+  opt_cfg = ml_collections.ConfigDict(get_base_config().optimizer)
+  opt_cfg.learning_rate, opt_cfg.schedule = 1e-4, "constant"
+  optimizer = build_optimizer(opt_cfg, steps, trainable.keys())
+  opt_state = optimizer.init(trainable)
+  spec = StepSpec(model=cfg, peft=llama.PeftRuntime(scale, 0.0), compute_dtype=dtype)
+  step = jax.jit(functools.partial(train_step, spec=spec, optimizer=optimizer), donate_argnums=(0, 2))
+  batch = jax.device_put(fixed_batch(p))
+  rng = jax.random.PRNGKey(2)
+
+  t = time.perf_counter()
+  compiled = step.lower(trainable, frozen, opt_state, batch, rng).compile()
+  compile_s = time.perf_counter() - t
+  t = time.perf_counter()
+  trainable, opt_state, first = compiled(trainable, frozen, opt_state, batch, rng)
+  first_loss = float(first["loss"])  # blocks: the warm-up step is not timed
+  first_step_s = time.perf_counter() - t
+  losses = []
+  t = time.perf_counter()
+  for _ in range(steps):
+    trainable, opt_state, metrics = compiled(trainable, frozen, opt_state, batch, rng)
+    losses.append(metrics["loss"])  # stays on device: no host sync inside the loop
+  jax.block_until_ready((trainable, opt_state, losses))
+  elapsed = time.perf_counter() - t
+  return {"side": "jaxtune", "method": method, "tokens_per_sec": steps * p.batch * p.seq / elapsed,
+          "step_s": elapsed / steps, "compile_s": compile_s, "first_step_s": first_step_s,
+          "first_loss": first_loss, "last_loss": float(losses[-1]), "peak_rss_mb": peak_rss_mb(),
+          "trainable_params": partition.count(trainable), "device": str(jax.devices()[0].platform)}
+
+
+def run_peer(p: Preset, method: str, steps: int, model_dir: str, threads: int = 2, rank: int = 8) -> dict:
+  """transformers LlamaForCausalLM (+ peft LoRA), torch fp32 AdamW, the same batch and weights."""
+  import torch
+  import transformers
+  torch.set_num_threads(threads)
+  model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+  if method == "lora":
+    import peft
+    model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                                       target_modules=PEER_TARGETS))
+  model.train()
+  params = [q for q in model.parameters() if q.requires_grad]
+  optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+  batch = {k: torch.from_numpy(v) for k, v in fixed_batch(p).items()}
+
+  def step():
+    logits = model(input_ids=batch["inputs"]).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, p.vocab).float(), batch["targets"].reshape(-1).long())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    return loss.detach()
+
+  t = time.perf_counter()
+  first_loss = float(step())
+  first_step_s = time.perf_counter() - t
+  losses = []
+  t = time.perf_counter()
+  for _ in range(steps):
+    losses.append(step())
+  elapsed = time.perf_counter() - t
+  return {"side": "peer", "method": method, "tokens_per_sec": steps * p.batch * p.seq / elapsed,
+          "step_s": elapsed / steps, "compile_s": 0.0, "first_step_s": first_step_s,
+          "first_loss": first_loss, "last_loss": float(losses[-1]), "peak_rss_mb": peak_rss_mb(),
+          "trainable_params": sum(q.numel() for q in params), "device": "cpu"}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run_worker(args) -> dict:
+  p = PRESETS[args.preset]
+  if args.worker == "jaxtune":
+    return run_jaxtune(p, args.method, args.steps, args.dtype)
+  return run_peer(p, args.method, args.steps, args.model_dir, args.threads)
+
+
+def spawn(args, side: str, method: str, model_dir: str) -> dict:
+  cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--method", method, "--preset", args.preset,
+         "--steps", str(args.steps), "--dtype", args.dtype, "--model_dir", model_dir, "--threads", str(args.threads)]
+  out = subprocess.run(cmd, capture_output=True, text=True)
+  if out.returncode:
+    raise RuntimeError(f"{side} {method} failed:\n{out.stderr[-3000:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def add_mfu(row: dict, p: Preset, peak: float) -> dict:
+  flops = train_flops_per_token(p, row["method"]) * row["tokens_per_sec"]
+  return dict(row, model_flops=flops, mfu=flops / peak)
+
+
+def table(rows: list[dict], peak: float) -> str:
+  lines = [f"matmul peak: {peak / 1e9:,.1f} GFLOP/s",
+           f"{'side':8} {'method':6} {'tok/s':>9} {'MFU':>6} {'RSS MB':>8} {'compile s':>9} {'1st step s':>10} "
+           f"{'1st loss':>9}"]
+  for r in rows:
+    lines.append(f"{r['side']:8} {r['method']:6} {r['tokens_per_sec']:9,.0f} {r['mfu']:6.3f} {r['peak_rss_mb']:8,.0f} "
+                 f"{r['compile_s']:9.2f} {r['first_step_s']:10.2f} {r['first_loss']:9.5f}")
+  by = {(r["side"], r["method"]): r for r in rows}
+  for method in ("full", "lora"):
+    j, q = by.get(("jaxtune", method)), by.get(("peer", method))
+    if j and q:
+      lines.append(f"{method}: jaxtune/peer tokens/s {j['tokens_per_sec'] / q['tokens_per_sec']:.2f}x, "
+                   f"RSS {j['peak_rss_mb'] / q['peak_rss_mb']:.2f}x, MFU {j['mfu']:.3f} vs {q['mfu']:.3f}")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--methods", default="full,lora")
+  parser.add_argument("--sides", default="jaxtune,peer")
+  parser.add_argument("--dtype", default="float32", help="jaxtune compute dtype (the peer is always float32)")
+  parser.add_argument("--threads", type=int, default=2, help="torch threads for the peer")
+  parser.add_argument("--peak_tflops", type=float, default=0.0, help="MFU against this instead of a measured peak")
+  parser.add_argument("--json", default="", help="also write the rows here")
+  parser.add_argument("--worker", choices=("jaxtune", "peer"), help=argparse.SUPPRESS)
+  parser.add_argument("--method", default="full", help=argparse.SUPPRESS)
+  parser.add_argument("--model_dir", default="", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.worker:
+    print(json.dumps(run_worker(args)), flush=True)
+    return
+  p = PRESETS[args.preset]
+  sides, methods = args.sides.split(","), args.methods.split(",")
+  peak = args.peak_tflops * 1e12 or measure_matmul_peak(dtype=args.dtype)
+  print(f"load average before: {os.getloadavg()}", flush=True)
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    model_dir = write_peer_model(p, os.path.join(tmp, "model")) if "peer" in sides else ""
+    for method in methods:
+      for side in sides:
+        rows.append(add_mfu(spawn(args, side, method, model_dir), p, peak))
+        print(json.dumps(rows[-1]), flush=True)
+  if not args.peak_tflops:
+    peak = max(peak, measure_matmul_peak(dtype=args.dtype))  # the quieter of two measurements
+    rows = [add_mfu(r, p, peak) for r in rows]
+  print(f"load average after: {os.getloadavg()}", flush=True)
+  print(table(rows, peak))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"peak_flops": peak, "rows": rows, "loadavg": os.getloadavg()}, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
