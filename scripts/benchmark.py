@@ -125,8 +125,13 @@ def measure_matmul_peak(n: int = 2048, dtype: str = "float32", repeats: int = 10
 # ----------------------------------------------------------------------------- the two sides
 
 
-def run_jaxtune(p: Preset, method: str, steps: int, dtype: str = "float32", rank: int = 8) -> dict:
-  """jaxtune's jitted, donated train_step (the one train.py runs) on the fixed batch."""
+def run_jaxtune(p: Preset, method: str, steps: int, dtype: str = "float32", rank: int = 8,
+                model_dir: str = "") -> dict:
+  """jaxtune's jitted, donated train_step (the one train.py runs) on the fixed batch.
+
+  Weights come from `model_dir` (the HF folder the peer loads, read as train.py reads it) or, with
+  none, from `base_params` on the default device (the GPU check).
+  """
   import functools
 
   import jax
@@ -139,7 +144,9 @@ def run_jaxtune(p: Preset, method: str, steps: int, dtype: str = "float32", rank
   from configs.base import get_base_config
 
   cfg = model_config(p)
-  params = base_params(p)  # float32 master weights; `dtype` is the compute dtype
+  from jaxtune.models import loading
+  # float32 master weights; `dtype` is the compute dtype
+  params = loading.load_model(model_dir)[1] if model_dir else base_params(p)
   scale = 1.0
   if method == "lora":
     params = lora.add_lora(params, jax.random.PRNGKey(1), rank, LORA_TARGETS)
@@ -218,7 +225,7 @@ def run_peer(p: Preset, method: str, steps: int, model_dir: str, threads: int = 
 def run_worker(args) -> dict:
   p = PRESETS[args.preset]
   if args.worker == "jaxtune":
-    return run_jaxtune(p, args.method, args.steps, args.dtype)
+    return run_jaxtune(p, args.method, args.steps, args.dtype, model_dir=args.model_dir)
   return run_peer(p, args.method, args.steps, args.model_dir, args.threads)
 
 

@@ -22,7 +22,8 @@ TINY = benchmark.PRESETS["tiny"]
 def test_both_sides_run_and_agree_on_the_first_loss(tmp_path):
   model_dir = benchmark.write_peer_model(TINY, str(tmp_path / "model"))
   for method, trainable in (("full", None), ("lora", benchmark.lora_params(TINY, 8))):
-    ours = benchmark.run_jaxtune(TINY, method, steps=2)
+    # full reads the peer's HF folder (as train.py would); LoRA builds the weights in place (GPU path).
+    ours = benchmark.run_jaxtune(TINY, method, steps=2, model_dir=model_dir if method == "full" else "")
     peer = benchmark.run_peer(TINY, method, steps=2, model_dir=model_dir)
     # Same weights, same batch: the losses before the first update agree (LoRA starts at the base).
     np.testing.assert_allclose(ours["first_loss"], peer["first_loss"], atol=2e-4, err_msg=method)
