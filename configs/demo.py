@@ -35,10 +35,10 @@ def get_config():
   c.data.template = "chat"
   c.data.seq_len = 256  # ~3.5 records a packed row (95% filled)
   c.data.packing = True
-  c.train.steps = 30
+  c.train.steps = 24
   c.train.batch_size = 4
   c.train.log_every = 5
-  c.train.checkpoint_every = 15
+  c.train.checkpoint_every = 12
   c.optimizer.learning_rate = 2e-3
   c.optimizer.schedule = "cosine"
   c.optimizer.warmup_steps = 3

@@ -16,7 +16,7 @@ from jaxtune.models import llama
 
 
 def score(params, cfg, peft: llama.PeftRuntime, tokenizer, eval_path: str, *, samples: int = 3,
-          max_new_tokens: int = 8, batch_size: int = 25) -> dict[str, Any]:
+          max_new_tokens: int = 6, batch_size: int = 25) -> dict[str, Any]:
   """{"eval_loss", "exact_match", "mentioned", "samples": [{question, reference, answer}]}."""
   records = sources.read_records(eval_path).records
   encoded = [formats.encode_instruction(r, tokenizer, template="chat") for r in records]
