@@ -136,3 +136,33 @@ def test_same_shape_batches_trace_forward_once(tmp_path, monkeypatch):
 def test_bucket_length():
   assert [evaluation.bucket_length(n) for n in (1, 8, 9, 33, 64, 65, 128, 129)] == [
       8, 8, 16, 64, 64, 128, 128, 192]
+
+
+CHATS = [
+    [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "It is 5."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+     {"role": "assistant", "content": "Blue, like the sea."}],
+]
+
+
+def test_chat_loss_matches_the_contract_definition(tmp_path):
+  """Chat: the tokens after apply_chat_template(messages[:-1], add_generation_prompt=True), up to and
+  including the end-of-turn token, computed here from transformers' tokenizer and torch model alone."""
+  folder = str(tmp_path / "llama_untied")
+  model = save_sharp_model("llama_untied", folder)
+  chat_file = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in CHATS])
+  result = evaluation.evaluate_path(folder, chat_file, "chat", batch_size=2)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+  total, count = 0.0, 0
+  with torch.no_grad():
+    for messages in CHATS:
+      ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+      start = len(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True,
+                                                tokenize=True, return_dict=True)["input_ids"])
+      end = ids.index(tokenizer.convert_tokens_to_ids("<|im_end|>"), start) + 1
+      logits = model(torch.tensor([ids])).logits[0].double()
+      nll = torch.nn.functional.cross_entropy(logits[start - 1:end - 1], torch.tensor(ids[start:end]),
+                                              reduction="sum")
+      total, count = total + float(nll), count + (end - start)
+  assert result["tokens"] == count
+  assert abs(result["loss"] - total / count) < 2e-4, (result["loss"], total / count)
