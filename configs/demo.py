@@ -37,7 +37,7 @@ def get_config():
   c.data.packing = True
   c.train.steps = 24
   c.train.batch_size = 4
-  c.train.log_every = 5
+  c.train.log_every = 2
   c.train.checkpoint_every = 12
   c.optimizer.learning_rate = 2e-3
   c.optimizer.schedule = "cosine"

@@ -38,17 +38,20 @@ def score(params, cfg, peft: llama.PeftRuntime, tokenizer, eval_path: str, *, sa
           "samples": shown}
 
 
-def plot_losses(metrics_rows: list[dict], path: str) -> None:
+def plot_losses(metrics_rows: list[dict], path: str, base_eval_loss: float | None = None) -> None:
+  """Train and eval loss per step; the base model's eval loss is drawn at step 0."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   train = [(r["step"], r["loss"]) for r in metrics_rows if "loss" in r]
   evals = [(r["step"], r["eval_loss"]) for r in metrics_rows if "eval_loss" in r]
+  if base_eval_loss is not None:
+    evals.insert(0, (0, base_eval_loss))
   fig, ax = plt.subplots(figsize=(6, 3.5))
   if train:
     ax.plot(*zip(*train), marker=".", label="train loss")
   if evals:
-    ax.plot(*zip(*evals), "o", label="eval loss")
+    ax.plot(*zip(*evals), "o", label="eval loss (held out)")
   ax.set_xlabel("step")
   ax.set_ylabel("loss (response tokens)")
   ax.set_title("jaxtune demo: LoRA on SmolLM2-135M-Instruct")

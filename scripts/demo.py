@@ -49,7 +49,7 @@ def main(argv):
   shutil.rmtree(os.path.join(out, "peft_adapter"), ignore_errors=True)  # a rerun re-exports
   export.write_peft(os.path.join(out, "peft_adapter"), cfg, params, config.peft.method,
                     config.peft.to_dict(), config.model.path)
-  demo.plot_losses(read_metrics(out), os.path.join(out, "loss_curve.png"))
+  demo.plot_losses(read_metrics(out), os.path.join(out, "loss_curve.png"), before["eval_loss"])
   summary = demo.write_summary(out, before, after)
   print(demo.report(before, after))
   print(f"\nwrote {out}/: checkpoints/, metrics.jsonl, loss_curve.png, peft_adapter/, {os.path.basename(summary)}"
