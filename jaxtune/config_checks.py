@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-import jax.numpy as jnp
 import ml_collections
 
 from jaxtune.peft.partition import METHODS
@@ -122,10 +121,6 @@ def _check_grpo(c: ml_collections.ConfigDict) -> None:
     raise ConfigError("grpo.reward_fn", "give exactly one of grpo.reward_fn (module:function) or grpo.reward_model")
   if c.grpo.reward_fn and ":" not in c.grpo.reward_fn:
     raise ConfigError("grpo.reward_fn", f"{c.grpo.reward_fn!r} is not module:function")
-
-
-def dtype_of(name: str):
-  return jnp.dtype(name)
 
 
 def field_map(spec: str, key: str = "data.field_map") -> dict[str, str]:

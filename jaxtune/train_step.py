@@ -37,12 +37,13 @@ class StepSpec:
   max_targets: int = 0
 
 
-def forward_logits(params, spec: StepSpec, batch: Batch, rng=None, prefix: str = ""):
-  logits, _ = llama.forward(
+def forward_logits(params, spec: StepSpec, batch: Batch, rng=None, prefix: str = "", hidden: bool = False):
+  """Logits (B x T x V), or with `hidden` the final-normed hidden states (B x T x D)."""
+  out, _ = llama.forward(
       params, spec.model, batch[prefix + "inputs"], batch[prefix + "positions"],
       batch[prefix + "segment_ids"], peft=spec.peft, rng=rng, remat=spec.remat,
-      compute_dtype=jnp.dtype(spec.compute_dtype))
-  return logits
+      compute_dtype=jnp.dtype(spec.compute_dtype), return_hidden=hidden)
+  return out
 
 
 def select_targets(weights_BxT, k: int):
@@ -56,9 +57,7 @@ def lm_loss_sums(params, spec: StepSpec, batch: Batch, rng=None) -> tuple[jax.Ar
   if not spec.max_targets or spec.max_targets >= targets.shape[1]:
     logits = forward_logits(params, spec, batch, rng)
   else:
-    hidden, _ = llama.forward(
-        params, spec.model, batch["inputs"], batch["positions"], batch["segment_ids"], peft=spec.peft,
-        rng=rng, remat=spec.remat, compute_dtype=jnp.dtype(spec.compute_dtype), return_hidden=True)
+    hidden = forward_logits(params, spec, batch, rng, hidden=True)
     idx = select_targets(weights, spec.max_targets)
     hidden = jnp.take_along_axis(hidden, idx[..., None], axis=1)
     targets, weights = jnp.take_along_axis(targets, idx, 1), jnp.take_along_axis(weights, idx, 1)
