@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtune.models import attention
 from jaxtune.models.config import ModelConfig
 from jaxtune.peft import prefix as prefix_tuning
 
 Params = dict[str, Any]
-_MASKED = -1e30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,61 +186,6 @@ def bottleneck_adapter(p: Params, x):
   return x + h @ p["up"]["kernel"].astype(x.dtype) + p["up"]["bias"].astype(x.dtype)
 
 
-def attention_weights_mask(q_pos_BxT, q_seg_BxT, k_pos_BxS, k_seg_BxS, sliding_window):
-  """Causal + same-segment (+ sliding window) mask; segment id 0 marks padding/empty slots."""
-  allowed = k_pos_BxS[:, None, :] <= q_pos_BxT[:, :, None]
-  allowed &= q_seg_BxT[:, :, None] == k_seg_BxS[:, None, :]
-  allowed &= k_seg_BxS[:, None, :] != 0
-  if sliding_window:
-    allowed &= (q_pos_BxT[:, :, None] - k_pos_BxS[:, None, :]) < sliding_window
-  return allowed
-
-
-def grouped_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
-  """Softmax attention with grouped-query heads; scores and softmax in float32.
-
-  The G query heads sharing a kv head are folded into the query rows (B x K x G*T x H), so each
-  product is one batched matmul per (batch, kv head).
-  """
-  B, T, N, H = q_BxTxNxH.shape
-  K = k_BxSxKxH.shape[2]
-  G = N // K
-  q_BxKxMxH = q_BxTxNxH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
-  mask_BxKxMxS = jnp.broadcast_to(mask_BxTxS[:, None, None], (B, K, G) + mask_BxTxS.shape[1:])
-  out_BxKxMxH = _attention_core(q_BxKxMxH * (1.0 / math.sqrt(H)), k_BxSxKxH.transpose(0, 2, 1, 3),
-                                v_BxSxKxH.transpose(0, 2, 1, 3), mask_BxKxMxS.reshape(B, K, G * T, -1))
-  return out_BxKxMxH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N * H)
-
-
-@jax.custom_vjp
-def _attention_core(q_BxKxMxH, k_BxKxSxH, v_BxKxSxH, mask_BxKxMxS):
-  return _attention_core_fwd(q_BxKxMxH, k_BxKxSxH, v_BxKxSxH, mask_BxKxMxS)[0]
-
-
-def _attention_core_fwd(q, k, v, mask):
-  scores = jnp.einsum("bkmh,bksh->bkms", q, k, preferred_element_type=jnp.float32)
-  probs = jax.nn.softmax(jnp.where(mask, scores, _MASKED), axis=-1)
-  out = jnp.einsum("bkms,bksh->bkmh", probs.astype(v.dtype), v)
-  return out, (q, k, v, probs, mask)
-
-
-def _attention_core_bwd(residuals, d_out):
-  """Keeps only the probabilities for the backward pass (autodiff also stacks the masked scores
-  across the scanned layers: a second B x N x T x S float32 buffer per layer, zero-filled)."""
-  q, k, v, probs, mask = residuals
-  d_probs = jnp.einsum("bkmh,bksh->bkms", d_out, v, preferred_element_type=jnp.float32)
-  d_scores = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
-  d_scores = jnp.where(mask, d_scores, 0.0)  # fully masked (padding) rows have uniform probs
-  d_v = jnp.einsum("bkms,bkmh->bksh", probs.astype(d_out.dtype), d_out)
-  d_scores = d_scores.astype(q.dtype)
-  d_q = jnp.einsum("bkms,bksh->bkmh", d_scores, k)
-  d_k = jnp.einsum("bkms,bkmh->bksh", d_scores, q)
-  return d_q, d_k.astype(k.dtype), d_v.astype(v.dtype), np.zeros(mask.shape, jax.dtypes.float0)
-
-
-_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
-
-
 # ----------------------------------------------------------------------------- the decoder
 
 
@@ -282,7 +227,9 @@ def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs):
     pv = jnp.broadcast_to(attn["prefix_v"].astype(x.dtype), (B,) + attn["prefix_v"].shape)
     k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
     mask = jnp.concatenate([jnp.ones((B, T, P), bool), mask], axis=-1)
-  out = dense(attn["o_proj"], grouped_attention(q, k, v, mask).reshape(B * T, -1), peft, rngs[3])
+  causal_prefix = None if cache_kv is not None else k.shape[1] - T  # no cache: keys in token order
+  out = dense(attn["o_proj"], attention.grouped_attention(q, k, v, mask, causal_prefix).reshape(B * T, -1),
+              peft, rngs[3])
   if "attn_adapter" in layer:
     out = bottleneck_adapter(layer["attn_adapter"], out)
   x = x + out
@@ -329,14 +276,14 @@ def forward(
   rope_positions = positions_BxT + prefix_length(params)
   cos, sin = rope_cos_sin(cfg, rope_positions)
   if cache is None:
-    mask = attention_weights_mask(positions_BxT, segment_ids_BxT, positions_BxT, segment_ids_BxT,
-                                  cfg.sliding_window)
+    mask = attention.in_token_order(attention.attention_mask(
+        positions_BxT, segment_ids_BxT, positions_BxT, segment_ids_BxT, cfg.sliding_window))
     new_pos = new_seg = None
   else:
     idx = cache["index"]
     new_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions_BxT.astype(jnp.int32), idx, 1)
     new_seg = jax.lax.dynamic_update_slice_in_dim(cache["seg"], segment_ids_BxT.astype(jnp.int32), idx, 1)
-    mask = attention_weights_mask(positions_BxT, segment_ids_BxT, new_pos, new_seg, cfg.sliding_window)
+    mask = attention.attention_mask(positions_BxT, segment_ids_BxT, new_pos, new_seg, cfg.sliding_window)
 
   x = params["embed_tokens"].astype(compute_dtype)[tokens_BxT.reshape(B * T)]
   if rng is None:

@@ -1,0 +1,127 @@
+"""Masked grouped-query attention, lean in memory and time for training and for decoding.
+
+Training (no KV cache) is causal in token order, so query block [a, b) never sees a key after b:
+the scores are computed block row by block row and the masked upper triangle is skipped. As in
+flash attention, only each row's log-sum-exp is kept for the backward pass, which recomputes the
+scores; no B x heads x T x S buffer outlives a layer (a scanned layer would stack one per layer).
+Scores and softmax are float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_MASKED = -1e30
+_MIN_BLOCK = 64  # query rows per block: smaller blocks skip more of the triangle but add ops
+_MAX_BLOCKS = 8
+
+
+def attention_mask(q_pos_BxT, q_seg_BxT, k_pos_BxS, k_seg_BxS, sliding_window):
+  """Causal (by position) + same-segment (+ sliding window) mask; segment id 0 marks padding."""
+  allowed = k_pos_BxS[:, None, :] <= q_pos_BxT[:, :, None]
+  allowed &= q_seg_BxT[:, :, None] == k_seg_BxS[:, None, :]
+  allowed &= k_seg_BxS[:, None, :] != 0
+  if sliding_window:
+    allowed &= (q_pos_BxT[:, :, None] - k_pos_BxS[:, None, :]) < sliding_window
+  return allowed
+
+
+def in_token_order(mask_BxTxT):
+  """The mask restricted to keys at or before the query's index (what `causal_prefix` assumes).
+
+  A no-cache forward pass holds whole packed records in order, so this only removes keys the
+  position mask already hides; it makes block skipping exact for any positions a caller passes.
+  """
+  T = mask_BxTxT.shape[-1]
+  return mask_BxTxT & (jnp.arange(T)[None, :] <= jnp.arange(T)[:, None])
+
+
+def query_blocks(T: int) -> tuple[tuple[int, int], ...]:
+  """(start, end) of each query block: up to 8 near-equal blocks of at least 64 rows."""
+  n = max(1, min(_MAX_BLOCKS, T // _MIN_BLOCK))
+  bounds = [round(T * i / n) for i in range(n + 1)]
+  return tuple(zip(bounds[:-1], bounds[1:]))
+
+
+def grouped_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, causal_prefix: int | None = None):
+  """Softmax attention with grouped-query heads; returns B x T x (N*H).
+
+  causal_prefix None: every query may see any of the S keys the mask allows (decoding with a cache).
+  causal_prefix P: the keys are P always-visible prefix slots followed by the T queries' own tokens,
+  and the mask hides every key after its query (see `in_token_order`); key blocks past each query
+  block are skipped.
+  """
+  B, T, N, H = q_BxTxNxH.shape
+  S, K = k_BxSxKxH.shape[1:3]
+  G = N // K
+  # B x K x T x G x H: a query block's rows (t, g) are contiguous, one batched matmul per (b, kv head).
+  q = (q_BxTxNxH * (1.0 / math.sqrt(H))).reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4)
+  k, v = k_BxSxKxH.transpose(0, 2, 1, 3), v_BxSxKxH.transpose(0, 2, 1, 3)
+  if causal_prefix is None:
+    blocks = ((0, T, S),)
+  else:
+    blocks = tuple((a, b, causal_prefix + b) for a, b in query_blocks(T))
+  out = _blocked_attention(q, k, v, mask_BxTxS, blocks)
+  return out.transpose(0, 2, 1, 3, 4).reshape(B, T, N * H)
+
+
+def _masked_scores(q_blk, k_slab, mask_blk):
+  scores = jnp.einsum("bktgh,bksh->bktgs", q_blk, k_slab, preferred_element_type=jnp.float32)
+  return jnp.where(mask_blk[:, None, :, None, :], scores, _MASKED)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blocked_attention(q, k, v, mask, blocks):
+  """q: B x K x T x G x H (pre-scaled), k/v: B x K x S x H, mask: B x T x S;
+  blocks: (query start, query end, key end) per block row."""
+  return _blocked_attention_fwd(q, k, v, mask, blocks)[0]
+
+
+def _blocked_attention_fwd(q, k, v, mask, blocks):
+  outs, lses = [], []
+  for a, b, e in blocks:
+    scores = _masked_scores(q[:, :, a:b], k[:, :, :e], mask[:, a:b, :e])
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    unnormalized = jnp.exp(scores - row_max)
+    row_sum = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    out = jnp.einsum("bktgs,bksh->bktgh", unnormalized.astype(v.dtype), v[:, :, :e],
+                     preferred_element_type=jnp.float32) / row_sum
+    outs.append(out.astype(q.dtype))
+    lses.append((row_max + jnp.log(row_sum))[..., 0])
+  out = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
+  lse = jnp.concatenate(lses, axis=2) if len(lses) > 1 else lses[0]
+  return out, (q, k, v, mask, out, lse)
+
+
+def _blocked_attention_bwd(blocks, residuals, d_out):
+  q, k, v, mask, out, lse = residuals
+  # sum_s p * dp = d_out . out per query row (flash attention's "delta"): no reduction over keys.
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  d_q_blocks = []
+  d_k = jnp.zeros(k.shape, jnp.float32)
+  d_v = jnp.zeros(v.shape, jnp.float32)
+  for a, b, e in blocks:
+    q_blk, k_slab, v_slab, d_out_blk = q[:, :, a:b], k[:, :, :e], v[:, :, :e], d_out[:, :, a:b]
+    mask_blk = mask[:, a:b, :e][:, None, :, None, :]
+    scores = _masked_scores(q_blk, k_slab, mask[:, a:b, :e])
+    # fully masked (padding) rows: uniform probabilities in the forward pass, no gradient (their
+    # outputs feed no weighted loss in a model)
+    probs = jnp.where(mask_blk, jnp.exp(scores - lse[:, :, a:b, :, None]), 0.0)
+    d_probs = jnp.einsum("bktgh,bksh->bktgs", d_out_blk, v_slab, preferred_element_type=jnp.float32)
+    d_scores = (probs * (d_probs - delta[:, :, a:b, :, None])).astype(q.dtype)
+    d_q_blocks.append(jnp.einsum("bktgs,bksh->bktgh", d_scores, k_slab))
+    d_k = d_k.at[:, :, :e].add(jnp.einsum("bktgs,bktgh->bksh", d_scores, q_blk,
+                                          preferred_element_type=jnp.float32))
+    d_v = d_v.at[:, :, :e].add(jnp.einsum("bktgs,bktgh->bksh", probs.astype(d_out.dtype), d_out_blk,
+                                          preferred_element_type=jnp.float32))
+  d_q = jnp.concatenate(d_q_blocks, axis=2) if len(d_q_blocks) > 1 else d_q_blocks[0]
+  no_grad_mask = np.zeros(mask.shape, jax.dtypes.float0)
+  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), no_grad_mask
+
+
+_blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
