@@ -55,6 +55,9 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     re.compile(c.peft.lora.targets)
   except re.error as e:
     raise ConfigError("peft.lora.targets", f"invalid regex: {e}") from None
+  if c.peft.method == "lora" and any(re.fullmatch(c.peft.lora.targets, p) for p in ("lm_head", "lm_head/kernel")):
+    raise ConfigError("peft.lora.targets", f"{c.peft.lora.targets!r} matches lm_head: LoRA goes in the "
+                      "decoder layers' linear layers only (e.g. '.*(q_proj|v_proj)')")
   _positive(c, "peft.adapter.size")
   placement = [p for p in c.peft.adapter.placement.split(",") if p]
   if not placement or any(p not in ("attn", "mlp") for p in placement):

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxtune.models import llama
+from jaxtune.models import fused_loss, llama
 from jaxtune.models.config import ModelConfig
 from jaxtune.peft import partition
 
@@ -52,18 +52,18 @@ def select_targets(weights_BxT, k: int):
 
 
 def lm_loss_sums(params, spec: StepSpec, batch: Batch, rng=None) -> tuple[jax.Array, jax.Array, Metrics]:
-  """(sum of token NLL over weighted tokens, number of weighted tokens, extra metrics)."""
+  """(sum of token NLL over weighted tokens, number of weighted tokens, extra metrics).
+
+  The LM head and the loss are fused (`fused_loss`): no B x T x V logits are kept.
+  """
   targets, weights = batch["targets"], batch["weights"].astype(jnp.float32)
-  if not spec.max_targets or spec.max_targets >= targets.shape[1]:
-    logits = forward_logits(params, spec, batch, rng)
-  else:
-    hidden = forward_logits(params, spec, batch, rng, hidden=True)
+  hidden = forward_logits(params, spec, batch, rng, hidden=True)
+  if spec.max_targets and spec.max_targets < targets.shape[1]:
     idx = select_targets(weights, spec.max_targets)
     hidden = jnp.take_along_axis(hidden, idx[..., None], axis=1)
     targets, weights = jnp.take_along_axis(targets, idx, 1), jnp.take_along_axis(weights, idx, 1)
-    logits = llama.lm_logits(params, hidden)
-  nll = llama.token_nll(logits, targets)
-  return jnp.sum(nll * weights), jnp.sum(weights), {}
+  head = llama.head_kernel(params, hidden.dtype)
+  return fused_loss.weighted_nll_sum(hidden, head, targets, weights), jnp.sum(weights), {}
 
 
 LossSums = Callable[[Any, StepSpec, Batch, Any], tuple[jax.Array, jax.Array, Metrics]]

@@ -312,15 +312,18 @@ def forward(
   return lm_logits(params, x), new_cache
 
 
+def head_kernel(params: Params, dtype) -> jax.Array:
+  """The LM head as D x V in `dtype`: lm_head's kernel, or the transposed embedding when tied."""
+  if "lm_head" in params:
+    return params["lm_head"]["kernel"].astype(dtype)
+  return params["embed_tokens"].astype(dtype).T
+
+
 def lm_logits(params: Params, hidden_BxTxD):
   """float32 logits (... x V); tokens are flattened for a 2-d matmul (see `_layer`)."""
   h_NxD = hidden_BxTxD.reshape(-1, hidden_BxTxD.shape[-1])
-  if "lm_head" in params:
-    w = params["lm_head"]["kernel"].astype(h_NxD.dtype)
-    logits = jnp.einsum("nd,dv->nv", h_NxD, w, preferred_element_type=jnp.float32)
-  else:
-    w = params["embed_tokens"].astype(h_NxD.dtype)
-    logits = jnp.einsum("nd,vd->nv", h_NxD, w, preferred_element_type=jnp.float32)
+  w_DxV = head_kernel(params, h_NxD.dtype)
+  logits = jnp.einsum("nd,dv->nv", h_NxD, w_DxV, preferred_element_type=jnp.float32)
   return logits.reshape(*hidden_BxTxD.shape[:-1], logits.shape[-1])
 
 

@@ -37,6 +37,8 @@ def add_lora(params: llama.Params, rng: jax.Array, rank: int, targets: str = DEF
   if not paths:
     raise ValueError(f"peft.lora.targets={targets!r} matches no linear layer "
                      f"(paths look like 'layers/self_attn/q_proj')")
+  if "lm_head" in paths:
+    raise ValueError(f"peft.lora.targets={targets!r} matches lm_head: LoRA goes in the decoder layers only")
   flat = flatten(params)
   for path, key in zip(paths, jax.random.split(rng, len(paths))):
     kernel = flat[path + "/kernel"]
