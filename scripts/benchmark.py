@@ -3,11 +3,14 @@
     python scripts/benchmark.py                       # the CPU comparison (docs/benchmark.md)
     python scripts/benchmark.py --preset 1b --dtype bfloat16 --sides jaxtune --peak_tflops 989  # GPU
 
-For each side and method (full, LoRA r=8 on the 7 projections) a fresh subprocess trains
---steps AdamW steps (grad clip 1.0, as train.py) on one fixed random batch, so peak RSS
-(ru_maxrss) is each side's own. Both sides start from the same random weights (the peer loads
-them from a HF folder written here) and report their first loss, which must agree. MFU = model
-FLOPs/s over a matmul peak this script measures (jitted 2048^2 matmul) or --peak_tflops.
+For each precision, method (full, LoRA r=8 on the 7 projections) and side a fresh subprocess
+trains --steps AdamW steps (grad clip 1.0, as train.py) on one fixed random batch, so peak RSS
+(ru_maxrss) is each side's own. Both sides start from the same random float32 weights (the peer
+loads them from a HF folder written here) and report their first loss, which must agree.
+float32: both sides compute in float32. bfloat16: mixed precision on both sides - jaxtune's
+compute_dtype with float32 master weights, the peer under torch.autocast (its own bf16 path).
+MFU = model FLOPs/s over a matmul peak this script measures per precision (jitted 2048^2 matmul,
+float32 accumulation) or --peak_tflops.
 """
 
 from __future__ import annotations
@@ -112,7 +115,7 @@ def measure_matmul_peak(n: int = 2048, dtype: str = "float32", repeats: int = 10
   import jax
   import jax.numpy as jnp
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
-  f = jax.jit(lambda x, y: x @ y)
+  f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
   f(a, a).block_until_ready()
   best = float("inf")
   for _ in range(repeats):
@@ -175,14 +178,18 @@ def run_jaxtune(p: Preset, method: str, steps: int, dtype: str = "float32", rank
     losses.append(metrics["loss"])  # stays on device: no host sync inside the loop
   jax.block_until_ready((trainable, opt_state, losses))
   elapsed = time.perf_counter() - t
-  return {"side": "jaxtune", "method": method, "tokens_per_sec": steps * p.batch * p.seq / elapsed,
+  return {"side": "jaxtune", "method": method, "dtype": dtype, "tokens_per_sec": steps * p.batch * p.seq / elapsed,
           "step_s": elapsed / steps, "compile_s": compile_s, "first_step_s": first_step_s,
           "first_loss": first_loss, "last_loss": float(losses[-1]), "peak_rss_mb": peak_rss_mb(),
           "trainable_params": partition.count(trainable), "device": str(jax.devices()[0].platform)}
 
 
-def run_peer(p: Preset, method: str, steps: int, model_dir: str, threads: int = 2, rank: int = 8) -> dict:
-  """transformers LlamaForCausalLM (+ peft LoRA), torch fp32 AdamW, the same batch and weights."""
+def run_peer(p: Preset, method: str, steps: int, model_dir: str, threads: int = 2, rank: int = 8,
+             dtype: str = "float32") -> dict:
+  """transformers LlamaForCausalLM (+ peft LoRA), torch AdamW, the same batch and weights.
+
+  float32 weights and optimizer; `dtype` bfloat16 runs the forward pass under torch.autocast.
+  """
   import torch
   import transformers
   torch.set_num_threads(threads)
@@ -197,7 +204,8 @@ def run_peer(p: Preset, method: str, steps: int, model_dir: str, threads: int = 
   batch = {k: torch.from_numpy(v) for k, v in fixed_batch(p).items()}
 
   def step():
-    logits = model(input_ids=batch["inputs"]).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+      logits = model(input_ids=batch["inputs"]).logits
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, p.vocab).float(), batch["targets"].reshape(-1).long())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -213,7 +221,7 @@ def run_peer(p: Preset, method: str, steps: int, model_dir: str, threads: int = 
   for _ in range(steps):
     losses.append(step())
   elapsed = time.perf_counter() - t
-  return {"side": "peer", "method": method, "tokens_per_sec": steps * p.batch * p.seq / elapsed,
+  return {"side": "peer", "method": method, "dtype": dtype, "tokens_per_sec": steps * p.batch * p.seq / elapsed,
           "step_s": elapsed / steps, "compile_s": 0.0, "first_step_s": first_step_s,
           "first_loss": first_loss, "last_loss": float(losses[-1]), "peak_rss_mb": peak_rss_mb(),
           "trainable_params": sum(q.numel() for q in params), "device": "cpu"}
@@ -226,36 +234,40 @@ def run_worker(args) -> dict:
   p = PRESETS[args.preset]
   if args.worker == "jaxtune":
     return run_jaxtune(p, args.method, args.steps, args.dtype, model_dir=args.model_dir)
-  return run_peer(p, args.method, args.steps, args.model_dir, args.threads)
+  return run_peer(p, args.method, args.steps, args.model_dir, args.threads, dtype=args.dtype)
 
 
-def spawn(args, side: str, method: str, model_dir: str) -> dict:
+def spawn(args, side: str, method: str, dtype: str, model_dir: str) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--method", method, "--preset", args.preset,
-         "--steps", str(args.steps), "--dtype", args.dtype, "--model_dir", model_dir, "--threads", str(args.threads)]
+         "--steps", str(args.steps), "--dtype", dtype, "--model_dir", model_dir, "--threads", str(args.threads)]
   out = subprocess.run(cmd, capture_output=True, text=True)
   if out.returncode:
     raise RuntimeError(f"{side} {method} failed:\n{out.stderr[-3000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def add_mfu(row: dict, p: Preset, peak: float) -> dict:
+def add_mfu(row: dict, p: Preset, peaks: dict[str, float]) -> dict:
   flops = train_flops_per_token(p, row["method"]) * row["tokens_per_sec"]
-  return dict(row, model_flops=flops, mfu=flops / peak)
+  return dict(row, model_flops=flops, mfu=flops / peaks[row.get("dtype", "float32")])
 
 
-def table(rows: list[dict], peak: float) -> str:
-  lines = [f"matmul peak: {peak / 1e9:,.1f} GFLOP/s",
-           f"{'side':8} {'method':6} {'tok/s':>9} {'MFU':>6} {'RSS MB':>8} {'compile s':>9} {'1st step s':>10} "
-           f"{'1st loss':>9}"]
+def table(rows: list[dict], peaks: dict[str, float]) -> str:
+  lines = ["matmul peak: " + ", ".join(f"{d} {v / 1e9:,.1f} GFLOP/s" for d, v in peaks.items()),
+           f"{'side':8} {'method':6} {'dtype':8} {'tok/s':>9} {'MFU':>6} {'RSS MB':>8} {'compile s':>9} "
+           f"{'1st step s':>10} {'1st loss':>9}"]
   for r in rows:
-    lines.append(f"{r['side']:8} {r['method']:6} {r['tokens_per_sec']:9,.0f} {r['mfu']:6.3f} {r['peak_rss_mb']:8,.0f} "
-                 f"{r['compile_s']:9.2f} {r['first_step_s']:10.2f} {r['first_loss']:9.5f}")
-  by = {(r["side"], r["method"]): r for r in rows}
-  for method in ("full", "lora"):
-    j, q = by.get(("jaxtune", method)), by.get(("peer", method))
+    lines.append(f"{r['side']:8} {r['method']:6} {r.get('dtype', 'float32'):8} {r['tokens_per_sec']:9,.0f} "
+                 f"{r['mfu']:6.3f} {r['peak_rss_mb']:8,.0f} {r['compile_s']:9.2f} {r['first_step_s']:10.2f} "
+                 f"{r['first_loss']:9.5f}")
+  by = {(r["side"], r["method"], r.get("dtype", "float32")): r for r in rows}
+  pairs = [(m, d, d) for d in peaks for m in ("full", "lora")]
+  pairs += [(m, "bfloat16", "float32") for m in ("full", "lora")]  # jaxtune mixed precision vs HF's default
+  for method, ours_dtype, peer_dtype in pairs:
+    j, q = by.get(("jaxtune", method, ours_dtype)), by.get(("peer", method, peer_dtype))
     if j and q:
-      lines.append(f"{method}: jaxtune/peer tokens/s {j['tokens_per_sec'] / q['tokens_per_sec']:.2f}x, "
-                   f"RSS {j['peak_rss_mb'] / q['peak_rss_mb']:.2f}x, MFU {j['mfu']:.3f} vs {q['mfu']:.3f}")
+      lines.append(f"{method} {ours_dtype} vs peer {peer_dtype}: jaxtune/peer tokens/s "
+                   f"{j['tokens_per_sec'] / q['tokens_per_sec']:.2f}x, RSS {j['peak_rss_mb'] / q['peak_rss_mb']:.2f}x, "
+                   f"MFU {j['mfu']:.3f} vs {q['mfu']:.3f}")
   return "\n".join(lines)
 
 
@@ -265,7 +277,8 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--methods", default="full,lora")
   parser.add_argument("--sides", default="jaxtune,peer")
-  parser.add_argument("--dtype", default="float32", help="jaxtune compute dtype (the peer is always float32)")
+  parser.add_argument("--dtype", default="float32,bfloat16",
+                      help="precisions to compare, comma-separated (see the module docstring)")
   parser.add_argument("--threads", type=int, default=2, help="torch threads for the peer")
   parser.add_argument("--peak_tflops", type=float, default=0.0, help="MFU against this instead of a measured peak")
   parser.add_argument("--json", default="", help="also write the rows here")
@@ -277,24 +290,25 @@ def main(argv=None):
     print(json.dumps(run_worker(args)), flush=True)
     return
   p = PRESETS[args.preset]
-  sides, methods = args.sides.split(","), args.methods.split(",")
-  peak = args.peak_tflops * 1e12 or measure_matmul_peak(dtype=args.dtype)
+  sides, methods, dtypes = args.sides.split(","), args.methods.split(","), args.dtype.split(",")
+  peaks = {d: args.peak_tflops * 1e12 or measure_matmul_peak(dtype=d) for d in dtypes}
   print(f"load average before: {os.getloadavg()}", flush=True)
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     model_dir = write_peer_model(p, os.path.join(tmp, "model")) if "peer" in sides else ""
-    for method in methods:
-      for side in sides:
-        rows.append(add_mfu(spawn(args, side, method, model_dir), p, peak))
-        print(json.dumps(rows[-1]), flush=True)
+    for dtype in dtypes:
+      for method in methods:
+        for side in sides:
+          rows.append(add_mfu(spawn(args, side, method, dtype, model_dir), p, peaks))
+          print(json.dumps(rows[-1]), flush=True)
   if not args.peak_tflops:
-    peak = max(peak, measure_matmul_peak(dtype=args.dtype))  # the quieter of two measurements
-    rows = [add_mfu(r, p, peak) for r in rows]
+    peaks = {d: max(v, measure_matmul_peak(dtype=d)) for d, v in peaks.items()}  # the quieter of two
+    rows = [add_mfu(r, p, peaks) for r in rows]
   print(f"load average after: {os.getloadavg()}", flush=True)
-  print(table(rows, peak))
+  print(table(rows, peaks))
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"peak_flops": peak, "rows": rows, "loadavg": os.getloadavg()}, f, indent=2)
+      json.dump({"peak_flops": peaks, "rows": rows, "loadavg": os.getloadavg()}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,11 @@ def test_both_sides_run_and_agree_on_the_first_loss(tmp_path):
     for row in (ours, peer):
       assert row["tokens_per_sec"] > 0 and row["peak_rss_mb"] > 0 and np.isfinite(row["last_loss"])
       assert row["last_loss"] != row["first_loss"]  # the steps updated something
+  # Mixed precision on both sides (jaxtune compute_dtype, the peer's autocast) starts from the same loss too.
+  ours = benchmark.run_jaxtune(TINY, "full", steps=2, dtype="bfloat16", model_dir=model_dir)
+  peer = benchmark.run_peer(TINY, "full", steps=2, model_dir=model_dir, dtype="bfloat16")
+  assert ours["dtype"] == peer["dtype"] == "bfloat16"
+  np.testing.assert_allclose(ours["first_loss"], peer["first_loss"], rtol=1e-2)
 
 
 def test_flops_and_table():
@@ -40,12 +45,15 @@ def test_flops_and_table():
   n, attention = benchmark.matmul_params(TINY), 3 * TINY.layers * 4 * TINY.seq * TINY.hidden
   assert benchmark.train_flops_per_token(TINY, "full") == 6 * n + attention
   assert benchmark.train_flops_per_token(TINY, "lora") == 4 * n + 6 * benchmark.lora_params(TINY, 8) + attention
-  peak = benchmark.measure_matmul_peak(n=256, repeats=2)
-  assert peak > 1e8
-  rows = [benchmark.add_mfu({"side": s, "method": "full", "tokens_per_sec": t, "peak_rss_mb": 100.0,
-                             "compile_s": 1.0, "first_step_s": 1.0, "first_loss": 5.0}, TINY, peak)
-          for s, t in (("jaxtune", 300.0), ("peer", 100.0))]
-  assert "full: jaxtune/peer tokens/s 3.00x" in benchmark.table(rows, peak)
+  peaks = {d: benchmark.measure_matmul_peak(n=256, dtype=d, repeats=2) for d in ("float32", "bfloat16")}
+  assert min(peaks.values()) > 1e8
+  rows = [benchmark.add_mfu({"side": s, "method": "full", "dtype": d, "tokens_per_sec": t, "peak_rss_mb": 100.0,
+                             "compile_s": 1.0, "first_step_s": 1.0, "first_loss": 5.0}, TINY, peaks)
+          for s, d, t in (("jaxtune", "float32", 300.0), ("peer", "float32", 100.0), ("jaxtune", "bfloat16", 500.0))]
+  text = benchmark.table(rows, peaks)
+  assert "full float32 vs peer float32: jaxtune/peer tokens/s 3.00x" in text
+  assert "full bfloat16 vs peer float32: jaxtune/peer tokens/s 5.00x" in text
+  assert "full bfloat16 vs peer bfloat16" not in text  # no such peer row
 
 
 def test_token_nll_gradient_equals_autodiff():

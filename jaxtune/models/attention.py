@@ -114,7 +114,7 @@ def _blocked_attention_bwd(blocks, residuals, d_out):
     probs = jnp.where(mask_blk, jnp.exp(scores - lse[:, :, a:b, :, None]), 0.0)
     d_probs = jnp.einsum("bktgh,bksh->bktgs", d_out_blk, v_slab, preferred_element_type=jnp.float32)
     d_scores = (probs * (d_probs - delta[:, :, a:b, :, None])).astype(q.dtype)
-    d_q_blocks.append(jnp.einsum("bktgs,bksh->bktgh", d_scores, k_slab))
+    d_q_blocks.append(jnp.einsum("bktgs,bksh->bktgh", d_scores, k_slab, preferred_element_type=jnp.float32))
     d_k = d_k.at[:, :, :e].add(jnp.einsum("bktgs,bktgh->bksh", d_scores, q_blk,
                                           preferred_element_type=jnp.float32))
     d_v = d_v.at[:, :, :e].add(jnp.einsum("bktgs,bktgh->bksh", probs.astype(d_out.dtype), d_out_blk,

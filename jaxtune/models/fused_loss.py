@@ -18,6 +18,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxtune.models import matmul
+
 # Positions (per row) per chunk. Along T, so a device's chunk is its own rows x 128 tokens whatever
 # the mesh: 8 rows x 128 x vocab 8192 is 32 MB of float32 logits; 64 to 1024 measured alike on CPU.
 CHUNK_POSITIONS = 128
@@ -75,7 +77,7 @@ def _loss_and_grads(hidden, w, targets, weights, tc: int, grad_h: bool, grad_w: 
       dh = jnp.einsum("nv,dv->nd", d_logits, w, preferred_element_type=jnp.float32)
       dh = dh.astype(hidden.dtype).reshape(h.shape)
     if grad_w:
-      dw_DxV = dw_DxV + jnp.einsum("nd,nv->dv", h_NxD, d_logits, preferred_element_type=jnp.float32)
+      dw_DxV = dw_DxV + matmul.weight_gradient(h_NxD, d_logits)
     return dw_DxV, (loss, dh)
 
   chunks = (_chunked(hidden, tc), _chunked(targets, tc), _chunked(weights, tc))

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxtune.models import attention
 from jaxtune.models.config import ModelConfig
+from jaxtune.models.matmul import matmul
 from jaxtune.peft import prefix as prefix_tuning
 
 Params = dict[str, Any]
@@ -167,7 +168,7 @@ def rope_cos_sin(cfg: ModelConfig, positions_BxT):
 
 def dense(p: Params, x, peft: PeftRuntime, rng=None):
   """x @ kernel (+ bias) (+ LoRA: dropout(x) @ A @ B * scale)."""
-  y = x @ p["kernel"].astype(x.dtype)
+  y = matmul(x, p["kernel"])
   if "bias" in p:
     y = y + p["bias"].astype(x.dtype)
   if "lora_a" in p:
@@ -175,15 +176,15 @@ def dense(p: Params, x, peft: PeftRuntime, rng=None):
     if rng is not None and peft.lora_dropout > 0:
       keep = jax.random.bernoulli(rng, 1.0 - peft.lora_dropout, x.shape)
       xa = jnp.where(keep, x / (1.0 - peft.lora_dropout), 0).astype(x.dtype)
-    y = y + (xa @ p["lora_a"].astype(x.dtype)) @ p["lora_b"].astype(x.dtype) * peft.lora_scale
+    y = y + matmul(matmul(xa, p["lora_a"]), p["lora_b"]) * peft.lora_scale
   return y
 
 
 def bottleneck_adapter(p: Params, x):
   """Houlsby adapter: x + up(gelu(down(x)))."""
-  h = x @ p["down"]["kernel"].astype(x.dtype) + p["down"]["bias"].astype(x.dtype)
+  h = matmul(x, p["down"]["kernel"]) + p["down"]["bias"].astype(x.dtype)
   h = jax.nn.gelu(h, approximate=False)
-  return x + h @ p["up"]["kernel"].astype(x.dtype) + p["up"]["bias"].astype(x.dtype)
+  return x + matmul(h, p["up"]["kernel"]) + p["up"]["bias"].astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------- the decoder

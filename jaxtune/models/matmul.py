@@ -1,0 +1,60 @@
+"""x @ w in the compute dtype, accumulated in float32, with every backward dot in a fast form.
+
+XLA:CPU runs a bfloat16 dot natively (YNNPACK; AMX tiles on recent Xeons, ~4x its float32 rate)
+only when the output is float32 and both operands are row-major with the contraction on the
+left operand's last dimension. Any other bfloat16 dot is silently converted to float32, and
+autodiff of `x @ w` produces one of those: the weight gradient x^T @ g contracts x's first
+dimension, and XLA folds a transpose into the dot's dimension numbers rather than moving data.
+`matmul` asks for float32 accumulation (as TPUs and GPUs do anyway) and, on CPU, computes x^T
+with a real copy. float32 operands take the plain `x @ w`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def matmul(x_NxK, w_KxM):
+  """x @ w for 2-d x; low-precision operands accumulate in float32 and return x's dtype."""
+  if x_NxK.dtype == jnp.float32:
+    return x_NxK @ w_KxM.astype(jnp.float32)
+  return _low_precision_matmul(x_NxK, w_KxM.astype(x_NxK.dtype))
+
+
+def transposed(x_NxK):
+  """x^T as a row-major copy on CPU (a reshape XLA cannot fold into a dot); x.T elsewhere."""
+  if jax.default_backend() != "cpu":
+    return x_NxK.T
+  N, K = x_NxK.shape
+  return jnp.swapaxes(x_NxK.reshape(N, K, 1), 0, 1).reshape(K, N)
+
+
+def weight_gradient(x_NxK, g_NxM):
+  """x^T @ g in float32 (the gradient of a weight from its input x and output cotangent g).
+
+  The narrower of x and g is the one transposed: a LoRA A's gradient moves N x r, not N x K.
+  """
+  if x_NxK.dtype == jnp.float32:
+    return jnp.dot(x_NxK.T, g_NxM, preferred_element_type=jnp.float32)
+  if x_NxK.shape[1] <= 4 * g_NxM.shape[1]:  # transposing g only pays when it is much narrower
+    return jnp.dot(transposed(x_NxK), g_NxM, preferred_element_type=jnp.float32)
+  return transposed(jnp.dot(transposed(g_NxM), x_NxK, preferred_element_type=jnp.float32))
+
+
+@jax.custom_vjp
+def _low_precision_matmul(x_NxK, w_KxM):
+  return jnp.dot(x_NxK, w_KxM, preferred_element_type=jnp.float32).astype(x_NxK.dtype)
+
+
+def _low_precision_matmul_fwd(x_NxK, w_KxM):
+  return _low_precision_matmul(x_NxK, w_KxM), (x_NxK, w_KxM)
+
+
+def _low_precision_matmul_bwd(residuals, g_NxM):
+  x_NxK, w_KxM = residuals
+  d_x = jnp.einsum("nm,km->nk", g_NxM, w_KxM, preferred_element_type=jnp.float32)
+  return d_x.astype(x_NxK.dtype), weight_gradient(x_NxK, g_NxM).astype(w_KxM.dtype)
+
+
+_low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)

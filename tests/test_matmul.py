@@ -1,0 +1,76 @@
+"""Low-precision matmuls: float32-accurate gradients, and on CPU every training dot stays bfloat16."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtune import train_step
+from jaxtune.models import llama, matmul
+from jaxtune.models.config import ModelConfig
+from jaxtune.peft import lora, partition
+
+
+@pytest.mark.parametrize("K,M", [(64, 8), (8, 64), (48, 48)])  # x or g the narrower: both gradient forms
+def test_bfloat16_matmul_gradients_equal_float32_of_the_same_inputs(K, M):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(96, K)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(K, M)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(96, M)), jnp.float32)
+  loss = lambda x, w: jnp.sum(matmul.matmul(x, w).astype(jnp.float32) * g)
+  value, (dx, dw) = jax.jit(jax.value_and_grad(loss, (0, 1)))(x, w)
+  # The reference sees the same rounded operands, in float32.
+  x32, w16 = x.astype(jnp.float32), w.astype(jnp.bfloat16).astype(jnp.float32)
+  ref_dx, ref_dw = g @ w16.T, x32.T @ g.astype(jnp.bfloat16).astype(jnp.float32)
+  assert matmul.matmul(x, w).dtype == dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+  np.testing.assert_allclose(value, jnp.sum((x32 @ w16) * g), rtol=1e-2)
+  np.testing.assert_allclose(dx.astype(jnp.float32), ref_dx, rtol=1e-2, atol=1e-2 * float(jnp.abs(ref_dx).max()))
+  np.testing.assert_allclose(dw, ref_dw, rtol=1e-2, atol=1e-2 * float(jnp.abs(ref_dw).max()))
+
+
+def test_float32_operands_take_the_plain_matmul():
+  x, w = jnp.ones((4, 3)), jnp.ones((3, 2))
+  assert str(jax.make_jaxpr(matmul.matmul)(x, w)).count("custom_vjp") == 0
+
+
+def operand_dtypes_of_dots(hlo: str) -> list[tuple[str, str]]:
+  """(lhs dtype, rhs dtype) of every dot in an optimized HLO module."""
+  dtype_of = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
+  dots = re.findall(r"= \w+\[[\d,]*\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)
+  return [(dtype_of[a], dtype_of[b]) for a, b in dots]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the upcast this guards against is XLA:CPU's")
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_bfloat16_training_step_keeps_every_dot_in_bfloat16(method):
+  """XLA:CPU silently runs a bf16 dot in float32 unless it is in the one native form (see matmul.py)."""
+  cfg = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                    max_position_embeddings=256)
+  params = llama.init_params(cfg, jax.random.PRNGKey(0))
+  if method == "lora":
+    params = lora.add_lora(params, jax.random.PRNGKey(1), 4)
+    params = jax.tree_util.tree_map_with_path(  # B = 0 at init would leave A without gradient
+        lambda path, x: x + 0.05 if "lora_b" in jax.tree_util.keystr(path) else x, params)
+  trainable, frozen = partition.split(params, method)
+  B, T = 2, 128
+  rng = np.random.default_rng(0)
+  batch = {"inputs": rng.integers(0, 512, (B, T)), "targets": rng.integers(0, 512, (B, T)),
+           "weights": jnp.ones((B, T)), "positions": jnp.tile(jnp.arange(T), (B, 1)),
+           "segment_ids": jnp.ones((B, T), jnp.int32)}
+
+  def loss_and_grads(dtype):
+    spec = train_step.StepSpec(model=cfg, compute_dtype=dtype)
+    f = lambda tr: train_step.lm_loss_sums(partition.merge(tr, frozen), spec, batch)[0]
+    return jax.jit(jax.value_and_grad(f))
+
+  hlo = loss_and_grads("bfloat16").lower(trainable).compile().as_text()
+  dtypes = operand_dtypes_of_dots(hlo)
+  assert len(dtypes) >= 10 and set(dtypes) == {("bf16", "bf16")}, sorted(set(dtypes))
+  (loss16, grads16), (loss32, grads32) = loss_and_grads("bfloat16")(trainable), loss_and_grads("float32")(trainable)
+  np.testing.assert_allclose(loss16, loss32, rtol=1e-2)
+  for path in grads32:
+    cos = jnp.vdot(grads16[path], grads32[path]) / (jnp.linalg.norm(grads16[path]) * jnp.linalg.norm(grads32[path]) + 1e-30)
+    assert float(cos) > 0.99, (path, float(cos))
