@@ -54,6 +54,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 3
   c.train.remat = False
+  # With remat, what each layer keeps: nothing (least memory) | dots (matmul outputs; less recompute)
+  c.train.remat_policy = "nothing"
   c.train.skip_nonfinite = False  # True: a step with a non-finite loss/gradient is not applied (counted)
 
   c.optimizer = ml_collections.ConfigDict()

@@ -10,6 +10,7 @@ from jaxtune.peft.partition import METHODS
 
 OBJECTIVES = ("lm", "dpo", "reward", "grpo")
 DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("nothing", "dots")  # llama.REMAT_POLICIES' keys
 
 
 class ConfigError(ValueError):
@@ -82,6 +83,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   if c.train.batch_size % c.train.grad_accum:
     raise ConfigError("train.grad_accum", f"{c.train.grad_accum} does not divide train.batch_size="
                       f"{c.train.batch_size}")
+  _choice(c, "train.remat_policy", REMAT_POLICIES)
   _choice(c, "optimizer.name", ("adamw", "adafactor", "sgd"))
   _choice(c, "optimizer.schedule", ("constant", "linear", "cosine"))
   _positive(c, "optimizer.learning_rate")

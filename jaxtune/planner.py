@@ -18,7 +18,8 @@ Model of the run (jaxtune's own sharding: `sharding.LOGICAL_RULES` applied leaf 
   probabilities (heads x seq_len; absent with a fused/flash attention kernel). With remat
   (jax.checkpoint per scanned layer) only each layer's input (hidden) is kept and one layer's
   full set is live again during its backward pass;
-- the float32 logits and their gradient (2 x 4 bytes x vocab per token) exist once.
+- the float32 logits and their gradient (2 x 4 bytes x vocab per token) exist for one chunk of
+  fused_loss.CHUNK_POSITIONS positions per row (the fused LM-head loss never holds more).
 It ignores XLA's scratch space and fragmentation: `fits` keeps a `reserve` fraction of HBM free.
 """
 
@@ -34,6 +35,7 @@ import types
 import jax.numpy as jnp
 
 from jaxtune import sharding
+from jaxtune.models import fused_loss
 from jaxtune.models.config import ModelConfig, config_from_hf, read_hf_config
 from jaxtune.models.llama import logical_axes, param_shapes
 
@@ -191,7 +193,8 @@ def plan(cfg: ModelConfig, mesh: Mesh, chip: str, batch_size: int, seq_len: int,
 
   tokens = batch_size // rows * seq_len
   layer_bytes = _layer_activation_elements(cfg, seq_len, mesh.tensor, fused_attention) * c_bytes
-  logits = tokens * cfg.vocab_size / mesh.tensor * 4 * 2
+  logit_tokens = batch_size // rows * min(seq_len, fused_loss.CHUNK_POSITIONS)
+  logits = logit_tokens * cfg.vocab_size / mesh.tensor * 4 * 2
   act_no_remat = tokens * cfg.num_layers * layer_bytes + logits
   act_remat = tokens * (cfg.num_layers * cfg.hidden_size * c_bytes + layer_bytes) + logits
   activations = act_remat if remat else act_no_remat

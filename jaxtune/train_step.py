@@ -29,7 +29,7 @@ class StepSpec:
   model: ModelConfig
   peft: llama.PeftRuntime = llama.PeftRuntime()
   compute_dtype: str = "float32"
-  remat: bool = False
+  remat: str = ""  # "" (off) or a llama.REMAT_POLICIES key
   grad_accum: int = 1
   # > 0: compute logits only at the first `max_targets` weighted positions of each row. Exact when
   # no row has more weighted positions (the trainer sets it from the data); saves the LM head and

@@ -205,7 +205,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=None, load=
   opt_state = jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(trainable)
   rng = sharding.put_global(jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 2), shardings["replicated"])
   spec = StepSpec(model=model["model_cfg"], peft=model["peft"], compute_dtype=config.precision.compute_dtype,
-                  remat=config.train.remat, grad_accum=config.train.grad_accum,
+                  remat=config.train.remat_policy if config.train.remat else "", grad_accum=config.train.grad_accum,
                   max_targets=max_targets_per_row(train_data, eval_data))
   step_fn, eval_fn = make_step_fns(config, spec, optimizer, shardings, loss_sums)
   train_data, eval_data = objectives.prepare_data(config, (train_data, eval_data), trainable, frozen, spec, mesh)

@@ -129,8 +129,10 @@ def measure_matmul_peak(n: int = 2048, dtype: str = "float32", repeats: int = 10
 
 
 def run_jaxtune(p: Preset, method: str, steps: int, dtype: str = "float32", rank: int = 8,
-                model_dir: str = "") -> dict:
+                model_dir: str = "", remat: str = "dots") -> dict:
   """jaxtune's jitted, donated train_step (the one train.py runs) on the fixed batch.
+
+  `remat` is train.remat_policy with train.remat on ("" = off); "dots" is the fastest on CPU.
 
   Weights come from `model_dir` (the HF folder the peer loads, read as train.py reads it) or, with
   none, from `base_params` on the default device (the GPU check).
@@ -159,7 +161,7 @@ def run_jaxtune(p: Preset, method: str, steps: int, dtype: str = "float32", rank
   opt_cfg.learning_rate, opt_cfg.schedule = 1e-4, "constant"
   optimizer = build_optimizer(opt_cfg, steps, trainable.keys())
   opt_state = optimizer.init(trainable)
-  spec = StepSpec(model=cfg, peft=llama.PeftRuntime(scale, 0.0), compute_dtype=dtype)
+  spec = StepSpec(model=cfg, peft=llama.PeftRuntime(scale, 0.0), compute_dtype=dtype, remat=remat)
   step = jax.jit(functools.partial(train_step, spec=spec, optimizer=optimizer), donate_argnums=(0, 2))
   batch = jax.device_put(fixed_batch(p))
   rng = jax.random.PRNGKey(2)
@@ -178,7 +180,8 @@ def run_jaxtune(p: Preset, method: str, steps: int, dtype: str = "float32", rank
     losses.append(metrics["loss"])  # stays on device: no host sync inside the loop
   jax.block_until_ready((trainable, opt_state, losses))
   elapsed = time.perf_counter() - t
-  return {"side": "jaxtune", "method": method, "dtype": dtype, "tokens_per_sec": steps * p.batch * p.seq / elapsed,
+  return {"side": "jaxtune", "method": method, "dtype": dtype, "remat": remat,
+          "tokens_per_sec": steps * p.batch * p.seq / elapsed,
           "step_s": elapsed / steps, "compile_s": compile_s, "first_step_s": first_step_s,
           "first_loss": first_loss, "last_loss": float(losses[-1]), "peak_rss_mb": peak_rss_mb(),
           "trainable_params": partition.count(trainable), "device": str(jax.devices()[0].platform)}
@@ -233,13 +236,14 @@ def run_peer(p: Preset, method: str, steps: int, model_dir: str, threads: int = 
 def run_worker(args) -> dict:
   p = PRESETS[args.preset]
   if args.worker == "jaxtune":
-    return run_jaxtune(p, args.method, args.steps, args.dtype, model_dir=args.model_dir)
+    return run_jaxtune(p, args.method, args.steps, args.dtype, model_dir=args.model_dir, remat=args.remat)
   return run_peer(p, args.method, args.steps, args.model_dir, args.threads, dtype=args.dtype)
 
 
 def spawn(args, side: str, method: str, dtype: str, model_dir: str) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--method", method, "--preset", args.preset,
-         "--steps", str(args.steps), "--dtype", dtype, "--model_dir", model_dir, "--threads", str(args.threads)]
+         "--steps", str(args.steps), "--dtype", dtype, "--model_dir", model_dir, "--threads", str(args.threads),
+         "--remat", args.remat]
   out = subprocess.run(cmd, capture_output=True, text=True)
   if out.returncode:
     raise RuntimeError(f"{side} {method} failed:\n{out.stderr[-3000:]}")
@@ -249,6 +253,14 @@ def spawn(args, side: str, method: str, dtype: str, model_dir: str) -> dict:
 def add_mfu(row: dict, p: Preset, peaks: dict[str, float]) -> dict:
   flops = train_flops_per_token(p, row["method"]) * row["tokens_per_sec"]
   return dict(row, model_flops=flops, mfu=flops / peaks[row.get("dtype", "float32")])
+
+
+def median_rows(rows: list[dict]) -> list[dict]:
+  """Per (side, method, dtype), the round with the median tokens/s, first-seen order."""
+  groups: dict[tuple, list[dict]] = {}
+  for r in rows:
+    groups.setdefault((r["side"], r["method"], r.get("dtype", "float32")), []).append(r)
+  return [sorted(g, key=lambda r: r["tokens_per_sec"])[len(g) // 2] for g in groups.values()]
 
 
 def table(rows: list[dict], peaks: dict[str, float]) -> str:
@@ -280,8 +292,12 @@ def main(argv=None):
   parser.add_argument("--dtype", default="float32,bfloat16",
                       help="precisions to compare, comma-separated (see the module docstring)")
   parser.add_argument("--threads", type=int, default=2, help="torch threads for the peer")
+  parser.add_argument("--remat", default="dots",
+                      help="jaxtune's train.remat_policy ('' = train.remat off); dots is the fastest on CPU")
   parser.add_argument("--peak_tflops", type=float, default=0.0, help="MFU against this instead of a measured peak")
-  parser.add_argument("--json", default="", help="also write the rows here")
+  parser.add_argument("--rounds", type=int, default=3,
+                      help="runs of every row, interleaved; the table shows each row's median tokens/s")
+  parser.add_argument("--json", default="", help="also write the rows (every round) here")
   parser.add_argument("--worker", choices=("jaxtune", "peer"), help=argparse.SUPPRESS)
   parser.add_argument("--method", default="full", help=argparse.SUPPRESS)
   parser.add_argument("--model_dir", default="", help=argparse.SUPPRESS)
@@ -296,16 +312,17 @@ def main(argv=None):
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     model_dir = write_peer_model(p, os.path.join(tmp, "model")) if "peer" in sides else ""
-    for dtype in dtypes:
-      for method in methods:
-        for side in sides:
-          rows.append(add_mfu(spawn(args, side, method, dtype, model_dir), p, peaks))
-          print(json.dumps(rows[-1]), flush=True)
+    for _ in range(args.rounds):  # interleaved, so a noisy minute hits every row alike
+      for dtype in dtypes:
+        for method in methods:
+          for side in sides:
+            rows.append(add_mfu(spawn(args, side, method, dtype, model_dir), p, peaks))
+            print(json.dumps(rows[-1]), flush=True)
   if not args.peak_tflops:
     peaks = {d: max(v, measure_matmul_peak(dtype=d)) for d, v in peaks.items()}  # the quieter of two
     rows = [add_mfu(r, p, peaks) for r in rows]
   print(f"load average after: {os.getloadavg()}", flush=True)
-  print(table(rows, peaks))
+  print(table(median_rows(rows), peaks))
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"peak_flops": peaks, "rows": rows, "loadavg": os.getloadavg()}, f, indent=2)

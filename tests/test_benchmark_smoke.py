@@ -54,6 +54,8 @@ def test_flops_and_table():
   assert "full float32 vs peer float32: jaxtune/peer tokens/s 3.00x" in text
   assert "full bfloat16 vs peer float32: jaxtune/peer tokens/s 5.00x" in text
   assert "full bfloat16 vs peer bfloat16" not in text  # no such peer row
+  rounds = [dict(rows[0], tokens_per_sec=t) for t in (900.0, 100.0, 300.0)] + rows[1:]
+  assert [r["tokens_per_sec"] for r in benchmark.median_rows(rounds)] == [300.0, 100.0, 500.0]
 
 
 def test_token_nll_gradient_equals_autodiff():

@@ -28,6 +28,8 @@ CASES = [
     ("steps_negative", ["--config.train.steps=-5"], 1, "error: config.train.steps: must be > 0, got -5"),
     ("lora_rank_zero", ["--config.peft.lora.rank=0"], 1, "error: config.peft.lora.rank: must be > 0, got 0"),
     ("lora_on_lm_head", ["--config.peft.lora.targets=.*"], 1, "error: config.peft.lora.targets: '.*' matches lm_head"),
+    ("unknown_remat_policy", ["--config.train.remat_policy=some"], 1,
+     "error: config.train.remat_policy: 'some' is not one of nothing | dots"),
     ("unknown_method", ["--config.peft.method=qlora"], 1,
      "error: config.peft.method: 'qlora' is not one of full | lora | adapter | prefix"),
     ("unknown_objective", ["--config.objective=ppo2"], 1, "error: config.objective: 'ppo2' is not one of"),

@@ -57,6 +57,11 @@ TINY = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_la
                    num_heads=4, num_kv_heads=2, head_dim=16)
 
 
+def saved_at(seq_len):
+  """Saved activation elements per layer and token (see test_memory_breakdown_by_hand)."""
+  return 4 * 64 + 2 * 64 + 2 * 32 + 4 * 128 + 4 * seq_len
+
+
 def test_memory_breakdown_by_hand():
   # Full fine-tuning, fp32 params, bf16 compute, batch 4 x 8 on fsdp=2 (v5e, 16 GiB).
   p = planner.plan(TINY, planner.Mesh(fsdp=2), "v5e", 4, 8, method="full",
@@ -78,6 +83,10 @@ def test_memory_breakdown_by_hand():
   assert p.activations == p.activations_no_remat
   assert p.total == 214_272 + 295_936 + 214_272 + 428_544 + 96_256
   assert p.hbm == 16 * 2**30 and p.fits
+  # Longer rows: the fused loss holds logits for one chunk of 128 positions per row, not all 512.
+  long = planner.plan(TINY, planner.Mesh(fsdp=2), "v5e", 4, 512, method="full",
+                      param_dtype="float32", compute_dtype="bfloat16", remat=False)
+  assert long.activations_no_remat == 2 * 512 * 2 * saved_at(512) * 2 + 2 * 128 * 256 * 4 * 2
 
 
 def test_tensor_axis_and_lora_sharding():

@@ -83,3 +83,32 @@ def test_logits_only_at_target_positions_is_exact(tiny_setup):
   np.testing.assert_allclose(sel, full, rtol=1e-6)
   for path in g_full:
     np.testing.assert_allclose(g_sel[path], g_full[path], atol=1e-6, err_msg=path)
+
+
+def test_remat_policies_give_the_same_loss_and_gradients(tiny_setup):
+  """train.remat with either policy only trades memory for recomputation: same numbers as no remat."""
+  import jax
+  from jaxtune import config_checks, train_step
+  from jaxtune.models import llama, loading
+  from jaxtune.peft import partition
+  assert tuple(llama.REMAT_POLICIES) == config_checks.REMAT_POLICIES
+  model, _ = tiny_setup
+  cfg, params = loading.load_model(model)
+  rng = np.random.default_rng(0)
+  batch = {"inputs": rng.integers(0, 256, (2, 48)), "targets": rng.integers(0, 256, (2, 48)),
+           "weights": np.ones((2, 48), np.float32), "positions": np.tile(np.arange(48), (2, 1)),
+           "segment_ids": np.ones((2, 48), np.int32)}
+  trainable, frozen = partition.split(params, "full")
+
+  def loss_and_grads(remat):
+    spec = train_step.StepSpec(model=cfg, remat=remat)
+    f = lambda tr: train_step.lm_loss_sums(partition.merge(tr, frozen), spec, batch)[0]
+    return jax.jit(jax.value_and_grad(f))(trainable)
+
+  base_loss, base_grads = loss_and_grads("")
+  for policy in config_checks.REMAT_POLICIES:
+    loss, grads = loss_and_grads(policy)
+    np.testing.assert_allclose(loss, base_loss, rtol=1e-6, err_msg=policy)
+    for path in base_grads:
+      scale = float(np.abs(base_grads[path]).max())
+      np.testing.assert_allclose(grads[path], base_grads[path], rtol=0, atol=1e-5 * scale, err_msg=f"{policy} {path}")

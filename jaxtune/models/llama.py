@@ -243,6 +243,15 @@ def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs):
   return x + out, new_kv
 
 
+# remat: what each scanned layer keeps for the backward pass; the rest is recomputed there.
+REMAT_POLICIES = {
+    "nothing": jax.checkpoint_policies.nothing_saveable,  # the layer input only: least memory
+    # matmul outputs; norms, RoPE, SiLU and residual adds are recomputed. Fewer stacked residuals:
+    # on CPU faster than no remat at all (see docs/benchmark.md).
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 def prefix_length(params: Params) -> int:
   attn = params["layers"]["self_attn"]
   return attn["prefix_k"].shape[1] if "prefix_k" in attn else 0
@@ -258,7 +267,7 @@ def forward(
     cache: Params | None = None,
     peft: PeftRuntime = PeftRuntime(),
     rng: jax.Array | None = None,
-    remat: bool = False,
+    remat: str = "",
     compute_dtype=jnp.float32,
     return_hidden: bool = False,
 ):
@@ -300,7 +309,7 @@ def forward(
     return y, new_kv
 
   if remat:
-    body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
   kv_in = None if cache is None else (cache["k"], cache["v"])
   x, kv_out = jax.lax.scan(body, x, (params["layers"], kv_in, layer_rngs))
   x = rms_norm(x.reshape(B, T, -1), params["norm"], cfg.rms_norm_eps)

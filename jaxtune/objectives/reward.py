@@ -29,7 +29,7 @@ def last_token_index(segment_ids_BxT):
 
 
 def rewards(params: llama.Params, cfg: ModelConfig, tokens_BxT, positions_BxT, segment_ids_BxT, *,
-            peft: llama.PeftRuntime = llama.PeftRuntime(), rng=None, remat: bool = False,
+            peft: llama.PeftRuntime = llama.PeftRuntime(), rng=None, remat: str = "",
             compute_dtype=jnp.float32):
   """Scalar reward per row (float32, B), read at the last non-pad token."""
   hidden_BxTxD, _ = llama.forward(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, peft=peft, rng=rng,
