@@ -19,7 +19,7 @@ Model of the run (jaxtune's own sharding: `sharding.LOGICAL_RULES` applied leaf 
   (jax.checkpoint per scanned layer) only each layer's input (hidden) is kept and one layer's
   full set is live again during its backward pass;
 - the float32 logits and their gradient (2 x 4 bytes x vocab per token) exist for one chunk of
-  fused_loss.CHUNK_POSITIONS positions per row (the fused LM-head loss never holds more).
+  `fused_loss.chunk_positions` per row (128; a quarter of the row when the head trains).
 It ignores XLA's scratch space and fragmentation: `fits` keeps a `reserve` fraction of HBM free.
 """
 
@@ -193,7 +193,7 @@ def plan(cfg: ModelConfig, mesh: Mesh, chip: str, batch_size: int, seq_len: int,
 
   tokens = batch_size // rows * seq_len
   layer_bytes = _layer_activation_elements(cfg, seq_len, mesh.tensor, fused_attention) * c_bytes
-  logit_tokens = batch_size // rows * min(seq_len, fused_loss.CHUNK_POSITIONS)
+  logit_tokens = batch_size // rows * fused_loss.chunk_positions(seq_len, head_gradient=method == "full")
   logits = logit_tokens * cfg.vocab_size / mesh.tensor * 4 * 2
   act_no_remat = tokens * cfg.num_layers * layer_bytes + logits
   act_remat = tokens * (cfg.num_layers * cfg.hidden_size * c_bytes + layer_bytes) + logits

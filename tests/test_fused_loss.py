@@ -1,5 +1,7 @@
 """The fused, chunked LM-head loss: same value and gradients as dense logits, and as transformers."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,3 +106,16 @@ def test_training_gradients_equal_transformers(family, max_targets, tmp_path):
       want = want.T if loading.is_transposed(path) else want
       scale = np.abs(want).max() + 1e-12
       np.testing.assert_allclose(got / scale, want / scale, atol=2e-5, err_msg=f"{path} layer {i}")
+
+
+def scan_lengths(fn, *args) -> list[int]:
+  return [int(n) for n in re.findall(r"length=(\d+)", str(jax.make_jaxpr(fn)(*args)))]
+
+
+def test_a_trained_head_is_summed_over_at_most_four_chunks():
+  """On a mesh the head's gradient is reduced once per chunk: few chunks when it trains, 128 positions if frozen."""
+  hidden, w, targets, weights = random_case(B=2, T=1024)
+  loss = lambda h, w: fused_loss.weighted_nll_sum(h, w, targets, weights)
+  assert scan_lengths(jax.grad(loss, (0, 1)), hidden, w) == [4]   # 256 positions per chunk
+  assert scan_lengths(jax.grad(loss, 0), hidden, w) == [8]        # 128
+  assert fused_loss.chunk_positions(100, head_gradient=True) == fused_loss.chunk_positions(100, False) == 100

@@ -87,6 +87,11 @@ def test_memory_breakdown_by_hand():
   long = planner.plan(TINY, planner.Mesh(fsdp=2), "v5e", 4, 512, method="full",
                       param_dtype="float32", compute_dtype="bfloat16", remat=False)
   assert long.activations_no_remat == 2 * 512 * 2 * saved_at(512) * 2 + 2 * 128 * 256 * 4 * 2
+  # A trained head (full) is summed over at most 4 chunks: 2048 positions -> 512 per chunk; LoRA keeps 128.
+  for method, chunk in (("full", 512), ("lora", 128)):
+    p2k = planner.plan(TINY, planner.Mesh(fsdp=2), "v5e", 4, 2048, method=method,
+                       param_dtype="float32", compute_dtype="bfloat16", remat=False)
+    assert p2k.activations_no_remat == 2 * 2048 * 2 * saved_at(2048) * 2 + 2 * chunk * 256 * 4 * 2, method
 
 
 def test_tensor_axis_and_lora_sharding():

@@ -1,18 +1,20 @@
 """Weighted next-token NLL straight from the final hidden states, without a B x T x V logits buffer.
 
-The LM head dominates a small model's step (vocab 8192 against hidden 256 is a third of the FLOPs
-on the benchmark model). Here the positions are cut into chunks along T and a scan computes each
+The LM head dominates a small model's step (vocab 8192 against hidden 256: two fifths of the
+matmul FLOPs of the benchmark model). Here the positions are cut into chunks along T and a scan computes each
 chunk's logits, log-sum-exp and - when differentiating - the gradient (softmax - one-hot) times the
 head, in the same pass, as Liger's fused linear cross-entropy does. The backward pass only scales
 what the forward pass kept, so the logits are touched once instead of three times, and at most one
 chunk of them is ever alive. A frozen head (LoRA, adapters, prefix) skips the head's gradient.
 
-Chunks run along T, so rows stay where the data/fsdp mesh axes put them.
+Chunks run along T, so rows stay where the data/fsdp mesh axes put them. The head's gradient is
+summed over those rows inside the loop, which on a mesh is one all-reduce (or reduce-scatter) of
+a D x V array per chunk: when the head trains, the rows are cut into at most
+`MAX_CHUNKS_WITH_HEAD_GRADIENT` chunks instead.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -23,6 +25,14 @@ from jaxtune.models import matmul
 # Positions (per row) per chunk. Along T, so a device's chunk is its own rows x 128 tokens whatever
 # the mesh: 8 rows x 128 x vocab 8192 is 32 MB of float32 logits; 64 to 1024 measured alike on CPU.
 CHUNK_POSITIONS = 128
+MAX_CHUNKS_WITH_HEAD_GRADIENT = 4
+
+
+def chunk_positions(T: int, head_gradient: bool) -> int:
+  """Positions per row in one chunk."""
+  if head_gradient:
+    return min(T, max(CHUNK_POSITIONS, math.ceil(T / MAX_CHUNKS_WITH_HEAD_GRADIENT)))
+  return min(T, CHUNK_POSITIONS)
 
 
 def weighted_nll_sum(hidden_BxTxD, w_DxV, targets_BxT, weights_BxT):
@@ -31,8 +41,7 @@ def weighted_nll_sum(hidden_BxTxD, w_DxV, targets_BxT, weights_BxT):
   `w_DxV` is the head in the hidden states' dtype (the transposed embedding when tied); the matmuls
   accumulate in float32. `weights_BxT` gets no gradient.
   """
-  tc = min(CHUNK_POSITIONS, hidden_BxTxD.shape[1])
-  return _fused_nll(hidden_BxTxD, w_DxV, targets_BxT, weights_BxT.astype(jnp.float32), tc)
+  return _fused_nll(hidden_BxTxD, w_DxV, targets_BxT, weights_BxT.astype(jnp.float32))
 
 
 def _chunked(x_BxT_, tc: int):
@@ -88,18 +97,20 @@ def _loss_and_grads(hidden, w, targets, weights, tc: int, grad_h: bool, grad_w: 
   return jnp.sum(losses), dh, dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused_nll(hidden, w, targets, weights, tc):
+@jax.custom_vjp
+def _fused_nll(hidden, w, targets, weights):
+  tc = chunk_positions(hidden.shape[1], head_gradient=False)
   return _loss_and_grads(hidden, w, targets, weights, tc, grad_h=False, grad_w=False)[0]
 
 
-def _fused_nll_fwd(hidden, w, targets, weights, tc):
+def _fused_nll_fwd(hidden, w, targets, weights):
+  tc = chunk_positions(hidden.value.shape[1], head_gradient=w.perturbed)
   loss, dh, dw = _loss_and_grads(hidden.value, w.value, targets.value, weights.value, tc,
                                  grad_h=hidden.perturbed, grad_w=w.perturbed)
   return loss, (dh, None if dw is None else dw.astype(w.value.dtype))
 
 
-def _fused_nll_bwd(tc, residuals, g):
+def _fused_nll_bwd(residuals, g):
   """Scale the gradients the forward pass computed; None marks an input nothing differentiates."""
   dh, dw = residuals
   g = jnp.asarray(g, jnp.float32)
