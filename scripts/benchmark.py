@@ -252,14 +252,14 @@ def spawn(args, side: str, method: str, dtype: str, model_dir: str) -> dict:
 
 def add_mfu(row: dict, p: Preset, peaks: dict[str, float]) -> dict:
   flops = train_flops_per_token(p, row["method"]) * row["tokens_per_sec"]
-  return dict(row, model_flops=flops, mfu=flops / peaks[row.get("dtype", "float32")])
+  return dict(row, model_flops=flops, mfu=flops / peaks[row["dtype"]])
 
 
 def median_rows(rows: list[dict]) -> list[dict]:
   """Per (side, method, dtype), the round with the median tokens/s, first-seen order."""
   groups: dict[tuple, list[dict]] = {}
   for r in rows:
-    groups.setdefault((r["side"], r["method"], r.get("dtype", "float32")), []).append(r)
+    groups.setdefault((r["side"], r["method"], r["dtype"]), []).append(r)
   return [sorted(g, key=lambda r: r["tokens_per_sec"])[len(g) // 2] for g in groups.values()]
 
 
@@ -268,10 +268,10 @@ def table(rows: list[dict], peaks: dict[str, float]) -> str:
            f"{'side':8} {'method':6} {'dtype':8} {'tok/s':>9} {'MFU':>6} {'RSS MB':>8} {'compile s':>9} "
            f"{'1st step s':>10} {'1st loss':>9}"]
   for r in rows:
-    lines.append(f"{r['side']:8} {r['method']:6} {r.get('dtype', 'float32'):8} {r['tokens_per_sec']:9,.0f} "
+    lines.append(f"{r['side']:8} {r['method']:6} {r['dtype']:8} {r['tokens_per_sec']:9,.0f} "
                  f"{r['mfu']:6.3f} {r['peak_rss_mb']:8,.0f} {r['compile_s']:9.2f} {r['first_step_s']:10.2f} "
                  f"{r['first_loss']:9.5f}")
-  by = {(r["side"], r["method"], r.get("dtype", "float32")): r for r in rows}
+  by = {(r["side"], r["method"], r["dtype"]): r for r in rows}
   pairs = [(m, d, d) for d in peaks for m in ("full", "lora")]
   pairs += [(m, "bfloat16", "float32") for m in ("full", "lora")]  # jaxtune mixed precision vs HF's default
   for method, ours_dtype, peer_dtype in pairs:

@@ -30,7 +30,7 @@ else
 fi
 
 python scripts/benchmark.py --preset "$preset" --sides jaxtune --methods "$METHODS" --steps "$STEPS" \
-  --dtype bfloat16 --peak_tflops "$PEAK_TFLOPS" --json "$OUT"
+  --rounds 1 --dtype bfloat16 --peak_tflops "$PEAK_TFLOPS" --json "$OUT"
 
 python - "$OUT" <<'PY'
 import json, sys

@@ -23,11 +23,20 @@ def lora_scale(rank: int, alpha: float, use_rslora: bool = False) -> float:
   return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
+def _matches(pattern: re.Pattern, layer_path: str) -> bool:
+  return bool(pattern.fullmatch(layer_path) or pattern.fullmatch(layer_path + "/kernel"))
+
+
 def target_paths(params: llama.Params, targets: str) -> list[str]:
   """Paths of the linear layers (dicts holding a 'kernel') whose path matches `targets` (re.fullmatch)."""
   pattern = re.compile(targets)
   kernels = [p[: -len("/kernel")] for p in flatten(params) if p.endswith("/kernel")]
-  return [p for p in kernels if pattern.fullmatch(p) or pattern.fullmatch(p + "/kernel")]
+  return [p for p in kernels if _matches(pattern, p)]
+
+
+def targets_lm_head(targets: str) -> bool:
+  """Whether `targets` selects lm_head, where LoRA is refused (the forward pass has no LoRA head)."""
+  return _matches(re.compile(targets), "lm_head")
 
 
 def add_lora(params: llama.Params, rng: jax.Array, rank: int, targets: str = DEFAULT_TARGETS,
