@@ -331,7 +331,7 @@ def _train(config, workdir: str, stop: StopSignals, stop_after: int | None, loss
           if checked < step - 1:  # only finite steps may be saved
             pending, skipped = _check_finite(pending, checked, skipped, config, manager)
           save(step - 1)
-        raise TrainingInterrupted(stop.signum or signal.SIGTERM, step - 1, _newest(manager))
+        raise TrainingInterrupted(stop.signum or signal.SIGTERM, step - 1, newest_checkpoint(manager))
       local = batches.next()
       window_tokens += int(np.count_nonzero(local["segment_ids" if "segment_ids" in local else "chosen_segment_ids"]))
       trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, sharding.global_batch(local, mesh),
@@ -377,7 +377,8 @@ def _train(config, workdir: str, stop: StopSignals, stop_after: int | None, loss
   return rows
 
 
-def _newest(manager) -> str | None:
+def newest_checkpoint(manager) -> str | None:
+  """The newest complete checkpoint's folder, or None."""
   step = manager.latest_step()
   return None if step is None else f"{manager.directory}/{step}"
 
@@ -392,6 +393,6 @@ def _check_finite(pending, checked: int, skipped: int, config, manager):
     manager.wait_until_finished()
     raise FloatingPointError(
         f"step {bad[0]}: non-finite loss or gradients, training stopped; the newest good checkpoint is "
-        f"{_newest(manager) or 'none'} (lower optimizer.learning_rate, or set train.skip_nonfinite=True "
+        f"{newest_checkpoint(manager) or 'none'} (lower optimizer.learning_rate, or set train.skip_nonfinite=True "
         "to skip such batches)")
   return pending, skipped + len(bad)

@@ -228,3 +228,36 @@ def test_skip_nonfinite_leaves_state_unchanged_and_counts(tiny_setup, tmp_path, 
   assert all(jax.tree.leaves(same))  # params, Adam moments and its step count: untouched by step 3
   assert not np.array_equal(np.asarray(after["trainable"]["embed_tokens"]),
                             np.asarray(changed["trainable"]["embed_tokens"]))
+
+
+def test_grpo_kill9_then_sigterm_then_rerun_is_exact(tiny_setup, env, tmp_path):
+  """GRPO's own loop: kill -9 (rows logged after the checkpoint are logged again, once), then SIGTERM
+  (the current step is saved at the next round boundary and the exit says so), then completion."""
+  steps, every = 16, 4
+  data = os.path.join(HERE, "..", "jaxtune", "data", "preference_demo", "train.jsonl")
+  grpo = {"objective": "grpo", "data.format": "preference", "data.train": data, "data.seq_len": 48,
+          "grpo.group_size": 4, "grpo.max_new_tokens": 4, "train.checkpoint_every": every,
+          "grpo.reward_fn": "jaxtune.objectives.toy_rewards:digit_fraction", "optimizer.learning_rate": 1e-2}
+  straight = tmp_path / "straight"
+  train(train_args(tiny_setup, straight, steps=steps, **grpo), env)
+  reference = series(straight)
+  assert sorted(reference) == list(range(1, steps + 1))
+
+  args = train_args(tiny_setup, tmp_path / "run", steps=steps, **grpo)
+  proc = start(args, env)
+  wait_for_step(proc, str(tmp_path / "run"), every + 1)
+  proc.send_signal(signal.SIGKILL)
+  assert finish(proc)[0] == -signal.SIGKILL
+  proc = start(args, env)
+  wait_for_step(proc, str(tmp_path / "run"), 2 * every + 1)
+  proc.send_signal(signal.SIGTERM)
+  rc, _, err = finish(proc, timeout=60)
+  assert rc == 128 + signal.SIGTERM, err[-2000:]
+  match = re.fullmatch(rf"SIGTERM: stopped after step (\d+) \(checkpoint {tmp_path}/run/checkpoints/(\d+)\); "
+                       r"run the same command again to resume", err.strip().splitlines()[-1])
+  assert match and match.group(1) == match.group(2), err[-2000:]
+  stopped = int(match.group(1))
+  assert 2 * every < stopped < steps
+  out = train(args, env)
+  assert f"resumed from {tmp_path}/run/checkpoints/{stopped}\n" in out
+  assert series(tmp_path / "run") == reference  # bitwise, and no step logged twice

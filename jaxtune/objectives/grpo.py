@@ -15,6 +15,7 @@ import functools
 import importlib
 import json
 import os
+import signal
 import time
 from typing import Any, Callable, Sequence
 
@@ -251,7 +252,11 @@ def evaluate_rewards(params, spec, tokenizer, prompts: Prompts, config, fn: Rewa
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> list[dict]:
-  """Trains (or resumes) to config.train.steps optimizer updates; returns the logged rows."""
+  """Trains (or resumes) to config.train.steps optimizer updates; returns the logged rows.
+
+  SIGTERM/SIGINT save the current step at the next round boundary, then raise
+  trainer.TrainingInterrupted (as the other objectives do).
+  """
   if jax.process_count() > 1:
     raise NotImplementedError("objective=grpo runs on one process for now (generation is not multi-host)")
   r = trainer.setup(config, workdir, load=load_prompts)
@@ -270,51 +275,67 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
     trainable, opt_state, rng = state["trainable"], state["opt_state"], state["rng"]
     batches.restore(meta["data"])
     print(f"resumed from {checkpoint.checkpoint_dir(workdir)}/{step}", flush=True)
+  trainer.trim_metrics(workdir, step)  # rows a killed run logged after its checkpoint come again
   log, rows = MetricsLog(workdir), []
   last = min(config.train.steps, stop_after) if stop_after else config.train.steps
   window_start, window_tokens = time.perf_counter(), 0
-  while step < last:
-    params = partition.merge(trainable, frozen)
-    round_seed = config.train.seed * 1_000_003 + step
-    prompt_ids, completions, rewards = sample_round(params, spec, tokenizer, r.train_data, batches.next()["index"],
-                                                    g.group_size, g, round_seed, fn, g.temperature)
-    local = completion_batch(prompt_ids, completions, config.data.seq_len)
-    local["advantages"] = group_advantages(rewards, g.group_size)
-    batch = sharding.global_batch(local, mesh)
-    batch["ref_logp"] = token_logps_jit(reference, spec, batch)
-    if g.updates_per_batch > 1:  # the sampling policy's log-probs, for the ratio after the first update
-      batch["old_logp"] = token_logps_jit(params, spec, batch)
-    sampled = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-               "completion_length": float(np.mean([len(c) for c in completions]))}
-    for _ in range(min(g.updates_per_batch, last - step)):
-      step += 1
-      window_tokens += int(np.count_nonzero(local["segment_ids"]))
-      trainable, opt_state, metrics = r.step_fn(trainable, frozen, opt_state, batch, jax.random.fold_in(rng, step))
-      if step % config.train.log_every and step != last:
-        continue
-      m = jax.device_get(metrics)
-      if not m["finite"]:
-        raise FloatingPointError(f"non-finite GRPO loss or gradients at step {step}")
-      elapsed = time.perf_counter() - window_start
-      row = {"step": step, "loss": float(m["loss"]), "learning_rate": float(r.schedule(step - 1)),
-             "tokens_per_sec": window_tokens / max(elapsed, 1e-9),
-             "grad_norm": float(m["grad_norm"]), "kl": float(m["kl"]), "clip_fraction": float(m["clip_fraction"]),
-             **sampled}
-      if r.eval_data is not None and config.train.eval_every and step % config.train.eval_every == 0:
-        row.update(evaluate_rewards(partition.merge(trainable, frozen), spec, tokenizer, r.eval_data, config, fn))
-      log.write(row)
-      rows.append(row)
-      print(" ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
-      window_start, window_tokens = time.perf_counter(), 0
-    if step == last or (config.train.checkpoint_every and step % config.train.checkpoint_every < g.updates_per_batch):
-      checkpoint.save(manager, step, {"trainable": trainable, "opt_state": opt_state, "rng": rng},
-                      {"data": batches.state()})
-  evaluated_last = config.train.eval_every and last % config.train.eval_every == 0
-  if r.eval_data is not None and last == config.train.steps and not evaluated_last:
-    row = {"step": last, **evaluate_rewards(partition.merge(trainable, frozen), spec, tokenizer, r.eval_data,
-                                            config, fn)}
-    log.write(row)
-    rows.append(row)
-  manager.wait_until_finished()
-  log.close()
+  saved = step
+
+  def save(at):
+    nonlocal saved
+    saved = at
+    checkpoint.save(manager, at, {"trainable": trainable, "opt_state": opt_state, "rng": rng},
+                    {"data": batches.state()})
+
+  with trainer.StopSignals() as stop:
+    try:
+      while step < last:
+        if stop.requested():  # a round boundary: the checkpoint's data position is exact
+          if saved < step:
+            save(step)
+          raise trainer.TrainingInterrupted(stop.signum or signal.SIGTERM, step, trainer.newest_checkpoint(manager))
+        params = partition.merge(trainable, frozen)
+        round_seed = config.train.seed * 1_000_003 + step
+        prompt_ids, completions, rewards = sample_round(params, spec, tokenizer, r.train_data, batches.next()["index"],
+                                                        g.group_size, g, round_seed, fn, g.temperature)
+        local = completion_batch(prompt_ids, completions, config.data.seq_len)
+        local["advantages"] = group_advantages(rewards, g.group_size)
+        batch = sharding.global_batch(local, mesh)
+        batch["ref_logp"] = token_logps_jit(reference, spec, batch)
+        if g.updates_per_batch > 1:  # the sampling policy's log-probs, for the ratio after the first update
+          batch["old_logp"] = token_logps_jit(params, spec, batch)
+        sampled = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+                   "completion_length": float(np.mean([len(c) for c in completions]))}
+        for _ in range(min(g.updates_per_batch, last - step)):
+          step += 1
+          window_tokens += int(np.count_nonzero(local["segment_ids"]))
+          trainable, opt_state, metrics = r.step_fn(trainable, frozen, opt_state, batch, jax.random.fold_in(rng, step))
+          if step % config.train.log_every and step != last:
+            continue
+          m = jax.device_get(metrics)
+          if not m["finite"]:
+            raise FloatingPointError(f"non-finite GRPO loss or gradients at step {step}")
+          elapsed = time.perf_counter() - window_start
+          row = {"step": step, "loss": float(m["loss"]), "learning_rate": float(r.schedule(step - 1)),
+                 "tokens_per_sec": window_tokens / max(elapsed, 1e-9),
+                 "grad_norm": float(m["grad_norm"]), "kl": float(m["kl"]), "clip_fraction": float(m["clip_fraction"]),
+                 **sampled}
+          if r.eval_data is not None and config.train.eval_every and step % config.train.eval_every == 0:
+            row.update(evaluate_rewards(partition.merge(trainable, frozen), spec, tokenizer, r.eval_data, config, fn))
+          log.write(row)
+          rows.append(row)
+          print(" ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
+          window_start, window_tokens = time.perf_counter(), 0
+        every = config.train.checkpoint_every
+        if step == last or (every and step % every < g.updates_per_batch):
+          save(step)
+      evaluated_last = config.train.eval_every and last % config.train.eval_every == 0
+      if r.eval_data is not None and last == config.train.steps and not evaluated_last:
+        row = {"step": last, **evaluate_rewards(partition.merge(trainable, frozen), spec, tokenizer, r.eval_data,
+                                                config, fn)}
+        log.write(row)
+        rows.append(row)
+    finally:  # also on errors and signals: the newest checkpoint is complete before we leave
+      manager.wait_until_finished()
+      log.close()
   return rows
