@@ -113,8 +113,13 @@ def train_step(trainable, frozen, opt_state, batch: Batch, rng, *, spec: StepSpe
   trainable = optax.apply_updates(trainable, updates)
   finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
   metrics = dict(metrics, loss=loss, tokens=tokens, grad_norm=optax.tree.norm(grads),
-                 finite=finite.astype(jnp.float32))
+                 finite=finite.astype(jnp.float32), input_tokens=input_tokens(batch))
   return trainable, opt_state, metrics
+
+
+def input_tokens(batch: Batch) -> jax.Array:
+  """Non-padding input tokens of the global batch (every *segment_ids row set: DPO has two)."""
+  return sum(jnp.count_nonzero(v) for k, v in batch.items() if k.endswith("segment_ids")).astype(jnp.int32)
 
 
 def eval_step(trainable, frozen, batch: Batch, *, spec: StepSpec, loss_sums: LossSums = lm_loss_sums):

@@ -300,11 +300,13 @@ def _train(config, workdir: str, stop: StopSignals, stop_after: int | None, loss
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
   start = manager.latest_step() or 0  # only complete checkpoints: Orbax renames a save when done
   skipped = 0  # non-finite steps skipped (train.skip_nonfinite), over the whole run
+  tokens_seen = 0  # non-padding input tokens of every process, over the whole run (logged steps)
   if start:
     state, meta = checkpoint.restore(manager, start, {"trainable": trainable, "opt_state": opt_state, "rng": rng})
     trainable, opt_state, rng = state["trainable"], state["opt_state"], state["rng"]
     batches.restore(meta["data"])
     skipped = meta.get("skipped_steps", 0)
+    tokens_seen = meta.get("tokens_seen", 0)
     if is_main:
       print(f"resumed from {checkpoint.checkpoint_dir(workdir)}/{start}", flush=True)
   if is_main:  # only now: a checkpoint that does not fit has left the workdir untouched
@@ -314,14 +316,17 @@ def _train(config, workdir: str, stop: StopSignals, stop_after: int | None, loss
 
   saved = start
 
-  def save(step):
+  def save(step):  # pending steps are fetched by now
     nonlocal saved
     saved = step
     checkpoint.save(manager, step, {"trainable": trainable, "opt_state": opt_state, "rng": rng},
-                    {"data": batches.state(), "skipped_steps": skipped})
+                    {"data": batches.state(), "skipped_steps": skipped,
+                     "tokens_seen": tokens_seen + sum(int(m["input_tokens"]) for _, m in pending)})
 
   log = MetricsLog(workdir, enabled=is_main)
-  rows, pending, window_tokens, window_start, checked = [], [], 0, None, start
+  # Throughput counts every process's tokens (the step reports the global batch's count), from the end
+  # of this invocation's first step (it compiles).
+  rows, pending, window_start, checked = [], [], None, start
   last = min(steps, stop_after) if stop_after else steps
   bar = tqdm.tqdm(total=steps, initial=start, desc="train", disable=not is_main, dynamic_ncols=True)
   try:
@@ -333,13 +338,12 @@ def _train(config, workdir: str, stop: StopSignals, stop_after: int | None, loss
           save(step - 1)
         raise TrainingInterrupted(stop.signum or signal.SIGTERM, step - 1, newest_checkpoint(manager))
       local = batches.next()
-      window_tokens += int(np.count_nonzero(local["segment_ids" if "segment_ids" in local else "chosen_segment_ids"]))
       trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, sharding.global_batch(local, mesh),
                                               jax.random.fold_in(rng, step))
       pending.append((step, metrics))
       if window_start is None:  # the first step compiles: time from its end
         jax.block_until_ready(metrics)
-        window_start, window_tokens = time.perf_counter(), 0
+        window_start = time.perf_counter()
       is_log = step % config.train.log_every == 0 or step == last
       is_save = step == last or (config.train.checkpoint_every and step % config.train.checkpoint_every == 0)
       if is_log or is_save:
@@ -348,13 +352,16 @@ def _train(config, workdir: str, stop: StopSignals, stop_after: int | None, loss
       if is_log:
         fetched = pending[-1][1]
         elapsed = time.perf_counter() - window_start
+        timed = sum(int(m["input_tokens"]) for s, m in pending if s > start + 1)
+        tokens_seen += sum(int(m["input_tokens"]) for _, m in pending)
         row = {"step": step, "loss": float(fetched["loss"]), "learning_rate": float(r.schedule(step - 1)),
-               "tokens_per_sec": window_tokens / elapsed if elapsed > 0 and window_tokens else 0.0,
-               "grad_norm": float(fetched["grad_norm"])}
-        row.update({k: float(v) for k, v in fetched.items() if k not in ("loss", "grad_norm", "finite", "tokens")})
+               "tokens_per_sec": timed / elapsed if elapsed > 0 and timed else 0.0,
+               "grad_norm": float(fetched["grad_norm"]), "tokens_seen": tokens_seen}
+        row.update({k: float(v) for k, v in fetched.items()
+                    if k not in ("loss", "grad_norm", "finite", "tokens", "input_tokens")})
         if config.train.skip_nonfinite:
           row["skipped_steps"] = skipped
-        pending, window_tokens, window_start = [], 0, time.perf_counter()
+        pending, window_start = [], time.perf_counter()
         if eval_data is not None and config.train.eval_every and step % config.train.eval_every == 0:
           row.update(evaluate_dataset(eval_fn, trainable, frozen, eval_data, config.train.batch_size, mesh,
                                       config.train.eval_batches))

@@ -34,6 +34,7 @@ def main(model, data, workdir, method, mode, num_processes=None, port=None):
   print(json.dumps({"process_index": jax.process_index(), "process_count": jax.process_count(),
                     "local_devices": jax.local_device_count(), "devices": jax.device_count(),
                     "losses": losses(first) + losses(second),
+                    "tokens_seen": [r["tokens_seen"] for r in first + second if "loss" in r],
                     "steps": [r["step"] for r in first + second]}), flush=True)
 
 

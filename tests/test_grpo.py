@@ -128,5 +128,5 @@ def test_grpo_resume_is_exact(tiny_setup, tmp_path):
   trainer.run(tiny_config(model, data, **kw), str(tmp_path / "resumed"), stop_after=2)
   second = trainer.run(tiny_config(model, data, **kw), str(tmp_path / "resumed"))
   assert [r["step"] for r in second] == [3, 4]
-  for key in ("loss", "reward_mean", "kl"):
+  for key in ("loss", "reward_mean", "kl", "tokens_seen"):
     assert [r[key] for r in second] == [r[key] for r in straight[2:]], key

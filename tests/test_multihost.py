@@ -49,6 +49,9 @@ def test_two_processes_match_two_devices(tiny_setup, tmp_path, method):
   assert p0["steps"] == list(range(1, 7))
   np.testing.assert_allclose(p0["losses"], single["losses"], atol=1e-5, rtol=0)
   np.testing.assert_allclose(p1["losses"], p0["losses"], atol=0, rtol=0)  # one global loss
+  # Throughput and tokens_seen count both processes' rows, not process 0's alone.
+  assert p0["tokens_seen"] == p1["tokens_seen"] == single["tokens_seen"]
+  assert all(b > a for a, b in zip(single["tokens_seen"], single["tokens_seen"][1:]))
   assert single["losses"][-1] < single["losses"][0]
 
   # Only process 0 logs: both processes share the workdir, so a second writer would double the rows.

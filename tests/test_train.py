@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from jaxtune import trainer
+from jaxtune.data import pipeline
 from jaxtune.metrics_log import read_metrics
 from train_helpers import losses, tiny_config
 
@@ -42,11 +43,19 @@ def test_resume_is_exact(tiny_setup, tmp_path, method):
   model, data = tiny_setup
   kw = {"peft.method": method, "train.steps": 20, "train.checkpoint_every": 10,
         "optimizer.learning_rate": 1e-3, "optimizer.schedule": "cosine", "optimizer.warmup_steps": 3}
-  straight = losses(trainer.run(tiny_config(model, data, **kw), str(tmp_path / "straight")))
+  straight_rows = trainer.run(tiny_config(model, data, **kw), str(tmp_path / "straight"))
+  straight = losses(straight_rows)
   first = trainer.run(tiny_config(model, data, **kw), str(tmp_path / "resumed"), stop_after=10)
   second = trainer.run(tiny_config(model, data, **kw), str(tmp_path / "resumed"))
   assert [r["step"] for r in first][-1] == 10 and [r["step"] for r in second][0] == 11
   assert losses(second) == straight[10:], (losses(second), straight[10:])
+  # tokens_seen: the non-padding inputs of the batches so far, counted here from the data itself,
+  # and carried through the checkpoint.
+  config = tiny_config(model, data, **kw)
+  batches = pipeline.BatchIterator(trainer.setup(config, str(tmp_path / "count")).train_data, 8, config.train.seed)
+  expected = np.cumsum([np.count_nonzero(batches.next()["segment_ids"]) for _ in range(20)])
+  assert [row["tokens_seen"] for row in straight_rows if "loss" in row] == expected.tolist()
+  assert [row["tokens_seen"] for row in first + second if "loss" in row] == expected.tolist()
 
 
 def test_grad_accumulation_equals_big_batch(tiny_setup, tmp_path):

@@ -270,10 +270,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
                                    config.train.seed)
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
   step = manager.latest_step() or 0
+  tokens_seen = 0  # non-padding input tokens over the whole run
   if step:
     state, meta = checkpoint.restore(manager, step, {"trainable": trainable, "opt_state": opt_state, "rng": rng})
     trainable, opt_state, rng = state["trainable"], state["opt_state"], state["rng"]
     batches.restore(meta["data"])
+    tokens_seen = meta.get("tokens_seen", 0)
     print(f"resumed from {checkpoint.checkpoint_dir(workdir)}/{step}", flush=True)
   trainer.trim_metrics(workdir, step)  # rows a killed run logged after its checkpoint come again
   log, rows = MetricsLog(workdir), []
@@ -285,7 +287,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
     nonlocal saved
     saved = at
     checkpoint.save(manager, at, {"trainable": trainable, "opt_state": opt_state, "rng": rng},
-                    {"data": batches.state()})
+                    {"data": batches.state(), "tokens_seen": tokens_seen})
 
   with trainer.StopSignals() as stop:
     try:
@@ -309,6 +311,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
         for _ in range(min(g.updates_per_batch, last - step)):
           step += 1
           window_tokens += int(np.count_nonzero(local["segment_ids"]))
+          tokens_seen += int(np.count_nonzero(local["segment_ids"]))
           trainable, opt_state, metrics = r.step_fn(trainable, frozen, opt_state, batch, jax.random.fold_in(rng, step))
           if step % config.train.log_every and step != last:
             continue
@@ -318,8 +321,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
           elapsed = time.perf_counter() - window_start
           row = {"step": step, "loss": float(m["loss"]), "learning_rate": float(r.schedule(step - 1)),
                  "tokens_per_sec": window_tokens / max(elapsed, 1e-9),
-                 "grad_norm": float(m["grad_norm"]), "kl": float(m["kl"]), "clip_fraction": float(m["clip_fraction"]),
-                 **sampled}
+                 "tokens_seen": tokens_seen, "grad_norm": float(m["grad_norm"]), "kl": float(m["kl"]),
+                 "clip_fraction": float(m["clip_fraction"]), **sampled}
           if r.eval_data is not None and config.train.eval_every and step % config.train.eval_every == 0:
             row.update(evaluate_rewards(partition.merge(trainable, frozen), spec, tokenizer, r.eval_data, config, fn))
           log.write(row)
