@@ -154,10 +154,18 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
 
 
 def apply_rope(x_BxTxNxH, cos_BxTxH, sin_BxTxH):
-  half = x_BxTxNxH.shape[-1] // 2
-  rotated = jnp.concatenate([-x_BxTxNxH[..., half:], x_BxTxNxH[..., :half]], axis=-1)
+  """In float32 (one cast in, one out; also in the backward), the result in x's dtype."""
+  x = x_BxTxNxH.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
   cos, sin = cos_BxTxH[:, :, None, :], sin_BxTxH[:, :, None, :]
-  return (x_BxTxNxH.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x_BxTxNxH.dtype)
+  return (x * cos + rotated * sin).astype(x_BxTxNxH.dtype)
+
+
+def swiglu(gate, up):
+  """silu(gate) * up in float32, the result in gate's dtype: in bfloat16 on a backend without bf16
+  arithmetic (CPU) every op would round-trip through float32 and back."""
+  return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gate.dtype)
 
 
 def rope_cos_sin(cfg: ModelConfig, positions_BxT):
@@ -236,7 +244,7 @@ def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs):
   x = x + out
   mlp = layer["mlp"]
   h = rms_norm(x, layer["post_attention_layernorm"], cfg.rms_norm_eps)
-  h = jax.nn.silu(dense(mlp["gate_proj"], h, peft, rngs[4])) * dense(mlp["up_proj"], h, peft, rngs[5])
+  h = swiglu(dense(mlp["gate_proj"], h, peft, rngs[4]), dense(mlp["up_proj"], h, peft, rngs[5]))
   out = dense(mlp["down_proj"], h, peft, rngs[6])
   if "mlp_adapter" in layer:
     out = bottleneck_adapter(layer["mlp_adapter"], out)
