@@ -78,6 +78,21 @@ def test_bfloat16_training_step_keeps_every_dot_in_bfloat16(method):
     assert float(cos) > 0.99, (path, float(cos))
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the upcast this guards against is XLA:CPU's")
+def test_bfloat16_attention_keeps_every_dot_in_bfloat16():
+  """Attention alone, its inputs straight from the caller (no projection before it to fix a layout)."""
+  from jaxtune.models import attention
+  B, T, N, K, H = 2, 256, 4, 2, 16
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(B, T, n, H)), jnp.bfloat16) for n in (N, K, K))
+  pos, seg = jnp.tile(jnp.arange(T), (B, 1)), jnp.ones((B, T), jnp.int32)
+  mask = attention.in_token_order(attention.attention_mask(pos, seg, pos, seg, 0))
+  loss = lambda q, k, v: jnp.sum(attention.grouped_attention(q, k, v, mask, 0).astype(jnp.float32) ** 2)
+  hlo = jax.jit(jax.grad(loss, (0, 1, 2))).lower(q, k, v).compile().as_text()
+  dtypes = operand_dtypes_of_dots(hlo)
+  assert len(dtypes) >= 8 and set(dtypes) == {("bf16", "bf16")}, sorted(set(dtypes))
+
+
 def _bfloat16_arithmetic(fn, *args) -> set[str]:
   """Primitives other than casts that produce bfloat16 values in fn's forward and backward."""
   def loss(*a):

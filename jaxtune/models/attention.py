@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtune.models.matmul import transposed
+
 _MASKED = -1e30
 _MIN_BLOCK = 64  # query rows per block: smaller blocks skip more of the triangle but add ops
 _MAX_BLOCKS = 8
@@ -61,13 +63,22 @@ def grouped_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, causal_prefix
   G = N // K
   # B x K x T x G x H: a query block's rows (t, g) are contiguous, one batched matmul per (b, kv head).
   q = (q_BxTxNxH * (1.0 / math.sqrt(H))).reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4)
-  k, v = k_BxSxKxH.transpose(0, 2, 1, 3), v_BxSxKxH.transpose(0, 2, 1, 3)
+  k, v = heads_first(k_BxSxKxH), heads_first(v_BxSxKxH)
   if causal_prefix is None:
     blocks = ((0, T, S),)
   else:
     blocks = tuple((a, b, causal_prefix + b) for a, b in query_blocks(T))
   out = _blocked_attention(q, k, v, mask_BxTxS, blocks)
   return out.transpose(0, 2, 1, 3, 4).reshape(B, T, N * H)
+
+
+def heads_first(x_BxSxKxH):
+  """B x K x S x H; on CPU as a row-major copy (a reshape XLA cannot fold into a later dot): a
+  low-precision dot on a transposed layout is run in float32 there."""
+  if jax.default_backend() != "cpu":
+    return x_BxSxKxH.transpose(0, 2, 1, 3)
+  B, S, K, H = x_BxSxKxH.shape
+  return x_BxSxKxH.reshape(B, S, K, H, 1).transpose(0, 2, 1, 3, 4).reshape(B, K, S, H)
 
 
 def _masked_scores(q_blk, k_slab, mask_blk):
@@ -100,25 +111,33 @@ def _blocked_attention_fwd(q, k, v, mask, blocks):
 
 def _blocked_attention_bwd(blocks, residuals, d_out):
   q, k, v, mask, out, lse = residuals
+  B, K, _, G, H = q.shape
   # sum_s p * dp = d_out . out per query row (flash attention's "delta"): no reduction over keys.
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  # Scores are recomputed transposed, keys x query rows: the key and value gradients then contract
+  # the last dimension of every big operand (on CPU, any other form copies the block's probabilities
+  # into a transposed layout first), and only k and each query gradient block, H wide, are transposed.
+  k_t = transposed(k)
   d_q_blocks = []
   d_k = jnp.zeros(k.shape, jnp.float32)
   d_v = jnp.zeros(v.shape, jnp.float32)
   for a, b, e in blocks:
-    q_blk, k_slab, v_slab, d_out_blk = q[:, :, a:b], k[:, :, :e], v[:, :, :e], d_out[:, :, a:b]
-    mask_blk = mask[:, a:b, :e][:, None, :, None, :]
-    scores = _masked_scores(q_blk, k_slab, mask[:, a:b, :e])
+    rows = (b - a) * G
+    q_blk, d_out_blk = q[:, :, a:b].reshape(B, K, rows, H), d_out[:, :, a:b].reshape(B, K, rows, H)
+    mask_t = jnp.swapaxes(mask[:, a:b, :e], 1, 2)[:, None, :, :, None]
+    mask_t = jnp.broadcast_to(mask_t, (B, K, e, b - a, G)).reshape(B, K, e, rows)
+    scores_t = jnp.einsum("bksh,bkqh->bksq", k[:, :, :e], q_blk, preferred_element_type=jnp.float32)
     # fully masked (padding) rows: uniform probabilities in the forward pass, no gradient (their
     # outputs feed no weighted loss in a model)
-    probs = jnp.where(mask_blk, jnp.exp(scores - lse[:, :, a:b, :, None]), 0.0)
-    d_probs = jnp.einsum("bktgh,bksh->bktgs", d_out_blk, v_slab, preferred_element_type=jnp.float32)
-    d_scores = (probs * (d_probs - delta[:, :, a:b, :, None])).astype(q.dtype)
-    d_q_blocks.append(jnp.einsum("bktgs,bksh->bktgh", d_scores, k_slab, preferred_element_type=jnp.float32))
-    d_k = d_k.at[:, :, :e].add(jnp.einsum("bktgs,bktgh->bksh", d_scores, q_blk,
+    probs_t = jnp.where(mask_t, jnp.exp(scores_t - lse[:, :, a:b].reshape(B, K, 1, rows)), 0.0)
+    d_probs_t = jnp.einsum("bksh,bkqh->bksq", v[:, :, :e], d_out_blk, preferred_element_type=jnp.float32)
+    d_scores_t = (probs_t * (d_probs_t - delta[:, :, a:b].reshape(B, K, 1, rows))).astype(q.dtype)
+    d_k = d_k.at[:, :, :e].add(jnp.einsum("bksq,bkqh->bksh", d_scores_t, q_blk,
                                           preferred_element_type=jnp.float32))
-    d_v = d_v.at[:, :, :e].add(jnp.einsum("bktgs,bktgh->bksh", probs.astype(d_out.dtype), d_out_blk,
+    d_v = d_v.at[:, :, :e].add(jnp.einsum("bksq,bkqh->bksh", probs_t.astype(d_out.dtype), d_out_blk,
                                           preferred_element_type=jnp.float32))
+    d_q_t = jnp.einsum("bkhs,bksq->bkhq", k_t[..., :e], d_scores_t, preferred_element_type=jnp.float32)
+    d_q_blocks.append(transposed(d_q_t).reshape(B, K, b - a, G, H))
   d_q = jnp.concatenate(d_q_blocks, axis=2) if len(d_q_blocks) > 1 else d_q_blocks[0]
   no_grad_mask = np.zeros(mask.shape, jax.dtypes.float0)
   return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), no_grad_mask

@@ -23,11 +23,12 @@ def matmul(x_NxK, w_KxM):
 
 
 def transposed(x_NxK):
-  """x^T as a row-major copy on CPU (a reshape XLA cannot fold into a dot); x.T elsewhere."""
+  """x with its last two axes swapped, as a row-major copy on CPU (a reshape XLA cannot fold into a
+  dot); a plain swap elsewhere."""
   if jax.default_backend() != "cpu":
-    return x_NxK.T
-  N, K = x_NxK.shape
-  return jnp.swapaxes(x_NxK.reshape(N, K, 1), 0, 1).reshape(K, N)
+    return jnp.swapaxes(x_NxK, -1, -2)
+  *lead, N, K = x_NxK.shape
+  return jnp.swapaxes(x_NxK.reshape(*lead, N, K, 1), -3, -2).reshape(*lead, K, N)
 
 
 def weight_gradient(x_NxK, g_NxM):
