@@ -51,17 +51,22 @@ def select_targets(weights_BxT, k: int):
   return jnp.argsort(weights_BxT <= 0, axis=1, stable=True)[:, :k]
 
 
+def at_targets(spec: StepSpec, hidden_BxTxD, targets_BxT, weights_BxT):
+  """(hidden, targets, weights) at each row's first spec.max_targets weighted positions (all when 0)."""
+  if not spec.max_targets or spec.max_targets >= targets_BxT.shape[1]:
+    return hidden_BxTxD, targets_BxT, weights_BxT
+  idx = select_targets(weights_BxT, spec.max_targets)
+  return (jnp.take_along_axis(hidden_BxTxD, idx[..., None], axis=1), jnp.take_along_axis(targets_BxT, idx, 1),
+          jnp.take_along_axis(weights_BxT, idx, 1))
+
+
 def lm_loss_sums(params, spec: StepSpec, batch: Batch, rng=None) -> tuple[jax.Array, jax.Array, Metrics]:
   """(sum of token NLL over weighted tokens, number of weighted tokens, extra metrics).
 
   The LM head and the loss are fused (`fused_loss`): no B x T x V logits are kept.
   """
-  targets, weights = batch["targets"], batch["weights"].astype(jnp.float32)
   hidden = forward_logits(params, spec, batch, rng, hidden=True)
-  if spec.max_targets and spec.max_targets < targets.shape[1]:
-    idx = select_targets(weights, spec.max_targets)
-    hidden = jnp.take_along_axis(hidden, idx[..., None], axis=1)
-    targets, weights = jnp.take_along_axis(targets, idx, 1), jnp.take_along_axis(weights, idx, 1)
+  hidden, targets, weights = at_targets(spec, hidden, batch["targets"], batch["weights"].astype(jnp.float32))
   head = llama.head_kernel(params, hidden.dtype)
   return fused_loss.weighted_nll_sum(hidden, head, targets, weights), jnp.sum(weights), {}
 

@@ -96,8 +96,9 @@ def load_data(config: ml_collections.ConfigDict, tokenizer):
 
 def max_targets_per_row(*datasets) -> int:
   """Most weighted positions in any row, rounded up to a multiple of 8 (see StepSpec.max_targets)."""
-  most = max((int((d.arrays["weights"] > 0).sum(axis=1).max()) for d in datasets
-              if d is not None and "weights" in d.arrays), default=0)
+  keys = ("weights", "chosen_weights", "rejected_weights")  # LM rows; DPO pairs
+  most = max((int((d.arrays[k] > 0).sum(axis=1).max()) for d in datasets if d is not None
+              for k in keys if k in d.arrays), default=0)
   return -(-most // 8) * 8
 
 

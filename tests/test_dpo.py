@@ -4,6 +4,7 @@ on transformers' log-probs."""
 import math
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -76,6 +77,22 @@ def test_dpo_loss_equals_trl_formula_on_transformers_logprobs(tmp_path):
   assert abs(ours - trl) < 1e-4, (ours, trl)
   assert abs(float(metrics["reward_margin"]) - (beta * ((pc - rc) - (pr - rr))).mean().item()) < 1e-3
   np.testing.assert_allclose(with_ref.arrays["chosen_ref_logp"], rc.numpy(), rtol=1e-5, atol=1e-3)
+
+  # The LM head only at response positions (the trainer sets max_targets from the data): same
+  # loss and gradients.
+  k = trainer.max_targets_per_row(ds)
+  assert 0 < k < 96
+
+  def loss_and_grads(spec):
+    return jax.value_and_grad(lambda p: dpo.dpo_loss_sums(p, spec, with_ref.arrays, beta=beta)[0])(policy)
+
+  (full, g_full), (sel, g_sel) = loss_and_grads(spec), loss_and_grads(StepSpec(model=cfg, max_targets=k))
+  np.testing.assert_allclose(sel, full, rtol=1e-6)
+  flat_sel = dict(jax.tree_util.tree_flatten_with_path(g_sel)[0])
+  for path, g in jax.tree_util.tree_flatten_with_path(g_full)[0]:
+    scale = float(np.abs(g).max())  # float32 summation order: errors relative to the largest entry
+    np.testing.assert_allclose(flat_sel[path], g, rtol=1e-5, atol=2e-6 * scale, err_msg=jax.tree_util.keystr(path))
+  assert len(flat_sel) > 10
 
 
 def test_label_smoothing_and_ipo_match_their_formulas():

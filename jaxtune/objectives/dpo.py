@@ -19,7 +19,7 @@ from jaxtune import sharding
 from jaxtune.data import pipeline
 from jaxtune.models import llama, loading
 from jaxtune.peft import partition
-from jaxtune.train_step import Batch, StepSpec
+from jaxtune.train_step import Batch, StepSpec, at_targets
 
 SIDES = ("chosen", "rejected")
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -43,11 +43,13 @@ def both_sides(batch: Batch, key: str):
 
 def pair_logps(params: llama.Params, spec: StepSpec, batch: Batch, rng=None):
   """(sum of response-token log-probs, number of response tokens), each 2B: chosen rows then rejected."""
-  logits, _ = llama.forward(params, spec.model, both_sides(batch, "inputs"), both_sides(batch, "positions"),
+  hidden, _ = llama.forward(params, spec.model, both_sides(batch, "inputs"), both_sides(batch, "positions"),
                             both_sides(batch, "segment_ids"), peft=spec.peft, rng=rng, remat=spec.remat,
-                            compute_dtype=jnp.dtype(spec.compute_dtype))
-  weights_2BxT = both_sides(batch, "weights").astype(jnp.float32)
-  logp_2BxT = -llama.token_nll(logits, both_sides(batch, "targets"))
+                            compute_dtype=jnp.dtype(spec.compute_dtype), return_hidden=True)
+  # The LM head runs only at response positions (spec.max_targets, set from the data), not on prompts.
+  hidden, targets_2BxT, weights_2BxT = at_targets(spec, hidden, both_sides(batch, "targets"),
+                                                   both_sides(batch, "weights").astype(jnp.float32))
+  logp_2BxT = -llama.token_nll(llama.lm_logits(params, hidden), targets_2BxT)
   return jnp.sum(logp_2BxT * weights_2BxT, axis=-1), jnp.sum(weights_2BxT, axis=-1)
 
 
