@@ -184,7 +184,8 @@ def dense(p: Params, x, peft: PeftRuntime, rng=None):
     if rng is not None and peft.lora_dropout > 0:
       keep = jax.random.bernoulli(rng, 1.0 - peft.lora_dropout, x.shape)
       xa = jnp.where(keep, x / (1.0 - peft.lora_dropout), 0).astype(x.dtype)
-    y = y + matmul(matmul(xa, p["lora_a"]), p["lora_b"]) * peft.lora_scale
+    # the scale goes on B (r x out), not on the N x out product: one elementwise pass fewer each way
+    y = y + matmul(matmul(xa, p["lora_a"]), p["lora_b"] * peft.lora_scale)
   return y
 
 
