@@ -99,6 +99,8 @@ def max_targets_per_row(*datasets) -> int:
   keys = ("weights", "chosen_weights", "rejected_weights")  # LM rows; DPO pairs
   most = max((int((d.arrays[k] > 0).sum(axis=1).max()) for d in datasets if d is not None
               for k in keys if k in d.arrays), default=0)
+  # GRPO prompts: their rows come later, with at most grpo.max_new_tokens targets
+  most = max([most] + [getattr(d, "targets_per_row", 0) for d in datasets if d is not None])
   return -(-most // 8) * 8
 
 

@@ -12,7 +12,7 @@ from jaxtune.data import pipeline
 from jaxtune.models import loading
 from jaxtune.objectives import grpo, reward
 from jaxtune.train_step import StepSpec
-from train_helpers import tiny_config
+from train_helpers import assert_same_gradients, tiny_config
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "jaxtune", "data", "preference_demo")
 DIGITS = "jaxtune.objectives.toy_rewards:digit_fraction"
@@ -52,7 +52,7 @@ def test_grpo_loss_equals_the_formula_on_transformers_logprobs(peaked_model):
   batch = grpo.completion_batch([list(rng.integers(3, 256, 5)) for _ in range(4)],
                                 [list(rng.integers(3, 256, n)) for n in (2, 6, 4, 1)], 16)
   batch["advantages"] = np.array([1.5, -0.5, 0.7, -1.7], np.float32)
-  logp = np.asarray(grpo.token_logps(params, StepSpec(model=cfg), batch))
+  logp = np.asarray(grpo.token_logps(params, StepSpec(model=cfg), batch)[0])
   batch["old_logp"] = (logp + rng.normal(0, 0.3, logp.shape)).astype(np.float32)  # ratios both sides of the clip
   batch["ref_logp"] = (logp + rng.normal(0, 0.5, logp.shape)).astype(np.float32)
   eps, beta = 0.2, 0.3
@@ -71,6 +71,24 @@ def test_grpo_loss_equals_the_formula_on_transformers_logprobs(peaked_model):
   assert float(count) == 4
   assert abs(float(total) / float(count) - expected) < 1e-4, (float(total) / 4, expected)
   assert 0 < float(metrics["clip_fraction"]) < 1
+
+  # The LM head only at the completion positions (max_targets = grpo.max_new_tokens rounded up,
+  # here 8 of 16 positions; completions have at most 6 tokens): same loss and gradients, with the
+  # log-prob arrays in the gathered layout token_logps gives.
+  import jax
+  from jaxtune.train_step import select_targets
+  spec = StepSpec(model=cfg, max_targets=8)
+  idx = select_targets(batch["weights"], 8)
+  gathered = dict(batch, **{k: np.take_along_axis(batch[k], np.asarray(idx), 1) for k in ("old_logp", "ref_logp")})
+  assert grpo.token_logps(params, spec, batch)[0].shape == (4, 8)
+
+  def loss_and_grads(spec, batch):
+    f = lambda p: grpo.grpo_loss_sums(p, spec, batch, clip_eps=eps, kl_coef=beta)[0]
+    return jax.value_and_grad(f)(params)
+
+  (full, g_full), (sel, g_sel) = loss_and_grads(StepSpec(model=cfg), batch), loss_and_grads(spec, gathered)
+  np.testing.assert_allclose(sel, full, rtol=1e-6)
+  assert_same_gradients(g_sel, g_full)
 
 
 def test_reward_model_scores_completions_like_the_head(tiny_setup, tmp_path):
@@ -128,5 +146,7 @@ def test_grpo_resume_is_exact(tiny_setup, tmp_path):
   trainer.run(tiny_config(model, data, **kw), str(tmp_path / "resumed"), stop_after=2)
   second = trainer.run(tiny_config(model, data, **kw), str(tmp_path / "resumed"))
   assert [r["step"] for r in second] == [3, 4]
+  prompts, _ = grpo.load_prompts(tiny_config(model, data, **kw), loading.load_tokenizer(model))
+  assert trainer.max_targets_per_row(prompts) == 8  # the LM head runs at grpo.max_new_tokens=4, rounded up
   for key in ("loss", "reward_mean", "kl", "tokens_seen"):
     assert [r[key] for r in second] == [r[key] for r in straight[2:]], key

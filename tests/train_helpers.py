@@ -7,6 +7,8 @@ import os
 import random
 import sys
 
+import numpy as np
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # configs/
 
 from configs.base import get_base_config  # noqa: E402
@@ -60,3 +62,15 @@ def tiny_config(model: str, data: str, **overrides):
 
 def losses(rows) -> list[float]:
   return [r["loss"] for r in rows if "loss" in r]
+
+
+def assert_same_gradients(got, expected):
+  """Every leaf of two gradient pytrees equal up to float32 summation order (relative to the leaf's
+  largest entry)."""
+  import jax
+  flat_got = dict(jax.tree_util.tree_flatten_with_path(got)[0])
+  leaves = jax.tree_util.tree_flatten_with_path(expected)[0]
+  assert len(leaves) == len(flat_got) > 1
+  for path, g in leaves:
+    scale = float(np.abs(g).max())
+    np.testing.assert_allclose(flat_got[path], g, rtol=1e-5, atol=2e-6 * scale, err_msg=jax.tree_util.keystr(path))

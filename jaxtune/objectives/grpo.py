@@ -32,7 +32,7 @@ from jaxtune.metrics_log import MetricsLog
 from jaxtune.models import llama
 from jaxtune.objectives import dpo
 from jaxtune.peft import partition
-from jaxtune.train_step import Batch, StepSpec, forward_logits
+from jaxtune.train_step import Batch, StepSpec, at_targets, forward_logits
 
 RewardFn = Callable[[Sequence[Any], Sequence[str]], Sequence[float]]
 
@@ -41,8 +41,11 @@ RewardFn = Callable[[Sequence[Any], Sequence[str]], Sequence[float]]
 
 
 def token_logps(params, spec: StepSpec, batch: Batch, rng=None):
-  """log p(target token) per position, B x T float32."""
-  return -llama.token_nll(forward_logits(params, spec, batch, rng), batch["targets"])
+  """(log p(target token), weight) per position, float32: B x spec.max_targets at each row's first
+  weighted (completion) positions, so the LM head skips the prompt; B x T when max_targets is 0."""
+  hidden = forward_logits(params, spec, batch, rng, hidden=True)
+  hidden, targets, weights = at_targets(spec, hidden, batch["targets"], batch["weights"].astype(jnp.float32))
+  return -llama.token_nll(llama.lm_logits(params, hidden), targets), weights
 
 
 token_logps_jit = jax.jit(token_logps, static_argnames=("spec",))
@@ -52,12 +55,12 @@ def grpo_loss_sums(params, spec: StepSpec, batch: Batch, rng=None, *, clip_eps: 
                    kl_coef: float = 0.04):
   """(sum over completions of their mean per-token loss, number of completions, metrics).
 
-  batch: the completion rows (weights mark completion tokens), "advantages" (B,), "ref_logp" (B x T)
-  and, when the batch is reused for several updates, "old_logp" (B x T) of the sampling policy.
+  batch: the completion rows (weights mark completion tokens), "advantages" (B,), "ref_logp" and,
+  when the batch is reused for several updates, "old_logp" of the sampling policy, both laid out
+  as `token_logps` returns them (T below: spec.max_targets when set).
   """
-  logp_BxT = token_logps(params, spec, batch, rng)
+  logp_BxT, weights_BxT = token_logps(params, spec, batch, rng)
   old_BxT = batch["old_logp"] if "old_logp" in batch else jax.lax.stop_gradient(logp_BxT)
-  weights_BxT = batch["weights"].astype(jnp.float32)
   ratio_BxT = jnp.exp(logp_BxT - old_BxT)
   adv_Bx1 = batch["advantages"][:, None]
   policy_BxT = -jnp.minimum(ratio_BxT * adv_Bx1, jnp.clip(ratio_BxT, 1 - clip_eps, 1 + clip_eps) * adv_Bx1)
@@ -89,6 +92,8 @@ class Prompts:
 
   given: list[Any]  # each prompt as the data gives it (text or messages): what the reward function sees
   ids: list[list[int]]
+  # most target (completion) positions a row will have: grpo.max_new_tokens (trainer.max_targets_per_row)
+  targets_per_row: int = 0
 
   @property
   def arrays(self) -> dict[str, np.ndarray]:
@@ -149,8 +154,12 @@ def load_prompts(config: ml_collections.ConfigDict, tokenizer) -> tuple[Prompts,
                                       field_map=field_map(config.data.field_map), lenient=config.data.lenient)
   template = trainer.instruction_template(config, tokenizer)
   max_len = config.data.seq_len - config.grpo.max_new_tokens
-  return (encode_prompts(train, tokenizer, template, max_len),
-          encode_prompts(evald, tokenizer, template, max_len) if evald is not None and len(evald) else None)
+
+  def encode(records):
+    prompts = encode_prompts(records, tokenizer, template, max_len)
+    return dataclasses.replace(prompts, targets_per_row=config.grpo.max_new_tokens)
+
+  return encode(train), encode(evald) if evald is not None and len(evald) else None
 
 
 def completion_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
@@ -303,9 +312,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
         local = completion_batch(prompt_ids, completions, config.data.seq_len)
         local["advantages"] = group_advantages(rewards, g.group_size)
         batch = sharding.global_batch(local, mesh)
-        batch["ref_logp"] = token_logps_jit(reference, spec, batch)
+        batch["ref_logp"] = token_logps_jit(reference, spec, batch)[0]
         if g.updates_per_batch > 1:  # the sampling policy's log-probs, for the ratio after the first update
-          batch["old_logp"] = token_logps_jit(params, spec, batch)
+          batch["old_logp"] = token_logps_jit(params, spec, batch)[0]
         sampled = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                    "completion_length": float(np.mean([len(c) for c in completions]))}
         for _ in range(min(g.updates_per_batch, last - step)):
