@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune.models.matmul import transposed
+from jaxtune.models.matmul import swapped, transposed
 
 _MASKED = -1e30
 _MIN_BLOCK = 64  # query rows per block: smaller blocks skip more of the triangle but add ops
@@ -63,22 +63,13 @@ def grouped_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, causal_prefix
   G = N // K
   # B x K x T x G x H: a query block's rows (t, g) are contiguous, one batched matmul per (b, kv head).
   q = (q_BxTxNxH * (1.0 / math.sqrt(H))).reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4)
-  k, v = heads_first(k_BxSxKxH), heads_first(v_BxSxKxH)
+  k, v = swapped(k_BxSxKxH, 1, 2), swapped(v_BxSxKxH, 1, 2)  # B x K x S x H, row-major on CPU
   if causal_prefix is None:
     blocks = ((0, T, S),)
   else:
     blocks = tuple((a, b, causal_prefix + b) for a, b in query_blocks(T))
   out = _blocked_attention(q, k, v, mask_BxTxS, blocks)
   return out.transpose(0, 2, 1, 3, 4).reshape(B, T, N * H)
-
-
-def heads_first(x_BxSxKxH):
-  """B x K x S x H; on CPU as a row-major copy (a reshape XLA cannot fold into a later dot): a
-  low-precision dot on a transposed layout is run in float32 there."""
-  if jax.default_backend() != "cpu":
-    return x_BxSxKxH.transpose(0, 2, 1, 3)
-  B, S, K, H = x_BxSxKxH.shape
-  return x_BxSxKxH.reshape(B, S, K, H, 1).transpose(0, 2, 1, 3, 4).reshape(B, K, S, H)
 
 
 def _masked_scores(q_blk, k_slab, mask_blk):

@@ -22,13 +22,20 @@ def matmul(x_NxK, w_KxM):
   return _low_precision_matmul(x_NxK, w_KxM.astype(x_NxK.dtype))
 
 
-def transposed(x_NxK):
-  """x with its last two axes swapped, as a row-major copy on CPU (a reshape XLA cannot fold into a
-  dot); a plain swap elsewhere."""
+def swapped(x, axis1: int, axis2: int):
+  """x with two axes swapped, as a row-major copy on CPU (through a reshape XLA cannot fold into a
+  later dot, whose low-precision form would then run in float32); a plain swap elsewhere."""
   if jax.default_backend() != "cpu":
-    return jnp.swapaxes(x_NxK, -1, -2)
-  *lead, N, K = x_NxK.shape
-  return jnp.swapaxes(x_NxK.reshape(*lead, N, K, 1), -3, -2).reshape(*lead, K, N)
+    return jnp.swapaxes(x, axis1, axis2)
+  a, b = axis1 % x.ndim, axis2 % x.ndim
+  shape = list(x.shape)
+  shape[a], shape[b] = shape[b], shape[a]
+  return jnp.swapaxes(x.reshape(x.shape + (1,)), a, b).reshape(shape)
+
+
+def transposed(x_NxK):
+  """x with its last two axes swapped (see `swapped`)."""
+  return swapped(x_NxK, -2, -1)
 
 
 def weight_gradient(x_NxK, g_NxM):
