@@ -60,6 +60,13 @@ def at_targets(spec: StepSpec, hidden_BxTxD, targets_BxT, weights_BxT):
           jnp.take_along_axis(weights_BxT, idx, 1))
 
 
+def target_logps(params, spec: StepSpec, hidden_BxTxD, targets_BxT, weights_BxT):
+  """(log p(target), weight) per position, float32, at the positions `at_targets` keeps: the LM head
+  runs there only (DPO's responses, GRPO's completions)."""
+  hidden, targets, weights = at_targets(spec, hidden_BxTxD, targets_BxT, weights_BxT)
+  return -llama.token_nll(llama.lm_logits(params, hidden), targets), weights
+
+
 def lm_loss_sums(params, spec: StepSpec, batch: Batch, rng=None) -> tuple[jax.Array, jax.Array, Metrics]:
   """(sum of token NLL over weighted tokens, number of weighted tokens, extra metrics).
 

@@ -19,7 +19,7 @@ from jaxtune import sharding
 from jaxtune.data import pipeline
 from jaxtune.models import llama, loading
 from jaxtune.peft import partition
-from jaxtune.train_step import Batch, StepSpec, at_targets
+from jaxtune.train_step import Batch, StepSpec, target_logps
 
 SIDES = ("chosen", "rejected")
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -47,9 +47,8 @@ def pair_logps(params: llama.Params, spec: StepSpec, batch: Batch, rng=None):
                             both_sides(batch, "segment_ids"), peft=spec.peft, rng=rng, remat=spec.remat,
                             compute_dtype=jnp.dtype(spec.compute_dtype), return_hidden=True)
   # The LM head runs only at response positions (spec.max_targets, set from the data), not on prompts.
-  hidden, targets_2BxT, weights_2BxT = at_targets(spec, hidden, both_sides(batch, "targets"),
-                                                   both_sides(batch, "weights").astype(jnp.float32))
-  logp_2BxT = -llama.token_nll(llama.lm_logits(params, hidden), targets_2BxT)
+  logp_2BxT, weights_2BxT = target_logps(params, spec, hidden, both_sides(batch, "targets"),
+                                         both_sides(batch, "weights").astype(jnp.float32))
   return jnp.sum(logp_2BxT * weights_2BxT, axis=-1), jnp.sum(weights_2BxT, axis=-1)
 
 

@@ -11,7 +11,6 @@ frozen copy of the initial weights for full fine-tuning. Steps count optimizer u
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 import json
 import os
@@ -32,7 +31,7 @@ from jaxtune.metrics_log import MetricsLog
 from jaxtune.models import llama
 from jaxtune.objectives import dpo
 from jaxtune.peft import partition
-from jaxtune.train_step import Batch, StepSpec, at_targets, forward_logits
+from jaxtune.train_step import Batch, StepSpec, forward_logits, target_logps
 
 RewardFn = Callable[[Sequence[Any], Sequence[str]], Sequence[float]]
 
@@ -44,8 +43,7 @@ def token_logps(params, spec: StepSpec, batch: Batch, rng=None):
   """(log p(target token), weight) per position, float32: B x spec.max_targets at each row's first
   weighted (completion) positions, so the LM head skips the prompt; B x T when max_targets is 0."""
   hidden = forward_logits(params, spec, batch, rng, hidden=True)
-  hidden, targets, weights = at_targets(spec, hidden, batch["targets"], batch["weights"].astype(jnp.float32))
-  return -llama.token_nll(llama.lm_logits(params, hidden), targets), weights
+  return target_logps(params, spec, hidden, batch["targets"], batch["weights"].astype(jnp.float32))
 
 
 token_logps_jit = jax.jit(token_logps, static_argnames=("spec",))
@@ -317,10 +315,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
           batch["old_logp"] = token_logps_jit(params, spec, batch)[0]
         sampled = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                    "completion_length": float(np.mean([len(c) for c in completions]))}
+        round_tokens = int(np.count_nonzero(local["segment_ids"]))  # each update of the round trains on them
         for _ in range(min(g.updates_per_batch, last - step)):
           step += 1
-          window_tokens += int(np.count_nonzero(local["segment_ids"]))
-          tokens_seen += int(np.count_nonzero(local["segment_ids"]))
+          window_tokens += round_tokens
+          tokens_seen += round_tokens
           trainable, opt_state, metrics = r.step_fn(trainable, frozen, opt_state, batch, jax.random.fold_in(rng, step))
           if step % config.train.log_every and step != last:
             continue
