@@ -13,7 +13,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from jaxtune import sharding
 from jaxtune.evaluation import bucket_length
 from jaxtune.models import llama
 from jaxtune.models.config import ModelConfig
@@ -64,11 +66,15 @@ def next_token(logits_BxV, rng, temperature, top_p):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "peft", "max_new_tokens"))
-def generate_padded(params: llama.Params, tokens_BxP, positions_BxP, segments_BxP, eos_ids_E, rng,
+def generate_padded(params: llama.Params, tokens_BxP, positions_BxP, segments_BxP, eos_ids_E, key_data,
                     temperature, top_p, pad_id, *, cfg: ModelConfig, peft: llama.PeftRuntime,
                     max_new_tokens: int):
-  """New tokens B x max_new_tokens for left-padded prompts; pad_id after each sequence's eos."""
+  """New tokens B x max_new_tokens for left-padded prompts; pad_id after each sequence's eos.
+
+  key_data: `jax.random.key_data` of the sampling key (plain uint32, which every process of a
+  multi-host run can pass as the same replicated value)."""
   B, P = tokens_BxP.shape
+  rng = jax.random.wrap_key_data(key_data)
   cache = llama.init_cache(cfg, B, P + max_new_tokens)
   logits, cache = llama.forward(params, cfg, tokens_BxP, positions_BxP, segments_BxP, cache=cache,
                                 peft=peft)
@@ -104,21 +110,31 @@ def check_options(max_new_tokens: int, temperature: float, top_p: float):
 def generate(params: llama.Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              eos_ids: Sequence[int] = (), pad_id: int = 0,
-             peft: llama.PeftRuntime = llama.PeftRuntime()) -> list[list[int]]:
-  """New token ids per prompt, each ending at (and including) its first eos id."""
+             peft: llama.PeftRuntime = llama.PeftRuntime(), mesh: Mesh | None = None) -> list[list[int]]:
+  """New token ids per prompt, each ending at (and including) its first eos id.
+
+  With a mesh, `prompts` are this process's rows of a global batch (`sharding.global_batch`) that
+  all processes generate together, with the same arguments otherwise; returns this process's rows.
+  """
   check_options(max_new_tokens, temperature, top_p)
   for i, ids in enumerate(prompts):
     if not ids:
       raise ValueError(f"prompt {i + 1} is empty (no tokens to condition on)")
-  tokens, positions, segments = left_pad(prompts, bucket_length(max(map(len, prompts))), pad_id)
+  longest = max(map(len, prompts))
+  if mesh is not None:  # every process pads to the same length: one program, one global batch
+    longest = int(sharding.all_processes(np.array([longest])).max())
+  rows = dict(zip(("tokens", "positions", "segments"), left_pad(prompts, bucket_length(longest), pad_id)))
+  if mesh is not None:
+    rows = sharding.global_batch(rows, mesh)
   # A fixed number of eos slots (-1 = none) keeps the shape, so the eos set never recompiles.
   eos = np.full((max(8, len(set(eos_ids))),), -1, np.int32)
   eos[:len(set(eos_ids))] = sorted(set(eos_ids))
-  out = generate_padded(params, tokens, positions, segments, eos, jax.random.key(seed),
+  key_data = np.asarray(jax.random.key_data(jax.random.key(seed)))
+  out = generate_padded(params, rows["tokens"], rows["positions"], rows["segments"], eos, key_data,
                         np.float32(temperature), np.float32(top_p), np.int32(pad_id), cfg=cfg,
                         peft=peft, max_new_tokens=max_new_tokens)
   result = []
-  for row in np.asarray(out).tolist():
+  for row in (np.asarray(out) if mesh is None else sharding.local_rows(out, mesh)).tolist():
     ends = [j for j, t in enumerate(row) if t in eos_ids]
     result.append(row[:ends[0] + 1] if ends else row)
   return result

@@ -120,3 +120,17 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items()}
+
+
+def local_rows(x: jax.Array, mesh: Mesh) -> np.ndarray:
+  """This process's rows of a global batch array (`global_batch`'s inverse), as numpy."""
+  from jax.experimental import multihost_utils  # only multi-host runs need it
+  return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, P(BATCH_AXES)))
+
+
+def all_processes(x) -> np.ndarray:
+  """Every process's `x` concatenated along axis 0 in process order (x itself on one process)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))

@@ -150,3 +150,39 @@ def test_grpo_resume_is_exact(tiny_setup, tmp_path):
   assert trainer.max_targets_per_row(prompts) == 8  # the LM head runs at grpo.max_new_tokens=4, rounded up
   for key in ("loss", "reward_mean", "kl", "tokens_seen"):
     assert [r[key] for r in second] == [r[key] for r in straight[2:]], key
+
+
+def test_eval_reward_is_the_mean_over_real_prompts_only(peaked_model):
+  """A short last eval batch is filled with prompt 0 (every process must complete as many rows);
+  the fillers' rewards stay out of the mean."""
+  from jaxtune import inference, sampling, sharding
+  from train_helpers import text_reward
+  folder, _ = peaked_model
+  config = tiny_config(folder, os.path.join(DATA, "train.jsonl"), **{
+      "objective": "grpo", "data.format": "preference", "data.seq_len": 48, "train.batch_size": 8,
+      "grpo.max_new_tokens": 4, "grpo.reward_fn": "train_helpers:text_reward"})
+  cfg, params = loading.load_model(folder)
+  tokenizer = loading.load_tokenizer(folder)
+  prompts, _ = grpo.load_prompts(config, tokenizer)
+  prompts = grpo.Prompts(prompts.given[:5], prompts.ids[:5])
+  got = grpo.evaluate_rewards(params, StepSpec(model=cfg), tokenizer, prompts, config, text_reward,
+                              sharding.make_mesh(1, 1, 1))["eval_reward_mean"]
+  eos = inference.eos_ids(cfg, tokenizer)
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+  completions = sampling.generate(params, cfg, prompts.ids, max_new_tokens=4, eos_ids=eos, pad_id=pad)
+  rewards = text_reward(prompts.given, [tokenizer.decode(c, skip_special_tokens=True) for c in completions])
+  assert got == pytest.approx(np.mean(rewards), abs=1e-6)
+  assert got != pytest.approx(np.mean(rewards + [rewards[0]] * 3), abs=1e-4)  # fillers would change it
+
+
+def test_grpo_prompts_must_split_over_processes(tiny_setup, tmp_path, monkeypatch):
+  import jax
+  from jaxtune.config_checks import ConfigError
+  model, _ = tiny_setup
+  config = tiny_config(model, os.path.join(DATA, "train.jsonl"), **{
+      "objective": "grpo", "data.format": "preference", "data.seq_len": 48, "train.batch_size": 12,
+      "grpo.group_size": 4, "grpo.max_new_tokens": 4, "grpo.reward_fn": DIGITS})
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ConfigError, match=r"config.train.batch_size.*3 prompts per round.*2 processes"):
+    trainer.run(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists() or not os.listdir(tmp_path / "w")

@@ -74,3 +74,8 @@ def assert_same_gradients(got, expected):
   for path, g in leaves:
     scale = float(np.abs(g).max())
     np.testing.assert_allclose(flat_got[path], g, rtol=1e-5, atol=2e-6 * scale, err_msg=jax.tree_util.keystr(path))
+
+
+def text_reward(prompts, completions) -> list[float]:
+  """A GRPO reward that varies with both the prompt and the completion's text (tests only)."""
+  return [(sum(map(ord, c)) % 97) / 97 + 0.01 * len(str(p)) for p, c in zip(prompts, completions)]

@@ -227,14 +227,16 @@ def score(fn: RewardFn, prompts: Sequence[Any], texts: Sequence[str]) -> np.ndar
 
 
 def sample_round(params, spec: StepSpec, tokenizer, prompts: Prompts, index: Sequence[int], group: int,
-                 g: ml_collections.ConfigDict, seed: int, fn: RewardFn, temperature: float):
-  """(prompt ids per completion, completion ids, rewards) for `group` samples of each indexed prompt."""
+                 g: ml_collections.ConfigDict, seed: int, fn: RewardFn, temperature: float, mesh):
+  """(prompt ids per completion, completion ids, rewards) for `group` samples of each indexed prompt.
+
+  `index`: this process's prompts; all processes sample together, one global batch on the mesh."""
   prompt_ids = [prompts.ids[i] for i in index for _ in range(group)]
   eos = inference.eos_ids(spec.model, tokenizer)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
   completions = sampling.generate(params, spec.model, prompt_ids, max_new_tokens=g.max_new_tokens,
                                   temperature=temperature, top_p=g.top_p, seed=seed, eos_ids=eos, pad_id=pad,
-                                  peft=spec.peft)
+                                  peft=spec.peft, mesh=mesh)
   texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
   rewards = score(fn, [prompts.given[i] for i in index for _ in range(group)], texts)
   return prompt_ids, completions, rewards
@@ -247,15 +249,23 @@ def reference_params(config: ml_collections.ConfigDict, trainable: dict, frozen:
   return dpo.base_params(partition.merge({}, frozen))
 
 
-def evaluate_rewards(params, spec, tokenizer, prompts: Prompts, config, fn: RewardFn) -> dict[str, float]:
-  """Mean reward of greedy completions of the eval prompts (train.eval_batches caps the batches)."""
-  size, values = config.train.batch_size, []
-  for b, start in enumerate(range(0, len(prompts.ids), size)):
+def evaluate_rewards(params, spec, tokenizer, prompts: Prompts, config, fn: RewardFn, mesh) -> dict[str, float]:
+  """Mean reward of greedy completions of the eval prompts (train.eval_batches caps the batches).
+
+  Batches of train.batch_size prompts; each process completes its consecutive share of a batch, and
+  a short last batch is filled with prompt 0, left out of the mean."""
+  size, n = config.train.batch_size, len(prompts.ids)
+  per_host = size // jax.process_count()
+  rewards, real = [], []
+  for b, start in enumerate(range(0, n, size)):
     if config.train.eval_batches and b >= config.train.eval_batches:
       break
-    index = range(start, min(start + size, len(prompts.ids)))
-    values.append(sample_round(params, spec, tokenizer, prompts, index, 1, config.grpo, 0, fn, 0.0)[2])
-  return {"eval_reward_mean": float(np.mean(np.concatenate(values)))}
+    index = start + jax.process_index() * per_host + np.arange(per_host)
+    values = sample_round(params, spec, tokenizer, prompts, np.where(index < n, index, 0), 1, config.grpo, 0, fn,
+                          0.0, mesh)[2]
+    rewards.append(sharding.all_processes(values))
+    real.append(sharding.all_processes(index < n))
+  return {"eval_reward_mean": float(np.mean(np.concatenate(rewards)[np.concatenate(real)]))}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> list[dict]:
@@ -264,17 +274,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   SIGTERM/SIGINT save the current step at the next round boundary, then raise
   trainer.TrainingInterrupted (as the other objectives do).
   """
-  if jax.process_count() > 1:
-    raise NotImplementedError("objective=grpo runs on one process for now (generation is not multi-host)")
+  g, P = config.grpo, jax.process_count()
+  if (config.train.batch_size // g.group_size) % P:
+    raise ConfigError("train.batch_size", f"{config.train.batch_size // g.group_size} prompts per round "
+                      f"(train.batch_size / grpo.group_size) do not split evenly over {P} processes")
+  is_main = jax.process_index() == 0
   r = trainer.setup(config, workdir, load=load_prompts)
-  g, spec, mesh, tokenizer = config.grpo, r.spec, r.mesh, r.tokenizer
-  trainer.write_json(os.path.join(workdir, "params.json"), r.counts)
-  trainer.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+  spec, mesh, tokenizer = r.spec, r.mesh, r.tokenizer
   fn = reward_fn_of(g)
   trainable, frozen, opt_state, rng = r.trainable, r.frozen, r.opt_state, r.rng
   reference = reference_params(config, trainable, frozen)  # before a step donates the initial weights
+  # Each process samples its share of a round's prompts, all G completions of each (groups stay local).
   batches = pipeline.BatchIterator(r.train_data, config.train.batch_size // g.group_size,
-                                   config.train.seed)
+                                   config.train.seed, jax.process_index(), P)
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
   step = manager.latest_step() or 0
   tokens_seen = 0  # non-padding input tokens over the whole run
@@ -283,9 +295,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
     trainable, opt_state, rng = state["trainable"], state["opt_state"], state["rng"]
     batches.restore(meta["data"])
     tokens_seen = meta.get("tokens_seen", 0)
-    print(f"resumed from {checkpoint.checkpoint_dir(workdir)}/{step}", flush=True)
-  trainer.trim_metrics(workdir, step)  # rows a killed run logged after its checkpoint come again
-  log, rows = MetricsLog(workdir), []
+    if is_main:
+      print(f"resumed from {checkpoint.checkpoint_dir(workdir)}/{step}", flush=True)
+  if is_main:
+    trainer.write_json(os.path.join(workdir, "params.json"), r.counts)
+    trainer.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+    trainer.trim_metrics(workdir, step)  # rows a killed run logged after its checkpoint come again
+  log, rows = MetricsLog(workdir, enabled=is_main), []
   last = min(config.train.steps, stop_after) if stop_after else config.train.steps
   window_start, window_tokens = time.perf_counter(), 0
   saved = step
@@ -306,16 +322,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
         params = partition.merge(trainable, frozen)
         round_seed = config.train.seed * 1_000_003 + step
         prompt_ids, completions, rewards = sample_round(params, spec, tokenizer, r.train_data, batches.next()["index"],
-                                                        g.group_size, g, round_seed, fn, g.temperature)
+                                                        g.group_size, g, round_seed, fn, g.temperature, mesh)
         local = completion_batch(prompt_ids, completions, config.data.seq_len)
         local["advantages"] = group_advantages(rewards, g.group_size)
         batch = sharding.global_batch(local, mesh)
         batch["ref_logp"] = token_logps_jit(reference, spec, batch)[0]
         if g.updates_per_batch > 1:  # the sampling policy's log-probs, for the ratio after the first update
           batch["old_logp"] = token_logps_jit(params, spec, batch)[0]
-        sampled = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-                   "completion_length": float(np.mean([len(c) for c in completions]))}
-        round_tokens = int(np.count_nonzero(local["segment_ids"]))  # each update of the round trains on them
+        all_rewards = sharding.all_processes(rewards)
+        sampled = {"reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
+                   "completion_length": float(np.mean(sharding.all_processes([len(c) for c in completions])))}
+        # Every process's non-padding tokens; each update of the round trains on them.
+        round_tokens = int(sharding.all_processes([np.count_nonzero(local["segment_ids"])]).sum())
         for _ in range(min(g.updates_per_batch, last - step)):
           step += 1
           window_tokens += round_tokens
@@ -332,10 +350,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
                  "tokens_seen": tokens_seen, "grad_norm": float(m["grad_norm"]), "kl": float(m["kl"]),
                  "clip_fraction": float(m["clip_fraction"]), **sampled}
           if r.eval_data is not None and config.train.eval_every and step % config.train.eval_every == 0:
-            row.update(evaluate_rewards(partition.merge(trainable, frozen), spec, tokenizer, r.eval_data, config, fn))
+            row.update(evaluate_rewards(partition.merge(trainable, frozen), spec, tokenizer, r.eval_data, config, fn,
+                                        mesh))
           log.write(row)
           rows.append(row)
-          print(" ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
+          if is_main:
+            print(" ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
           window_start, window_tokens = time.perf_counter(), 0
         every = config.train.checkpoint_every
         if step == last or (every and step % every < g.updates_per_batch):
@@ -343,7 +363,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
       evaluated_last = config.train.eval_every and last % config.train.eval_every == 0
       if r.eval_data is not None and last == config.train.steps and not evaluated_last:
         row = {"step": last, **evaluate_rewards(partition.merge(trainable, frozen), spec, tokenizer, r.eval_data,
-                                                config, fn)}
+                                                config, fn, mesh)}
         log.write(row)
         rows.append(row)
     finally:  # also on errors and signals: the newest checkpoint is complete before we leave
