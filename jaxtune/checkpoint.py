@@ -53,10 +53,14 @@ def check_fits(meta: dict[str, Any], trainable: dict[str, Any], where: str) -> N
 
 
 def restore(manager: ocp.CheckpointManager, step: int, target: dict[str, Any]) -> tuple[dict, dict]:
-  """Restores onto `target`'s shapes/dtypes/shardings (any mesh); returns (state, meta)."""
+  """Restores onto `target`'s shapes/dtypes/shardings (any mesh); returns (state, meta).
+
+  A target leaf without a sharding (e.g. from jax.eval_shape) lands on this process's first device,
+  not where the saving run had it (another process's device, in a multi-host run)."""
   meta = restore_meta(manager, step)
   check_fits(meta, target["trainable"], f"{manager.directory}/{step}")
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), target)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or local), target)
   out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
   return out["state"], meta

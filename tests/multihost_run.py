@@ -4,7 +4,8 @@ usage: python tests/multihost_run.py MODEL DATA WORKDIR METHOD single
        python tests/multihost_run.py MODEL DATA WORKDIR METHOD PROCESS_ID NUM_PROCESSES PORT
 
 METHOD: full or lora (instruction tuning on DATA), or grpo (LoRA GRPO on the bundled preference
-prompts, sampling at temperature 1, evaluating 5 prompts greedily at steps 3 and 6).
+prompts, sampling at temperature 1, rewarded by the reward model trained in the workdir DATA,
+evaluating 5 prompts greedily at steps 3 and 6).
 `single`: one process with two fake CPU devices (the reference). Otherwise: one CPU device per
 process, joined by jax.distributed over gloo. Either way mesh.data=2, and the run stops after 3
 steps, saves a checkpoint, and a second trainer.run resumes from it to step 6.
@@ -31,7 +32,7 @@ def main(model, data, workdir, method, mode, num_processes=None, port=None):
     sharding.initialize_distributed(f"127.0.0.1:{port}", int(num_processes), int(mode))
   overrides = {"peft.method": method, "mesh.data": 2, "train.checkpoint_every": 3, "optimizer.learning_rate": 1e-3}
   if method == "grpo":
-    data, overrides = grpo_setup(f"{workdir}_{mode}_eval.jsonl")
+    data, overrides = grpo_setup(f"{workdir}_{mode}_eval.jsonl", reward_model=data)
   config = tiny_config(model, data, **overrides)
   first = trainer.run(config, workdir, stop_after=3)
   second = trainer.run(config, workdir)  # resumes from the step-3 checkpoint
@@ -43,7 +44,7 @@ def main(model, data, workdir, method, mode, num_processes=None, port=None):
                        for key in ("tokens_seen", "grad_norm", "reward_mean", "kl", "eval_reward_mean")}}), flush=True)
 
 
-def grpo_setup(eval_path: str) -> tuple[str, dict]:
+def grpo_setup(eval_path: str, reward_model: str) -> tuple[str, dict]:
   """(train prompts, config overrides) of the GRPO run; writes its 5 eval prompts to eval_path."""
   folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "jaxtune", "data", "preference_demo")
   with open(os.path.join(folder, "eval.jsonl")) as f, open(eval_path, "w") as out:
@@ -51,7 +52,7 @@ def grpo_setup(eval_path: str) -> tuple[str, dict]:
   return os.path.join(folder, "train.jsonl"), {
       "objective": "grpo", "data.format": "preference", "data.eval": eval_path, "data.seq_len": 48,
       "mesh.data": 2, "train.steps": 6, "train.batch_size": 8, "train.checkpoint_every": 3, "train.eval_every": 3,
-      "grpo.group_size": 4, "grpo.max_new_tokens": 4, "grpo.reward_fn": "train_helpers:text_reward",
+      "grpo.group_size": 4, "grpo.max_new_tokens": 4, "grpo.reward_model": reward_model,
       "optimizer.learning_rate": 1e-2}
 
 

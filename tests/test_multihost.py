@@ -66,16 +66,23 @@ def test_two_processes_match_two_devices(tiny_setup, tmp_path, method):
 
 
 def test_grpo_two_processes_match_two_devices(tiny_setup, tmp_path):
-  model, data = tiny_setup
+  """GRPO rewarded by a trained reward model, which each process loads from its workdir."""
+  from jaxtune import trainer
+  from train_helpers import tiny_config
+  model, _ = tiny_setup
+  preference = os.path.join(os.path.dirname(RUNNER), "..", "jaxtune", "data", "preference_demo", "train.jsonl")
+  reward_model = str(tmp_path / "reward_model")
+  trainer.run(tiny_config(model, preference, **{"objective": "reward", "data.format": "preference",
+                                                "data.seq_len": 96, "train.steps": 3}), reward_model)
   port = free_port()
-  workers = [start(model, data, tmp_path / "multi", "grpo", i, 2, port) for i in range(2)]
-  single = result(start(model, data, tmp_path / "single", "grpo", "single"))
+  workers = [start(model, reward_model, tmp_path / "multi", "grpo", i, 2, port) for i in range(2)]
+  single = result(start(model, reward_model, tmp_path / "single", "grpo", "single"))
   p0, p1 = (result(w) for w in workers)
 
   assert p0["steps"] == single["steps"] == list(range(1, 7))
   # Sampling at temperature 1 draws the same tokens for the same global rows however they are split,
-  # so rewards, KL, losses and gradients follow the one-process run; a process that sampled (or scored)
-  # its prompts on its own would draw different completions from step 1 on.
+  # so rewards, KL, losses and gradients follow the one-process run; a process that sampled its
+  # prompts on its own would draw different completions from step 1 on.
   for key in ("reward_mean", "kl", "losses", "grad_norm"):
     np.testing.assert_allclose(p0[key], single[key], atol=1e-5, rtol=1e-5, err_msg=key)
     assert p1[key] == p0[key], key
