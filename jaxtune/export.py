@@ -1,5 +1,8 @@
 """Export: a merged Hugging Face folder (transformers loads it) or a PEFT adapter folder (peft loads it).
 
+A reward model (objective=reward) exports as the family's *ForSequenceClassification with one label:
+its scalar head becomes `score.weight`, read at the last token that is not pad_token_id.
+
 Both writers stream: tensors are produced one param leaf at a time (LoRA folded into its kernel on
 device, then fetched to the host, gathered across hosts when sharded) and written straight into
 safetensors files whose headers are planned from the shapes up front, so the host never holds more
@@ -223,8 +226,11 @@ def _generation_config(cfg: ModelConfig, tokenizer, source_dir: str | None) -> d
   return gen
 
 
-def check_exportable(method: str, fmt: str) -> None:
+def check_exportable(method: str, fmt: str, reward_model: bool = False) -> None:
   """Raises ExportError when a run of peft.method `method` cannot be written as `fmt` (hf | peft)."""
+  if fmt == "peft" and reward_model:
+    raise ExportError("a reward model exports as a merged Hugging Face sequence-classification folder "
+                      "(its score head is not part of a PEFT adapter): use --format hf")
   if method == "adapter":
     raise ExportError("bottleneck adapters cannot be merged into the weights, and peft has no "
                       "equivalent adapter type, so neither --format hf nor --format peft can hold "
@@ -257,22 +263,45 @@ def _merged_leaf(params: llama.Params, path: str, lora_scale: float):
   return node[last]
 
 
+def _reward_head(params: llama.Params) -> str | None:
+  from jaxtune.objectives.reward import HEAD  # only reward models have one
+  return HEAD if HEAD in params else None
+
+
+def sequence_classification_config(hf: dict[str, Any], tokenizer) -> dict[str, Any]:
+  """A causal LM's config.json turned into its family's one-label *ForSequenceClassification.
+
+  HF scores the last token that is not pad_token_id, so one must be set: the model's, else the
+  tokenizer's pad or eos token.
+  """
+  out = dict(hf, architectures=[_ARCHITECTURES[hf["model_type"]].replace("CausalLM", "SequenceClassification")],
+             id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+  if out.get("pad_token_id") is None and tokenizer is not None:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out["pad_token_id"] = pad
+  return out
+
+
 def write_hf(out_dir: str, cfg: ModelConfig, params: llama.Params, peft_runtime: llama.PeftRuntime,
              tokenizer, source_model_path: str | None, dtype: str | None = None,
              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
   """Writes a merged Hugging Face folder (LoRA folded into the kernels); returns the weight files.
 
   config.json is the source folder's (dtype adjusted) when the source is a HF folder, else built
-  from `cfg`. `dtype` defaults to the embedding's dtype.
+  from `cfg`. `dtype` defaults to the embedding's dtype. A reward model is written as the family's
+  *ForSequenceClassification: no lm_head, its head as score.weight.
   """
   flat = flatten(params)
   check_exportable(_method_of_leaves(flat), "hf")
+  head = _reward_head(params)
   base = {p: v for p, v in flat.items() if not partition.is_peft_leaf(p)}
+  if head:  # the scorer has no LM head
+    base = {p: v for p, v in base.items() if p != "lm_head/kernel"}
   dtype = dtype or jnp.dtype(base["embed_tokens"].dtype).name
   source_dir = source_model_path if source_model_path and os.path.isdir(source_model_path) else None
   if _is_main():
     os.makedirs(out_dir, exist_ok=True)
-  specs = tensor_specs(base, hf_name_of)
+  specs = tensor_specs(base, lambda path, layer: "score.weight" if path == f"{head}/kernel" else hf_name_of(path, layer))
   fetch = lambda path: to_host(_merged_leaf(params, path, peft_runtime.lora_scale))
   names = write_safetensors(out_dir, "model", specs, stream_tensors(specs, fetch), dtype, max_shard_bytes)
   if not _is_main():
@@ -284,10 +313,13 @@ def write_hf(out_dir: str, cfg: ModelConfig, params: llama.Params, peft_runtime:
     hf.pop("torch_dtype", None)  # transformers 4 spelling of the same field
   else:
     hf = hf_config_of(cfg, dtype)
+  if head:
+    hf = sequence_classification_config(hf, tokenizer)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(hf, f, indent=2)
-  with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-    json.dump(_generation_config(cfg, tokenizer, source_dir), f, indent=2)
+  if not head:  # a scorer does not generate
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+      json.dump(_generation_config(cfg, tokenizer, source_dir), f, indent=2)
   if tokenizer is not None:
     tokenizer.save_pretrained(out_dir)
   return names
@@ -345,7 +377,7 @@ def write_peft(out_dir: str, cfg: ModelConfig, params: llama.Params, method: str
   `peft_settings` is the config's `peft` section (uses lora.alpha/dropout/use_rslora).
   """
   flat = flatten(params)
-  check_exportable(method, "peft")
+  check_exportable(method, "peft", reward_model=_reward_head(params) is not None)
   if _is_main():
     os.makedirs(out_dir, exist_ok=True)
   if method == "lora":

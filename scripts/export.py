@@ -3,7 +3,8 @@ r"""Export a train.py run: a merged Hugging Face folder or a PEFT adapter folder
   python scripts/export.py --workdir DIR --out OUT --format hf|peft [--dtype float32|bfloat16] \
       [--max_shard_mb 5120]
 
-hf:   base + trained weights, LoRA folded in; loads with transformers.AutoModelForCausalLM.
+hf:   base + trained weights, LoRA folded in; loads with transformers.AutoModelForCausalLM (a reward
+      model: AutoModelForSequenceClassification, one label).
 peft: adapter_config.json + adapter_model.safetensors (LoRA, prefix tuning); loads with
       peft.PeftModel.from_pretrained(base_model, OUT).
 Multi-host runs: every process runs this script; process 0 writes.
@@ -39,7 +40,8 @@ def main(argv):
   run_config = os.path.join(_WORKDIR.value, "config.json")
   if os.path.exists(run_config):  # refuse an impossible format before loading the model
     with open(run_config) as f:
-      export.check_exportable(json.load(f)["peft"]["method"], _FORMAT.value)
+      run = json.load(f)
+    export.check_exportable(run["peft"]["method"], _FORMAT.value, reward_model=run.get("objective") == "reward")
   from jaxtune import workdir  # after the cheap checks: it imports the heavy training stack
   config, cfg, params, runtime, tokenizer = workdir.load_trained(_WORKDIR.value)
   method = config["peft"]["method"]

@@ -1,7 +1,8 @@
 """Reward model: the decoder plus a scalar head on the last non-pad token, Bradley-Terry loss.
 
-params["reward_head"] = {"kernel": (D, 1), "bias": (1,)}; partition.is_trainable keeps it trainable
-for every PEFT method. Pairwise accuracy is logged (and, on eval data, "eval_reward_accuracy").
+params["reward_head"] = {"kernel": (D, 1)}, no bias: the loss sees only reward differences, so a bias
+would get no gradient but rounding noise, which Adam turns into a drift; transformers' score layer
+has none either. partition.is_trainable keeps the head trainable for every PEFT method. Pairwise accuracy is logged (and, on eval data, "eval_reward_accuracy").
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ HEAD = "reward_head"
 
 def add_head(params: llama.Params, cfg: ModelConfig, dtype=jnp.float32) -> llama.Params:
   """A zero head: every reward starts at 0, so the first loss is ln 2."""
-  return dict(params, **{HEAD: {"kernel": jnp.zeros((cfg.hidden_size, 1), dtype), "bias": jnp.zeros((1,), dtype)}})
+  return dict(params, **{HEAD: {"kernel": jnp.zeros((cfg.hidden_size, 1), dtype)}})
 
 
 def last_token_index(segment_ids_BxT):
@@ -35,8 +36,7 @@ def rewards(params: llama.Params, cfg: ModelConfig, tokens_BxT, positions_BxT, s
   hidden_BxTxD, _ = llama.forward(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, peft=peft, rng=rng,
                                   remat=remat, compute_dtype=compute_dtype, return_hidden=True)
   last_BxD = jnp.take_along_axis(hidden_BxTxD, last_token_index(segment_ids_BxT)[:, None, None], axis=1)[:, 0]
-  head = params[HEAD]
-  return (last_BxD.astype(jnp.float32) @ head["kernel"].astype(jnp.float32))[:, 0] + head["bias"][0]
+  return (last_BxD.astype(jnp.float32) @ params[HEAD]["kernel"].astype(jnp.float32))[:, 0]
 
 
 def reward_loss_sums(params, spec: StepSpec, batch: Batch, rng=None):
