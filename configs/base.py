@@ -82,7 +82,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.grpo.temperature = 1.0
   c.grpo.top_p = 1.0
   c.grpo.reward_fn = ""  # "module:function", called as fn(prompts, completions) -> list of floats
-  c.grpo.reward_model = ""  # or a train.py workdir of objective=reward (its newest checkpoint)
+  c.grpo.reward_model = ""  # or an objective=reward train.py workdir, or a HF *ForSequenceClassification folder
   c.grpo.kl_coef = 0.04  # beta of the k3 KL penalty to the reference (adapter off / initial params)
   c.grpo.clip_eps = 0.2
   c.grpo.updates_per_batch = 1  # optimizer steps on each batch of completions (> 1: clipping matters)

@@ -186,3 +186,31 @@ def test_grpo_prompts_must_split_over_processes(tiny_setup, tmp_path, monkeypatc
   with pytest.raises(ConfigError, match=r"config.train.batch_size.*3 prompts per round.*2 processes"):
     trainer.run(config, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists() or not os.listdir(tmp_path / "w")
+
+
+def test_a_transformers_sequence_classifier_scores_completions_as_transformers_does(tmp_path):
+  """grpo.reward_model may be a Hugging Face *ForSequenceClassification folder (e.g. a TRL reward model)."""
+  import torch
+  import transformers
+  from hf_tiny import TINY, save_byte_tokenizer
+  from jaxtune.config_checks import ConfigError
+  from jaxtune.data import formats
+  folder = str(tmp_path / "scorer")
+  tokenizer = save_byte_tokenizer(folder)
+  torch.manual_seed(0)
+  hf = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+      **TINY, num_labels=1, pad_token_id=tokenizer.pad_token_id)).eval()
+  hf.save_pretrained(folder)
+  prompts, texts = ["What is 2 plus 3?", "Add 1 and 1.", "Name a colour."], ["It is 5.", "Ugh. 7.", "Blue, I think"]
+  got = grpo.reward_model_fn(folder)(prompts, texts)
+
+  ids = [formats.encode_prompt_response(p, t, tokenizer, template="chat").ids for p, t in zip(prompts, texts)]
+  with torch.no_grad():  # one text at a time: no padding on the transformers side
+    expected = [hf(input_ids=torch.tensor([row], dtype=torch.long)).logits[0, 0].item() for row in ids]
+  np.testing.assert_allclose(got, expected, atol=1e-4)
+  assert np.ptp(expected) > 1e-3
+
+  causal = str(tmp_path / "causal")
+  transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).save_pretrained(causal)
+  with pytest.raises(ConfigError, match="config.grpo.reward_model.*LlamaForCausalLM is not a .*ForSequenceClassification"):
+    grpo.reward_model_fn(causal)

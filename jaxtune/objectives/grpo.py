@@ -28,7 +28,7 @@ from jaxtune.config_checks import ConfigError, field_map
 from jaxtune.data import formats, pipeline
 from jaxtune.data.sources import DataError
 from jaxtune.metrics_log import MetricsLog
-from jaxtune.models import llama
+from jaxtune.models import llama, loading
 from jaxtune.objectives import dpo
 from jaxtune.peft import partition
 from jaxtune.train_step import Batch, StepSpec, forward_logits, target_logps
@@ -187,17 +187,25 @@ def load_reward_fn(path: str) -> RewardFn:
     raise ConfigError("grpo.reward_fn", f"{path!r} cannot be loaded: {e}") from None
 
 
-def reward_model_fn(workdir_path: str) -> RewardFn:
-  """A trained reward model (an objective=reward workdir) as a reward function over texts."""
+def reward_model_fn(path: str) -> RewardFn:
+  """A reward model as a reward function over texts: an objective=reward workdir (its newest
+  checkpoint), or a transformers *ForSequenceClassification folder with one label (e.g. TRL's)."""
   from jaxtune import workdir
   from jaxtune.data.packing import pack
   from jaxtune.evaluation import bucket_length
   from jaxtune.objectives import reward
-  config, cfg, params, peft, tokenizer = workdir.load_trained(workdir_path)
-  if config["objective"] != "reward":
-    raise ConfigError("grpo.reward_model", f"{workdir_path} is an objective={config['objective']} run, "
-                      "not a reward model")
-  template = trainer.instruction_template(ml_collections.ConfigDict(config), tokenizer)
+  if "model_type" in read_json(os.path.join(path, "config.json")):  # a Hugging Face folder
+    try:
+      cfg, params = reward.load_hf_scorer(path)
+    except (KeyError, ValueError) as e:
+      raise ConfigError("grpo.reward_model", str(e.args[0] if isinstance(e, KeyError) else e)) from None
+    peft, tokenizer = llama.PeftRuntime(), loading.load_tokenizer(path)
+    template = "chat" if getattr(tokenizer, "chat_template", None) else "raw"
+  else:
+    config, cfg, params, peft, tokenizer = workdir.load_trained(path)
+    if config["objective"] != "reward":
+      raise ConfigError("grpo.reward_model", f"{path} is an objective={config['objective']} run, not a reward model")
+    template = trainer.instruction_template(ml_collections.ConfigDict(config), tokenizer)
   style = "chat" if template == "chat" else "raw"  # as formats.encode_preference renders pairs
   score = jax.jit(lambda p, tokens, positions, segments: reward.rewards(p, cfg, tokens, positions, segments,
                                                                        peft=peft))
@@ -209,6 +217,15 @@ def reward_model_fn(workdir_path: str) -> RewardFn:
     return np.asarray(score(params, rows["inputs"], rows["positions"], rows["segment_ids"])).tolist()
 
   return fn
+
+
+def read_json(path: str) -> dict:
+  """A JSON file's object; {} when there is none (or it is not an object)."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    out = json.load(f)
+  return out if isinstance(out, dict) else {}
 
 
 def reward_fn_of(g: ml_collections.ConfigDict) -> RewardFn:

@@ -7,11 +7,14 @@ has none either. partition.is_trainable keeps the head trainable for every PEFT 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxtune.models import llama
-from jaxtune.models.config import ModelConfig
+from jaxtune.models import llama, loading
+from jaxtune.models.config import ModelConfig, config_from_hf, read_hf_config
 from jaxtune.objectives.dpo import both_sides
 from jaxtune.train_step import Batch, StepSpec
 
@@ -21,6 +24,26 @@ HEAD = "reward_head"
 def add_head(params: llama.Params, cfg: ModelConfig, dtype=jnp.float32) -> llama.Params:
   """A zero head: every reward starts at 0, so the first loss is ln 2."""
   return dict(params, **{HEAD: {"kernel": jnp.zeros((cfg.hidden_size, 1), dtype)}})
+
+
+def load_hf_scorer(folder: str, dtype=jnp.float32) -> tuple[ModelConfig, llama.Params]:
+  """A transformers *ForSequenceClassification folder with one label (what jaxtune's export writes,
+  and TRL's reward models) as (config, params): its decoder, and score.weight as the head.
+
+  The config is marked tied so that no LM head is looked for: a scorer has none, and rewards never
+  use one.
+  """
+  hf = read_hf_config(folder)
+  arch = (hf.get("architectures") or ["no architecture"])[0]
+  if not arch.endswith("ForSequenceClassification"):
+    raise ValueError(f"{folder}: {arch} is not a *ForSequenceClassification reward model")
+  get, _ = loading.safetensors_getter(folder)
+  score = np.asarray(get("score.weight"))
+  if score.shape[0] != 1:
+    raise ValueError(f"{folder}: score.weight has {score.shape[0]} labels; a reward model has one")
+  cfg = dataclasses.replace(config_from_hf(hf), tie_word_embeddings=True)
+  params = loading.params_from_tensors(cfg, get, dtype)
+  return cfg, dict(params, **{HEAD: {"kernel": jnp.asarray(score.T.astype(jnp.dtype(dtype)))}})
 
 
 def last_token_index(segment_ids_BxT):
