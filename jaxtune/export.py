@@ -301,7 +301,7 @@ def write_hf(out_dir: str, cfg: ModelConfig, params: llama.Params, peft_runtime:
   source_dir = source_model_path if source_model_path and os.path.isdir(source_model_path) else None
   if _is_main():
     os.makedirs(out_dir, exist_ok=True)
-  specs = tensor_specs(base, lambda path, layer: "score.weight" if path == f"{head}/kernel" else hf_name_of(path, layer))
+  specs = tensor_specs(base, lambda p, layer: "score.weight" if p == f"{head}/kernel" else hf_name_of(p, layer))
   fetch = lambda path: to_host(_merged_leaf(params, path, peft_runtime.lora_scale))
   names = write_safetensors(out_dir, "model", specs, stream_tensors(specs, fetch), dtype, max_shard_bytes)
   if not _is_main():

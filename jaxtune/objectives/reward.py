@@ -2,7 +2,8 @@
 
 params["reward_head"] = {"kernel": (D, 1)}, no bias: the loss sees only reward differences, so a bias
 would get no gradient but rounding noise, which Adam turns into a drift; transformers' score layer
-has none either. partition.is_trainable keeps the head trainable for every PEFT method. Pairwise accuracy is logged (and, on eval data, "eval_reward_accuracy").
+has none either. partition.is_trainable keeps the head trainable for every PEFT method. Pairwise
+accuracy is logged (and, on eval data, "eval_reward_accuracy").
 """
 
 from __future__ import annotations
