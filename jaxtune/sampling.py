@@ -65,19 +65,21 @@ def next_token(logits_BxV, rng, temperature, top_p):
   return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "peft", "max_new_tokens"))
+@functools.partial(jax.jit, static_argnames=("cfg", "peft", "max_new_tokens", "compute_dtype"))
 def generate_padded(params: llama.Params, tokens_BxP, positions_BxP, segments_BxP, eos_ids_E, key_data,
                     temperature, top_p, pad_id, *, cfg: ModelConfig, peft: llama.PeftRuntime,
-                    max_new_tokens: int):
+                    max_new_tokens: int, compute_dtype: str = "float32"):
   """New tokens B x max_new_tokens for left-padded prompts; pad_id after each sequence's eos.
 
   key_data: `jax.random.key_data` of the sampling key (plain uint32, which every process of a
-  multi-host run can pass as the same replicated value)."""
+  multi-host run can pass as the same replicated value). Activations and the KV cache are in
+  `compute_dtype`; logits and sampling in float32."""
   B, P = tokens_BxP.shape
   rng = jax.random.wrap_key_data(key_data)
-  cache = llama.init_cache(cfg, B, P + max_new_tokens)
+  dtype = jnp.dtype(compute_dtype)
+  cache = llama.init_cache(cfg, B, P + max_new_tokens, dtype)
   logits, cache = llama.forward(params, cfg, tokens_BxP, positions_BxP, segments_BxP, cache=cache,
-                                peft=peft)
+                                peft=peft, compute_dtype=dtype)
   state = dict(step=jnp.zeros((), jnp.int32), logits=logits[:, -1], cache=cache,
                position=positions_BxP[:, -1] + 1,  # the last slot is real in every row
                out=jnp.full((B, max_new_tokens), pad_id, jnp.int32), done=jnp.zeros((B,), bool),
@@ -91,7 +93,7 @@ def generate_padded(params: llama.Params, tokens_BxP, positions_BxP, segments_Bx
     token = jnp.where(s["done"], pad_id, next_token(s["logits"], key, temperature, top_p))
     out = jax.lax.dynamic_update_slice_in_dim(s["out"], token[:, None], s["step"], axis=1)
     logits, cache = llama.forward(params, cfg, token[:, None], s["position"][:, None],
-                                  jnp.ones((B, 1), jnp.int32), cache=s["cache"], peft=peft)
+                                  jnp.ones((B, 1), jnp.int32), cache=s["cache"], peft=peft, compute_dtype=dtype)
     return dict(step=s["step"] + 1, logits=logits[:, 0], cache=cache, position=s["position"] + 1,
                 out=out, done=s["done"] | jnp.isin(token, eos_ids_E), rng=rng)
 
@@ -110,7 +112,8 @@ def check_options(max_new_tokens: int, temperature: float, top_p: float):
 def generate(params: llama.Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              eos_ids: Sequence[int] = (), pad_id: int = 0,
-             peft: llama.PeftRuntime = llama.PeftRuntime(), mesh: Mesh | None = None) -> list[list[int]]:
+             peft: llama.PeftRuntime = llama.PeftRuntime(), mesh: Mesh | None = None,
+             compute_dtype: str = "float32") -> list[list[int]]:
   """New token ids per prompt, each ending at (and including) its first eos id.
 
   With a mesh, `prompts` are this process's rows of a global batch (`sharding.global_batch`) that
@@ -132,7 +135,7 @@ def generate(params: llama.Params, cfg: ModelConfig, prompts: Sequence[Sequence[
   key_data = np.asarray(jax.random.key_data(jax.random.key(seed)))
   out = generate_padded(params, rows["tokens"], rows["positions"], rows["segments"], eos, key_data,
                         np.float32(temperature), np.float32(top_p), np.int32(pad_id), cfg=cfg,
-                        peft=peft, max_new_tokens=max_new_tokens)
+                        peft=peft, max_new_tokens=max_new_tokens, compute_dtype=compute_dtype)
   result = []
   for row in (np.asarray(out) if mesh is None else sharding.local_rows(out, mesh)).tolist():
     ends = [j for j, t in enumerate(row) if t in eos_ids]

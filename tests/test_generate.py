@@ -152,3 +152,27 @@ def test_decode_compiles_once_per_shape(monkeypatch):
   sampling.generate(params, cfg, [[1, 2, 3, 4], [3]], max_new_tokens=8, temperature=0.7,
                     top_p=0.9, seed=3, eos_ids=(4, 9))
   assert len(traces) == 2
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the upcast this guards against is XLA:CPU's")
+def test_generation_runs_in_the_compute_dtype():
+  """compute_dtype=bfloat16: every dot of the prefill and the decode loop has bf16 operands (GRPO
+  samples in its run's compute dtype); greedy tokens here match float32's."""
+  from test_matmul import operand_dtypes_of_dots
+  cfg = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                    max_position_embeddings=256)
+  params = llama.init_params(cfg, jax.random.PRNGKey(0))
+  prompts = [[5, 6, 7], [8, 9]]
+  tokens, positions, segments = sampling.left_pad(prompts, 8, 0)
+  key = np.asarray(jax.random.key_data(jax.random.key(0)))
+  for dtype, want in (("float32", "f32"), ("bfloat16", "bf16")):
+    hlo = sampling.generate_padded.lower(
+        params, tokens, positions, segments, np.full((8,), -1, np.int32), key, np.float32(0), np.float32(1),
+        np.int32(0), cfg=cfg, peft=llama.PeftRuntime(), max_new_tokens=6, compute_dtype=dtype).compile().as_text()
+    dtypes = operand_dtypes_of_dots(hlo)
+    assert len(dtypes) >= 10 and set(dtypes) == {(want, want)}, (dtype, sorted(set(dtypes)))
+  greedy = {d: sampling.generate(params, cfg, prompts, max_new_tokens=6, compute_dtype=d)
+            for d in ("float32", "bfloat16")}
+  assert greedy["bfloat16"] == greedy["float32"] and len(greedy["float32"][0]) == 6
+

@@ -253,7 +253,7 @@ def sample_round(params, spec: StepSpec, tokenizer, prompts: Prompts, index: Seq
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
   completions = sampling.generate(params, spec.model, prompt_ids, max_new_tokens=g.max_new_tokens,
                                   temperature=temperature, top_p=g.top_p, seed=seed, eos_ids=eos, pad_id=pad,
-                                  peft=spec.peft, mesh=mesh)
+                                  peft=spec.peft, mesh=mesh, compute_dtype=spec.compute_dtype)
   texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
   rewards = score(fn, [prompts.given[i] for i in index for _ in range(group)], texts)
   return prompt_ids, completions, rewards
