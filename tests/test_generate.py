@@ -119,6 +119,15 @@ def test_top_p_filter_matches_transformers():
     np.testing.assert_array_equal(np.isfinite(np.asarray(ours)), torch.isfinite(warped).numpy())
 
 
+def test_the_vocabulary_sort_runs_only_when_top_p_cuts():
+  """next_token's top-p sort sits inside the branch taken for top_p < 1 (it was 4/5 of a decode
+  step of a small model), and sampling inside the branch taken for temperature > 0."""
+  jaxpr = jax.make_jaxpr(sampling.next_token)(jnp.zeros((2, 8)), jax.random.key(0), 1.0, 1.0)
+  top_level = [e.primitive.name for e in jaxpr.jaxpr.eqns]
+  assert "sort" not in top_level and "cond" in top_level
+  assert "sort" in str(jaxpr)  # in a branch
+
+
 def test_sampling_follows_temperature_softmax():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   keys = jax.random.split(jax.random.key(0), 20000)
