@@ -17,7 +17,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import tqdm
 from etils import epath
 
@@ -253,10 +252,7 @@ class StopSignals:
 
   def requested(self) -> bool:
     """Whether any process got a signal: all processes must stop (and save) at the same step."""
-    if jax.process_count() == 1:
-      return self.signum is not None
-    from jax.experimental import multihost_utils
-    return bool(np.max(multihost_utils.process_allgather(np.int32(self.signum is not None))))
+    return bool(sharding.all_processes([self.signum is not None]).any())
 
 
 def trim_metrics(workdir: str, step: int) -> None:

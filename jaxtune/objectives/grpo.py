@@ -29,6 +29,7 @@ from jaxtune.data import formats, pipeline
 from jaxtune.data.sources import DataError
 from jaxtune.metrics_log import MetricsLog
 from jaxtune.models import llama, loading
+from jaxtune.models.config import read_hf_config
 from jaxtune.objectives import dpo
 from jaxtune.peft import partition
 from jaxtune.train_step import Batch, StepSpec, forward_logits, target_logps
@@ -194,7 +195,7 @@ def reward_model_fn(path: str) -> RewardFn:
   from jaxtune.data.packing import pack
   from jaxtune.evaluation import bucket_length
   from jaxtune.objectives import reward
-  if "model_type" in read_json(os.path.join(path, "config.json")):  # a Hugging Face folder
+  if os.path.exists(os.path.join(path, "config.json")) and "model_type" in read_hf_config(path):  # HF folder
     try:
       cfg, params = reward.load_hf_scorer(path)
     except (KeyError, ValueError) as e:
@@ -217,15 +218,6 @@ def reward_model_fn(path: str) -> RewardFn:
     return np.asarray(score(params, rows["inputs"], rows["positions"], rows["segment_ids"])).tolist()
 
   return fn
-
-
-def read_json(path: str) -> dict:
-  """A JSON file's object; {} when there is none (or it is not an object)."""
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    out = json.load(f)
-  return out if isinstance(out, dict) else {}
 
 
 def reward_fn_of(g: ml_collections.ConfigDict) -> RewardFn:
@@ -292,8 +284,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   trainer.TrainingInterrupted (as the other objectives do).
   """
   g, P = config.grpo, jax.process_count()
-  if (config.train.batch_size // g.group_size) % P:
-    raise ConfigError("train.batch_size", f"{config.train.batch_size // g.group_size} prompts per round "
+  prompts_per_round = config.train.batch_size // g.group_size
+  if prompts_per_round % P:
+    raise ConfigError("train.batch_size", f"{prompts_per_round} prompts per round "
                       f"(train.batch_size / grpo.group_size) do not split evenly over {P} processes")
   is_main = jax.process_index() == 0
   r = trainer.setup(config, workdir, load=load_prompts)
@@ -302,8 +295,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   trainable, frozen, opt_state, rng = r.trainable, r.frozen, r.opt_state, r.rng
   reference = reference_params(config, trainable, frozen)  # before a step donates the initial weights
   # Each process samples its share of a round's prompts, all G completions of each (groups stay local).
-  batches = pipeline.BatchIterator(r.train_data, config.train.batch_size // g.group_size,
-                                   config.train.seed, jax.process_index(), P)
+  batches = pipeline.BatchIterator(r.train_data, prompts_per_round, config.train.seed, jax.process_index(), P)
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
   step = manager.latest_step() or 0
   tokens_seen = 0  # non-padding input tokens over the whole run
