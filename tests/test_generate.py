@@ -167,10 +167,7 @@ def test_decode_compiles_once_per_shape(monkeypatch):
 def test_generation_runs_in_the_compute_dtype():
   """compute_dtype=bfloat16: every dot of the prefill and the decode loop has bf16 operands (GRPO
   samples in its run's compute dtype); greedy tokens here match float32's."""
-  from test_matmul import operand_dtypes_of_dots
-  cfg = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
-                    num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                    max_position_embeddings=256)
+  from test_matmul import SMALL_CONFIG as cfg, operand_dtypes_of_dots
   params = llama.init_params(cfg, jax.random.PRNGKey(0))
   prompts = [[5, 6, 7], [8, 9]]
   tokens, positions, segments = sampling.left_pad(prompts, 8, 0)

@@ -217,8 +217,9 @@ def test_a_transformers_sequence_classifier_scores_completions_as_transformers_d
 
 
 def test_grpo_samples_in_the_run_compute_dtype(monkeypatch):
+  import dataclasses
   from jaxtune import sampling
-  from jaxtune.models.config import ModelConfig
+  from test_matmul import SMALL_CONFIG
   seen = {}
 
   def fake_generate(params, cfg, prompts, **kw):
@@ -227,8 +228,7 @@ def test_grpo_samples_in_the_run_compute_dtype(monkeypatch):
 
   monkeypatch.setattr(sampling, "generate", fake_generate)
   tokenizer = type("Tok", (), {"pad_token_id": 0, "eos_token_id": 2, "decode": lambda self, ids, **kw: "x"})()
-  cfg = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
-                    num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=256, eos_token_ids=(2,))
+  cfg = dataclasses.replace(SMALL_CONFIG, eos_token_ids=(2,))
   prompts = grpo.Prompts(["a", "b"], [[5, 6], [7, 8]])
   g = type("G", (), {"max_new_tokens": 4, "top_p": 1.0})()
   grpo.sample_round({}, StepSpec(model=cfg, compute_dtype="bfloat16"), tokenizer, prompts, [0, 1], 2, g, 0,

@@ -36,6 +36,12 @@ def test_float32_operands_take_the_plain_matmul():
   assert str(jax.make_jaxpr(matmul.matmul)(x, w)).count("custom_vjp") == 0
 
 
+# Big enough for every dot kind of the step (attention blocks, GQA, untied head), small to compile.
+SMALL_CONFIG = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
+                           num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                           max_position_embeddings=256)
+
+
 def operand_dtypes_of_dots(hlo: str) -> list[tuple[str, str]]:
   """(lhs dtype, rhs dtype) of every dot in an optimized HLO module."""
   dtype_of = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
@@ -47,9 +53,7 @@ def operand_dtypes_of_dots(hlo: str) -> list[tuple[str, str]]:
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_bfloat16_training_step_keeps_every_dot_in_bfloat16(method):
   """XLA:CPU silently runs a bf16 dot in float32 unless it is in the one native form (see matmul.py)."""
-  cfg = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
-                    num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                    max_position_embeddings=256)
+  cfg = SMALL_CONFIG
   params = llama.init_params(cfg, jax.random.PRNGKey(0))
   if method == "lora":
     params = lora.add_lora(params, jax.random.PRNGKey(1), 4)

@@ -60,21 +60,15 @@ def test_reward_model_heldout_accuracy_well_above_chance(tiny_setup, tmp_path):
 def test_reward_model_exports_as_a_transformers_sequence_classifier(tiny_setup, tmp_path):
   """scripts/export.py --format hf of a LoRA reward model: transformers' *ForSequenceClassification
   scores as jaxtune; --format peft is refused in one line before anything is written."""
-  import subprocess
-  import sys
   import torch
   import transformers
   from jaxtune import workdir
+  from test_export import run_export
   model, _ = tiny_setup
   config = tiny_config(model, os.path.join(DATA, "train.jsonl"), **{
       "objective": "reward", "data.format": "preference", "data.seq_len": 96, "train.steps": 4})
   trainer.run(config, str(tmp_path / "run"))
-  script = os.path.join(os.path.dirname(__file__), "..", "scripts", "export.py")
-
-  def export(fmt):
-    return subprocess.run([sys.executable, script, "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / fmt),
-                           "--format", fmt], capture_output=True, text=True, timeout=600)
-
+  export = lambda fmt: run_export(str(tmp_path / "run"), str(tmp_path / fmt), fmt)
   assert export("hf").returncode == 0
   hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf"))
   assert type(hf).__name__ == "LlamaForSequenceClassification" and hf.config.num_labels == 1
