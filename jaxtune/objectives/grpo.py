@@ -32,7 +32,7 @@ from jaxtune.models import llama, loading
 from jaxtune.models.config import read_hf_config
 from jaxtune.objectives import dpo
 from jaxtune.peft import partition
-from jaxtune.train_step import Batch, StepSpec, forward_logits, target_logps
+from jaxtune.train_step import Batch, StepSpec, forward_logits, input_tokens, target_logps
 
 RewardFn = Callable[[Sequence[Any], Sequence[str]], Sequence[float]]
 
@@ -341,8 +341,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
         all_rewards = sharding.all_processes(rewards)
         sampled = {"reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
                    "completion_length": float(np.mean(sharding.all_processes([len(c) for c in completions])))}
-        # Every process's non-padding tokens; each update of the round trains on them.
-        round_tokens = int(sharding.all_processes([np.count_nonzero(local["segment_ids"])]).sum())
+        round_tokens = int(input_tokens(batch))  # the global batch's, as the step counts; every update trains on them
         for _ in range(min(g.updates_per_batch, last - step)):
           step += 1
           window_tokens += round_tokens
