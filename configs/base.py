@@ -12,6 +12,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.path = ""  # Hugging Face folder or .gguf file
   c.model.tokenizer = ""  # "" = the tokenizer that comes with model.path
+  # training attention kernel: auto (cuDNN flash attention on a GPU in bf16/fp16, else blocked) |
+  # blocked (jaxtune's, any device) | xla | cudnn (jax.nn.dot_product_attention's)
+  c.model.attention = "auto"
 
   c.objective = "lm"  # lm | dpo | reward | grpo
 

@@ -6,7 +6,7 @@ import re
 
 import ml_collections
 
-from jaxtune.models import llama
+from jaxtune.models import attention, llama
 from jaxtune.peft import lora
 from jaxtune.peft.partition import METHODS
 
@@ -108,6 +108,9 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     raise ConfigError("mesh", "at most one of mesh.data/fsdp/tensor may be -1")
   for key in ("precision.param_dtype", "precision.compute_dtype"):
     _choice(c, key, DTYPES)
+  _choice(c, "model.attention", attention.IMPLEMENTATIONS)
+  if c.model.attention == "cudnn" and c.precision.compute_dtype == "float32":
+    raise ConfigError("model.attention", "cudnn needs precision.compute_dtype=bfloat16 or float16")
   if c.objective in ("dpo", "reward") and c.data.format != "preference":
     raise ConfigError("data.format", f"objective={c.objective} needs data.format=preference")
 

@@ -62,7 +62,7 @@ def instruction_template(config: ml_collections.ConfigDict, tokenizer) -> str:
 def build_model(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
   """Loads the base (into its shardings), adds PEFT leaves, splits trainable/frozen."""
   param_dtype = jnp.dtype(config.precision.param_dtype)
-  model_cfg = loading.model_config_of(config.model.path)
+  model_cfg = dataclasses.replace(loading.model_config_of(config.model.path), attention=config.model.attention)
   base_shapes = loading.flatten(llama.param_shapes(model_cfg), is_leaf=lambda x: isinstance(x, tuple))
   params = loading.load_model(config.model.path, param_dtype,
                               shardings=sharding.param_shardings(base_shapes, mesh))[1]
@@ -184,6 +184,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=None, load=
                       f"(mesh.data*mesh.fsdp = {sharding.batch_divisor(mesh)})")
   if (config.train.batch_size // config.train.grad_accum) % sharding.batch_divisor(mesh):
     raise ConfigError("train.grad_accum", "each micro-batch must still divide over mesh.data*mesh.fsdp")
+  if config.model.attention == "cudnn" and jax.default_backend() != "gpu":
+    raise ConfigError("model.attention", f"cudnn needs a GPU; this run's devices are {jax.default_backend()}")
   check_workdir(workdir, config)  # the config errors come before anything touches the workdir
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
   tokenizer = loading.load_tokenizer(config.model.tokenizer or config.model.path)

@@ -10,7 +10,8 @@ loads them from a HF folder written here) and report their first loss, which mus
 float32: both sides compute in float32. bfloat16: mixed precision on both sides - jaxtune's
 compute_dtype with float32 master weights, the peer under torch.autocast (its own bf16 path).
 MFU = model FLOPs/s over a matmul peak this script measures per precision (jitted 2048^2 matmul,
-float32 accumulation) or --peak_tflops.
+float32 accumulation) or --peak_tflops. On a GPU the peer runs there too (CUDA autocast, torch's
+SDPA attention), and jaxtune's attention is model.attention's --attention (auto: cuDNN in bf16).
 """
 
 from __future__ import annotations
@@ -53,11 +54,12 @@ PRESETS = {
 }
 
 
-def model_config(p: Preset):
+def model_config(p: Preset, attention: str = "auto"):
   from jaxtune.models.config import ModelConfig
   return ModelConfig(vocab_size=p.vocab, hidden_size=p.hidden, intermediate_size=p.inter, num_layers=p.layers,
                      num_heads=p.heads, num_kv_heads=p.kv_heads, head_dim=p.hidden // p.heads,
-                     rms_norm_eps=1e-5, tie_word_embeddings=p.tied, max_position_embeddings=max(2048, p.seq))
+                     rms_norm_eps=1e-5, tie_word_embeddings=p.tied, max_position_embeddings=max(2048, p.seq),
+                     attention=attention)
 
 
 def matmul_params(p: Preset) -> int:
@@ -129,7 +131,7 @@ def measure_matmul_peak(n: int = 2048, dtype: str = "float32", repeats: int = 10
 
 
 def run_jaxtune(p: Preset, method: str, steps: int, dtype: str = "float32", rank: int = 8,
-                model_dir: str = "", remat: str = "dots") -> dict:
+                model_dir: str = "", remat: str = "dots", attention: str = "auto") -> dict:
   """jaxtune's jitted, donated train_step (the one train.py runs) on the fixed batch.
 
   `remat` is train.remat_policy with train.remat on ("" = off); "dots" is the fastest on CPU.
@@ -148,7 +150,7 @@ def run_jaxtune(p: Preset, method: str, steps: int, dtype: str = "float32", rank
   sys.path.insert(0, ROOT)
   from configs.base import get_base_config
 
-  cfg = model_config(p)
+  cfg = model_config(p, attention)
   from jaxtune.models import loading
   # float32 master weights; `dtype` is the compute dtype
   params = loading.load_model(model_dir)[1] if model_dir else base_params(p)
@@ -180,7 +182,10 @@ def run_jaxtune(p: Preset, method: str, steps: int, dtype: str = "float32", rank
     losses.append(metrics["loss"])  # stays on device: no host sync inside the loop
   jax.block_until_ready((trainable, opt_state, losses))
   elapsed = time.perf_counter() - t
+  from jaxtune.models import attention as attention_lib
+  q = jax.ShapeDtypeStruct((p.batch, p.seq, p.heads, p.hidden // p.heads), jax.numpy.dtype(dtype))
   return {"side": "jaxtune", "method": method, "dtype": dtype, "remat": remat,
+          "attention": attention_lib.resolve(attention, q, 0), "batch": p.batch,
           "tokens_per_sec": steps * p.batch * p.seq / elapsed,
           "step_s": elapsed / steps, "compile_s": compile_s, "first_step_s": first_step_s,
           "first_loss": first_loss, "last_loss": float(losses[-1]), "peak_rss_mb": peak_rss_mb(),
@@ -196,7 +201,8 @@ def run_peer(p: Preset, method: str, steps: int, model_dir: str, threads: int = 
   import torch
   import transformers
   torch.set_num_threads(threads)
-  model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
   if method == "lora":
     import peft
     model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
@@ -204,10 +210,10 @@ def run_peer(p: Preset, method: str, steps: int, model_dir: str, threads: int = 
   model.train()
   params = [q for q in model.parameters() if q.requires_grad]
   optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-  batch = {k: torch.from_numpy(v) for k, v in fixed_batch(p).items()}
+  batch = {k: torch.from_numpy(v).to(device) for k, v in fixed_batch(p).items()}
 
   def step():
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
       logits = model(input_ids=batch["inputs"]).logits
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, p.vocab).float(), batch["targets"].reshape(-1).long())
     optimizer.zero_grad(set_to_none=True)
@@ -223,27 +229,38 @@ def run_peer(p: Preset, method: str, steps: int, model_dir: str, threads: int = 
   t = time.perf_counter()
   for _ in range(steps):
     losses.append(step())
+  if device == "cuda":
+    torch.cuda.synchronize()
   elapsed = time.perf_counter() - t
   return {"side": "peer", "method": method, "dtype": dtype, "tokens_per_sec": steps * p.batch * p.seq / elapsed,
           "step_s": elapsed / steps, "compile_s": 0.0, "first_step_s": first_step_s,
           "first_loss": first_loss, "last_loss": float(losses[-1]), "peak_rss_mb": peak_rss_mb(),
-          "trainable_params": sum(q.numel() for q in params), "device": "cpu"}
+          "trainable_params": sum(q.numel() for q in params), "device": device, "batch": p.batch,
+          "attention": model.config._attn_implementation}
 
 
 # ----------------------------------------------------------------------------- driver
 
 
-def run_worker(args) -> dict:
+def preset(args) -> Preset:
   p = PRESETS[args.preset]
+  return dataclasses.replace(p, batch=args.batch) if args.batch else p
+
+
+def run_worker(args) -> dict:
+  p = preset(args)
+  if args.worker == "model":  # in a subprocess: on a GPU the driver itself never holds device memory
+    return {"model_dir": write_peer_model(p, args.model_dir)}
   if args.worker == "jaxtune":
-    return run_jaxtune(p, args.method, args.steps, args.dtype, model_dir=args.model_dir, remat=args.remat)
+    return run_jaxtune(p, args.method, args.steps, args.dtype, model_dir=args.model_dir, remat=args.remat,
+                       attention=args.attention)
   return run_peer(p, args.method, args.steps, args.model_dir, args.threads, dtype=args.dtype)
 
 
 def spawn(args, side: str, method: str, dtype: str, model_dir: str) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--method", method, "--preset", args.preset,
          "--steps", str(args.steps), "--dtype", dtype, "--model_dir", model_dir, "--threads", str(args.threads),
-         "--remat", args.remat]
+         "--remat", args.remat, "--attention", args.attention, "--batch", str(args.batch)]
   out = subprocess.run(cmd, capture_output=True, text=True)
   if out.returncode:
     raise RuntimeError(f"{side} {method} failed:\n{out.stderr[-3000:]}")
@@ -294,24 +311,26 @@ def main(argv=None):
   parser.add_argument("--threads", type=int, default=2, help="torch threads for the peer")
   parser.add_argument("--remat", default="dots",
                       help="jaxtune's train.remat_policy ('' = train.remat off); dots is the fastest on CPU")
+  parser.add_argument("--attention", default="auto", help="jaxtune's model.attention (auto: cuDNN on a GPU in bf16)")
+  parser.add_argument("--batch", type=int, default=0, help="rows per batch instead of the preset's")
   parser.add_argument("--peak_tflops", type=float, default=0.0, help="MFU against this instead of a measured peak")
   parser.add_argument("--rounds", type=int, default=3,
                       help="runs of every row, interleaved; the table shows each row's median tokens/s")
   parser.add_argument("--json", default="", help="also write the rows (every round) here")
-  parser.add_argument("--worker", choices=("jaxtune", "peer"), help=argparse.SUPPRESS)
+  parser.add_argument("--worker", choices=("jaxtune", "peer", "model"), help=argparse.SUPPRESS)
   parser.add_argument("--method", default="full", help=argparse.SUPPRESS)
   parser.add_argument("--model_dir", default="", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.worker:
     print(json.dumps(run_worker(args)), flush=True)
     return
-  p = PRESETS[args.preset]
+  p = preset(args)
   sides, methods, dtypes = args.sides.split(","), args.methods.split(","), args.dtype.split(",")
   peaks = {d: args.peak_tflops * 1e12 or measure_matmul_peak(dtype=d) for d in dtypes}
   print(f"load average before: {os.getloadavg()}", flush=True)
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
-    model_dir = write_peer_model(p, os.path.join(tmp, "model")) if "peer" in sides else ""
+    model_dir = spawn(args, "model", "", "", os.path.join(tmp, "model"))["model_dir"] if "peer" in sides else ""
     for _ in range(args.rounds):  # interleaved, so a noisy minute hits every row alike
       for dtype in dtypes:
         for method in methods:

@@ -5,6 +5,9 @@ the scores are computed block row by block row and the masked upper triangle is 
 flash attention, only each row's log-sum-exp is kept for the backward pass, which recomputes the
 scores; no B x heads x T x S buffer outlives a layer (a scanned layer would stack one per layer).
 Scores and softmax are float32 whatever the compute dtype.
+
+On a GPU in bf16/fp16 the training pass goes to cuDNN's fused flash attention instead
+(`jax.nn.dot_product_attention`); `ModelConfig.attention` (config key model.attention) picks.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from jaxtune.models.matmul import swapped, transposed
 _MASKED = -1e30
 _MIN_BLOCK = 64  # query rows per block: smaller blocks skip more of the triangle but add ops
 _MAX_BLOCKS = 8
+IMPLEMENTATIONS = ("auto", "blocked", "xla", "cudnn")  # model.attention
 
 
 def attention_mask(q_pos_BxT, q_seg_BxT, k_pos_BxS, k_seg_BxS, sliding_window):
@@ -50,14 +54,36 @@ def query_blocks(T: int) -> tuple[tuple[int, int], ...]:
   return tuple(zip(bounds[:-1], bounds[1:]))
 
 
-def grouped_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, causal_prefix: int | None = None):
+def resolve(implementation: str, q_BxTxNxH, causal_prefix: int | None) -> str:
+  """The implementation "auto" stands for: cuDNN for a bf16/fp16 pass without a cache on a GPU
+  where cuDNN takes the shapes (head size a multiple of 8, at most 128; with a mask, even query and
+  key lengths), else jaxtune's blocked attention. Decoding with a cache (causal_prefix None: a few
+  queries against the cache) always takes the blocked path."""
+  if causal_prefix is None:
+    return "blocked"
+  if implementation != "auto":
+    return implementation
+  T, H = q_BxTxNxH.shape[1], q_BxTxNxH.shape[-1]
+  fused = q_BxTxNxH.dtype in (jnp.bfloat16, jnp.float16) and H % 8 == 0 and H <= 128
+  fused &= T % 2 == 0 and causal_prefix % 2 == 0  # keys: T + causal_prefix
+  return "cudnn" if fused and jax.default_backend() == "gpu" else "blocked"
+
+
+def grouped_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, causal_prefix: int | None = None,
+                      implementation: str = "auto"):
   """Softmax attention with grouped-query heads; returns B x T x (N*H).
 
   causal_prefix None: every query may see any of the S keys the mask allows (decoding with a cache).
   causal_prefix P: the keys are P always-visible prefix slots followed by the T queries' own tokens,
   and the mask hides every key after its query (see `in_token_order`); key blocks past each query
   block are skipped.
+  implementation: one of IMPLEMENTATIONS (see `resolve`); "xla" and "cudnn" are
+  `jax.nn.dot_product_attention`'s.
   """
+  implementation = resolve(implementation, q_BxTxNxH, causal_prefix)
+  if implementation != "blocked":
+    return dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, causal_prefix == 0,
+                                 implementation)
   B, T, N, H = q_BxTxNxH.shape
   S, K = k_BxSxKxH.shape[1:3]
   G = N // K
@@ -70,6 +96,18 @@ def grouped_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, causal_prefix
     blocks = tuple((a, b, causal_prefix + b) for a, b in query_blocks(T))
   out = _blocked_attention(q, k, v, mask_BxTxS, blocks)
   return out.transpose(0, 2, 1, 3, 4).reshape(B, T, N * H)
+
+
+def dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, causal: bool, implementation: str):
+  """`jax.nn.dot_product_attention` (cuDNN's flash attention for "cudnn"); B x T x (N*H).
+
+  The mask becomes an additive bias (segments, padding, prefix slots, sliding window); `causal`
+  (keys in token order, no prefix) also lets the kernel skip the blocks above the diagonal.
+  """
+  B, T, N, H = q_BxTxNxH.shape
+  out = jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_BxTxS[:, None],
+                                     is_causal=causal, implementation=implementation)
+  return out.reshape(B, T, N * H)
 
 
 def _masked_scores(q_blk, k_slab, mask_blk):

@@ -43,6 +43,8 @@ class ModelConfig:
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: int | None = None
+  # attention kernel, not read from config.json: one of attention.IMPLEMENTATIONS (model.attention)
+  attention: str = "auto"
 
   @property
   def q_size(self) -> int:

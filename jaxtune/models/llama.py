@@ -238,8 +238,8 @@ def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs):
     k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
     mask = jnp.concatenate([jnp.ones((B, T, P), bool), mask], axis=-1)
   causal_prefix = None if cache_kv is not None else k.shape[1] - T  # no cache: keys in token order
-  out = dense(attn["o_proj"], attention.grouped_attention(q, k, v, mask, causal_prefix).reshape(B * T, -1),
-              peft, rngs[3])
+  attended = attention.grouped_attention(q, k, v, mask, causal_prefix, cfg.attention)
+  out = dense(attn["o_proj"], attended.reshape(B * T, -1), peft, rngs[3])
   if "attn_adapter" in layer:
     out = bottleneck_adapter(layer["attn_adapter"], out)
   x = x + out
