@@ -1,7 +1,8 @@
 r"""Completions of prompts with a model (+ optional adapter), KV-cache decoding.
 
   python scripts/generate.py --model MODEL [--adapter DIR] --prompt TEXT [--prompt TEXT ...] \
-      [--max_new_tokens 64] [--temperature 0] [--top_p 1.0] [--seed 0] [--raw] [--json]
+      [--max_new_tokens 64] [--temperature 0] [--top_p 1.0] [--seed 0] [--raw] [--json] \
+      [--compute_dtype float32]
 
 Prints each completion's new text (not the prompt); with --json one JSON object per prompt with
 `prompt` and `completion`. Instruct models (the tokenizer has a chat template) get it unless --raw.
@@ -22,6 +23,9 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (with temperatu
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _RAW = flags.DEFINE_bool("raw", False, "Do not apply the chat template.")
 _JSON = flags.DEFINE_bool("json", False, "One JSON object per prompt: {prompt, completion}.")
+_COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16", "float16"],
+                                   "Activations and KV cache (bfloat16: the matmul units of TPUs/GPUs); "
+                                   "logits and sampling stay float32.")
 
 
 @cli.exit_on_user_error
@@ -36,7 +40,7 @@ def main(argv):
   outputs = sampling.generate(
       params, cfg, prompts, max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
       top_p=_TOP_P.value, seed=_SEED.value, eos_ids=inference.eos_ids(cfg, tokenizer),
-      pad_id=pad_id, peft=peft)
+      pad_id=pad_id, peft=peft, compute_dtype=_COMPUTE_DTYPE.value)
   for prompt, ids in zip(_PROMPT.value, outputs):
     completion = tokenizer.decode(ids, skip_special_tokens=True)
     print(json.dumps({"prompt": prompt, "completion": completion}) if _JSON.value else completion)

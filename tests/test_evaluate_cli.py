@@ -79,3 +79,25 @@ def test_generate_bad_input_is_one_line(folder):
                         "--top_p")
   missing = folder + "_missing"
   assert_one_line_error(run_script("generate.py", "--model", missing, "--prompt", "x"), missing)
+
+
+def test_generate_compute_dtype_reaches_sampling(folder):
+  """--compute_dtype bfloat16 decodes in bf16: generate.py run with sampling.generate wrapped to
+  record the dtype it gets (a tiny model's tokens are the same in both precisions)."""
+  spy = ("import runpy, sys\n"
+         "from jaxtune import sampling\n"
+         "original = sampling.generate\n"
+         "def recording(*args, **kwargs):\n"
+         "  print('compute_dtype', kwargs['compute_dtype'], file=sys.stderr)\n"
+         "  return original(*args, **kwargs)\n"
+         "sampling.generate = recording\n"
+         "sys.argv = ['generate.py'] + sys.argv[1:]\n"
+         f"runpy.run_path({os.path.join(ROOT, 'scripts', 'generate.py')!r}, run_name='__main__')\n")
+  for flag, want in (([], "float32"), (["--compute_dtype", "bfloat16"], "bfloat16")):
+    proc = subprocess.run([sys.executable, "-c", spy, "--model", folder, "--prompt", "Hi", "--max_new_tokens", "4",
+                           *flag], capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert f"compute_dtype {want}" in proc.stderr.splitlines()
+  assert_one_line_error(run_script("generate.py", "--model", folder, "--prompt", "x", "--compute_dtype", "int8"),
+                        "--compute_dtype")
