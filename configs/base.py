@@ -13,7 +13,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.path = ""  # Hugging Face folder or .gguf file
   c.model.tokenizer = ""  # "" = the tokenizer that comes with model.path
   # training attention kernel: auto (cuDNN flash attention on a GPU in bf16/fp16, else blocked) |
-  # blocked (jaxtune's, any device) | xla | cudnn (jax.nn.dot_product_attention's)
+  # blocked (jaxtune's, any device) | xla | cudnn (jax.nn.dot_product_attention's) |
+  # splash (Pallas' TPU flash kernel; rows a multiple of 128 tokens, no prefix or sliding window)
   c.model.attention = "auto"
 
   c.objective = "lm"  # lm | dpo | reward | grpo

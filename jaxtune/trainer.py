@@ -187,6 +187,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=None, load=
   if config.model.attention == "cudnn" and jax.default_backend() != "gpu":
     raise ConfigError("model.attention", f"cudnn needs a GPU; this run's devices are {jax.default_backend()}")
   check_workdir(workdir, config)  # the config errors come before anything touches the workdir
+  jax.set_mesh(mesh)  # the run's mesh, seen while tracing (model.attention=splash shards its kernel by it)
+  if config.model.attention == "splash" and jax.default_backend() != "tpu" and is_main:
+    print("warning: model.attention=splash off a TPU runs the kernel in Pallas' interpreter (slow)", flush=True)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
   tokenizer = loading.load_tokenizer(config.model.tokenizer or config.model.path)
   train_data, eval_data = load(config, tokenizer)

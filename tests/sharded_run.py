@@ -1,6 +1,7 @@
 """Runs tiny training on a fake 8-device CPU mesh; prints one JSON line per mesh (for test_sharding.py).
 
 usage: python tests/sharded_run.py MODEL DATA WORKDIR METHOD MESH [MESH ...]   (MESH = data,fsdp,tensor)
+Env SHARDED_RUN_OVERRIDES: more config overrides, a JSON object of dotted keys.
 """
 
 import json
@@ -11,6 +12,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from jaxtune import trainer  # noqa: E402
+from jaxtune.models import splash  # noqa: E402
 from train_helpers import losses, tiny_config  # noqa: E402
 
 
@@ -23,13 +25,24 @@ def main(model, data, workdir, method, *meshes):
     return original(*args, **kwargs)
 
   trainer.train_step = counted
+  splash_traces = []
+  original_splash = splash.splash_attention
+
+  def counted_splash(*args):
+    splash_traces.append(1)
+    return original_splash(*args)
+
+  splash.splash_attention = counted_splash
+  overrides = json.loads(os.environ.get("SHARDED_RUN_OVERRIDES", "{}"))
   for mesh in meshes:
     d, f, t = (int(x) for x in mesh.split(","))
     traces.clear()
     config = tiny_config(model, data, **{"peft.method": method, "mesh.data": d, "mesh.fsdp": f,
-                                         "mesh.tensor": t, "optimizer.learning_rate": 1e-3})
+                                         "mesh.tensor": t, "optimizer.learning_rate": 1e-3, **overrides})
+    splash_traces.clear()
     rows = trainer.run(config, os.path.join(workdir, mesh.replace(",", "_")))
-    print(json.dumps({"mesh": mesh, "losses": losses(rows), "traces": len(traces)}), flush=True)
+    print(json.dumps({"mesh": mesh, "losses": losses(rows), "traces": len(traces),
+                      "splash_traces": len(splash_traces)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -102,18 +102,19 @@ def test_query_blocks_cover_every_row():
     assert all(a < b for a, b in blocks) and all(b == c for (_, b), (c, _) in zip(blocks, blocks[1:]))
 
 
-def test_model_attention_setting_reaches_every_layer():
+@pytest.mark.parametrize("implementation", ["xla", "splash"])
+def test_model_attention_setting_reaches_every_layer(implementation):
   """ModelConfig.attention (model.attention) picks the kernel inside the model: a packed batch's
-  logits and gradients are the same through the XLA dot_product_attention as through the blocked
-  kernel, and the compiled step holds no blocked-attention computation when xla is asked for."""
+  logits and gradients are the same through jax.nn.dot_product_attention (XLA) or the splash kernel
+  (interpreted) as through the blocked kernel, and the traced model holds the kernel asked for."""
   import dataclasses
 
   from jaxtune.models import llama
   from test_matmul import SMALL_CONFIG
   params = llama.init_params(SMALL_CONFIG, jax.random.PRNGKey(0), std=0.2)
-  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 96), 0, SMALL_CONFIG.vocab_size)
-  segments = jnp.asarray(np.repeat([[1] * 40 + [2] * 40 + [0] * 16], 2, 0))
-  positions = jnp.asarray(np.repeat([list(range(40)) * 2 + list(range(16))], 2, 0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 128), 0, SMALL_CONFIG.vocab_size)
+  segments = jnp.asarray(np.repeat([[1] * 50 + [2] * 50 + [0] * 28], 2, 0))
+  positions = jnp.asarray(np.repeat([list(range(50)) * 2 + list(range(28))], 2, 0))
 
   def loss(params, implementation):
     cfg = dataclasses.replace(SMALL_CONFIG, attention=implementation)
@@ -121,10 +122,44 @@ def test_model_attention_setting_reaches_every_layer():
     return jnp.sum(jax.nn.log_softmax(logits)[..., 0] * (segments > 0)), logits
 
   (_, blocked), g_blocked = jax.value_and_grad(loss, has_aux=True)(params, "blocked")
-  (_, xla), g_xla = jax.value_and_grad(loss, has_aux=True)(params, "xla")
-  np.testing.assert_allclose(xla[segments > 0], blocked[segments > 0], atol=2e-5)
-  for a, b in zip(jax.tree.leaves(g_xla), jax.tree.leaves(g_blocked)):
+  (_, other), g_other = jax.value_and_grad(loss, has_aux=True)(params, implementation)
+  np.testing.assert_allclose(other[segments > 0], blocked[segments > 0], atol=2e-5)
+  for a, b in zip(jax.tree.leaves(g_other), jax.tree.leaves(g_blocked)):
     np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
-  # the blocked kernel is a custom_vjp; XLA's path has none
-  assert "custom_vjp_call" in str(jax.make_jaxpr(loss, static_argnums=1)(params, "blocked"))
-  assert "custom_vjp_call" not in str(jax.make_jaxpr(loss, static_argnums=1)(params, "xla"))
+  traced = {i: str(jax.make_jaxpr(loss, static_argnums=1)(params, i)) for i in ("blocked", implementation)}
+  assert "pallas_call" not in traced["blocked"]
+  if implementation == "splash":
+    assert "pallas_call" in traced["splash"]
+  else:  # the blocked kernel is a custom_vjp; XLA's path has none
+    assert "custom_vjp_call" in traced["blocked"] and "custom_vjp_call" not in traced["xla"]
+
+
+def test_splash_kernel_on_packed_rows():
+  """model.attention=splash: the Pallas TPU kernel (in Pallas' interpreter here) against the float32
+  reference, outputs and q/k/v gradients, on rows of two packed records and a padded tail."""
+  B, T = 2, 256
+  seg = np.ones((B, T), np.int32)
+  seg[0, 100:] = 2
+  seg[1, 200:] = 0  # padding
+  pos = np.concatenate([np.arange(100), np.arange(T - 100)])[None].repeat(B, 0).astype(np.int32)
+  pos[1] = np.arange(T)
+  mask = attention.in_token_order(attention.attention_mask(pos, seg, pos, seg, None))
+  q, k, v = qkv(jax.random.PRNGKey(5), B, T, T, 4, 2, 16)
+  w = jax.random.normal(jax.random.PRNGKey(6), (B, T, 64)) * jnp.any(mask, -1)[..., None]
+  splash = lambda q, k, v: jnp.sum(attention.grouped_attention(q, k, v, mask, 0, "splash", jnp.asarray(seg)) * w)
+  ref = lambda q, k, v: jnp.sum(reference(q, k, v, mask) * w)
+  valid = np.asarray(jnp.any(mask, -1))
+  out = attention.grouped_attention(q, k, v, mask, 0, "splash", jnp.asarray(seg))
+  np.testing.assert_allclose(out[valid], reference(q, k, v, mask)[valid], atol=2e-6)
+  for a, b in zip(jax.grad(splash, (0, 1, 2))(q, k, v), jax.grad(ref, (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(a, b, atol=5e-5)
+
+
+def test_splash_applies_only_where_its_mask_is_exact():
+  q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+  assert attention.resolve("splash", q, 0, segments=True) == "splash"
+  assert attention.resolve("splash", q, 0, segments=False) == "blocked"  # sliding window: no segments given
+  assert attention.resolve("splash", q, 4, segments=True) == "blocked"  # prefix tuning's always-visible keys
+  assert attention.resolve("splash", q[:, :200], 0, segments=True) == "blocked"  # not a multiple of 128
+  assert attention.resolve("splash", q, None, segments=True) == "blocked"  # decoding
+  assert attention.resolve("auto", q, 0, segments=True) != "splash"  # opt-in until measured on a TPU

@@ -7,7 +7,8 @@ scores; no B x heads x T x S buffer outlives a layer (a scanned layer would stac
 Scores and softmax are float32 whatever the compute dtype.
 
 On a GPU in bf16/fp16 the training pass goes to cuDNN's fused flash attention instead
-(`jax.nn.dot_product_attention`); `ModelConfig.attention` (config key model.attention) picks.
+(`jax.nn.dot_product_attention`); on a TPU, model.attention=splash runs the Pallas splash kernel
+(`splash.py`). `ModelConfig.attention` (config key model.attention) picks.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtune.models import splash
 from jaxtune.models.matmul import swapped, transposed
 
 _MASKED = -1e30
 _MIN_BLOCK = 64  # query rows per block: smaller blocks skip more of the triangle but add ops
 _MAX_BLOCKS = 8
-IMPLEMENTATIONS = ("auto", "blocked", "xla", "cudnn")  # model.attention
+IMPLEMENTATIONS = ("auto", "blocked", "xla", "cudnn", "splash")  # model.attention
 
 
 def attention_mask(q_pos_BxT, q_seg_BxT, k_pos_BxS, k_seg_BxS, sliding_window):
@@ -54,13 +56,17 @@ def query_blocks(T: int) -> tuple[tuple[int, int], ...]:
   return tuple(zip(bounds[:-1], bounds[1:]))
 
 
-def resolve(implementation: str, q_BxTxNxH, causal_prefix: int | None) -> str:
+def resolve(implementation: str, q_BxTxNxH, causal_prefix: int | None, segments: bool = False) -> str:
   """The implementation "auto" stands for: cuDNN for a bf16/fp16 pass without a cache on a GPU
   where cuDNN takes the shapes (head size a multiple of 8, at most 128; with a mask, even query and
   key lengths), else jaxtune's blocked attention. Decoding with a cache (causal_prefix None: a few
-  queries against the cache) always takes the blocked path."""
+  queries against the cache) always takes the blocked path; so does "splash" wherever the kernel
+  does not apply (a prefix, no `segments` given, a row length it does not tile)."""
   if causal_prefix is None:
     return "blocked"
+  if implementation == "splash":
+    usable = segments and causal_prefix == 0 and splash.supports(q_BxTxNxH.shape[1])
+    return "splash" if usable else "blocked"
   if implementation != "auto":
     return implementation
   T, H = q_BxTxNxH.shape[1], q_BxTxNxH.shape[-1]
@@ -70,7 +76,7 @@ def resolve(implementation: str, q_BxTxNxH, causal_prefix: int | None) -> str:
 
 
 def grouped_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, causal_prefix: int | None = None,
-                      implementation: str = "auto"):
+                      implementation: str = "auto", segment_ids_BxT=None):
   """Softmax attention with grouped-query heads; returns B x T x (N*H).
 
   causal_prefix None: every query may see any of the S keys the mask allows (decoding with a cache).
@@ -78,9 +84,12 @@ def grouped_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, causal_prefix
   and the mask hides every key after its query (see `in_token_order`); key blocks past each query
   block are skipped.
   implementation: one of IMPLEMENTATIONS (see `resolve`); "xla" and "cudnn" are
-  `jax.nn.dot_product_attention`'s.
+  `jax.nn.dot_product_attention`'s. segment_ids_BxT: given when the mask is exactly "causal within
+  segments" (no sliding window), for "splash", which takes segment ids instead of the mask.
   """
-  implementation = resolve(implementation, q_BxTxNxH, causal_prefix)
+  implementation = resolve(implementation, q_BxTxNxH, causal_prefix, segment_ids_BxT is not None)
+  if implementation == "splash":
+    return splash.splash_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT)
   if implementation != "blocked":
     return dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, causal_prefix == 0,
                                  implementation)

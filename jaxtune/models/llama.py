@@ -211,8 +211,9 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) ->
   }
 
 
-def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs):
+def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs, segment_ids=None):
   """One decoder block on x_(B*T)xD. Returns (new hidden, (new cache k, new cache v) or None).
+  segment_ids: given when `mask` is exactly "causal within segments" (see attention.py).
 
   Tokens stay flattened so every projection (and its weight gradient) is a 2-d matmul: XLA CPU
   runs dots that contract over both batch and time ~1.5x slower.
@@ -238,7 +239,7 @@ def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs):
     k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
     mask = jnp.concatenate([jnp.ones((B, T, P), bool), mask], axis=-1)
   causal_prefix = None if cache_kv is not None else k.shape[1] - T  # no cache: keys in token order
-  attended = attention.grouped_attention(q, k, v, mask, causal_prefix, cfg.attention)
+  attended = attention.grouped_attention(q, k, v, mask, causal_prefix, cfg.attention, segment_ids)
   out = dense(attn["o_proj"], attended.reshape(B * T, -1), peft, rngs[3])
   if "attn_adapter" in layer:
     out = bottleneck_adapter(layer["attn_adapter"], out)
@@ -310,11 +311,14 @@ def forward(
   else:
     layer_rngs = jax.random.split(rng, cfg.num_layers)
 
+  # without a cache or sliding window, the mask is "causal within segments" (positions rise in a segment)
+  causal_segments = segment_ids_BxT if cache is None and not cfg.sliding_window else None
+
   def body(x, xs):
     layer, kv, lrng = xs
     rngs = [None] * 7 if rng is None else list(jax.random.split(lrng, 7))
     y, new_kv = _layer(cfg, peft, x, layer, cos, sin, mask, kv,
-                       None if cache is None else cache["index"], rngs)
+                       None if cache is None else cache["index"], rngs, causal_segments)
     return y, new_kv
 
   if remat:
