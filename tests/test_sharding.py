@@ -58,3 +58,32 @@ def test_param_shardings_follow_logical_rules():
     sharding.mesh_shape(3, 1, 1, 8)
   spec = sharding.spec_for(("layers", "embed", "q_heads"), (2, 64, 64), mesh)
   assert tuple(spec) == (None, None, None)  # size-1 axes never shard
+
+
+SPLASH_ON_MESH = """
+import jax, jax.numpy as jnp, numpy as np
+from jaxtune import sharding
+from jaxtune.models import splash
+B, T, N, K, H = 4, 128, 4, 2, 16
+q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (B, T, n, H)) for i, n in enumerate((N, K, K)))
+segments = jnp.asarray(np.repeat([[1] * 60 + [2] * 60 + [0] * 8], B, 0))
+attend = jax.jit(splash.splash_attention)
+expected = np.asarray(attend(q, k, v, segments))
+for shape in ((2, 2, 2), (1, 2, 4)):  # tensor=4 does not divide the 2 kv heads: heads stay whole
+  mesh = sharding.make_mesh(*shape)
+  with jax.set_mesh(mesh):
+    text = attend.lower(q, k, v, segments).as_text()
+    got = attend(q, k, v, segments)
+  assert "shard_map" in text or "manual" in text.lower(), shape
+  np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=str(shape))
+print("ok")
+"""
+
+
+def test_splash_kernel_runs_per_device_under_a_mesh():
+  """Under the run's mesh the splash kernel is placed in shard_map (a Pallas TPU kernel cannot be
+  partitioned by XLA), on meshes whose tensor axis does and does not divide the kv heads."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  out = subprocess.run([sys.executable, "-c", SPLASH_ON_MESH], capture_output=True, text=True, timeout=600,
+                       env=env, cwd=os.path.dirname(HERE))
+  assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

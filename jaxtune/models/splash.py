@@ -10,7 +10,6 @@ fsdp, heads over tensor (`sharding.LOGICAL_RULES`).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -26,8 +25,8 @@ def supports(T: int) -> bool:
   return T % MIN_BLOCK == 0 and T % min(BLOCK, T) == 0
 
 
-@functools.lru_cache(maxsize=None)
 def _kernel(T: int, num_heads: int, interpret: bool):
+  """Built per trace: the kernel holds its mask's arrays, which would leak from one trace into the next."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   block = min(BLOCK, T)
@@ -58,7 +57,8 @@ def splash_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT):
     out = _attend(q, k, v, segment_ids)
   else:
     batch = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names) or None
-    heads = "tensor" if "tensor" in mesh.axis_names else None
+    tensor = mesh.shape.get("tensor", 1)
+    heads = "tensor" if tensor > 1 and k.shape[1] % tensor == 0 else None  # else every device all heads
     rows, qkv = P(batch), P(batch, heads)
     out = jax.shard_map(_attend, mesh=mesh, in_specs=(qkv, qkv, qkv, rows), out_specs=qkv,
                         check_vma=False)(q, k, v, segment_ids)
