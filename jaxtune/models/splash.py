@@ -4,8 +4,8 @@
 mask, so it serves passes whose keys are the queries' own tokens (no cache, no prefix, no sliding
 window) and whose positions rise within each segment (every batch jaxtune builds). Off a TPU it
 runs in Pallas' interpreter (tests only: slow). Under a mesh (`jax.set_mesh`, as the trainer's
-step runs) each device runs the kernel on its own rows and heads: batch over mesh axes data and
-fsdp, heads over tensor (`sharding.LOGICAL_RULES`).
+step runs) each device runs the kernel on its own rows and heads: batch over `sharding.BATCH_AXES`,
+kv heads by `sharding.LOGICAL_RULES` (jaxtune's meshes, `sharding.make_mesh`).
 """
 
 from __future__ import annotations
@@ -56,10 +56,10 @@ def splash_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT):
   if mesh.empty:
     out = _attend(q, k, v, segment_ids)
   else:
-    batch = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names) or None
-    tensor = mesh.shape.get("tensor", 1)
-    heads = "tensor" if tensor > 1 and k.shape[1] % tensor == 0 else None  # else every device all heads
-    rows, qkv = P(batch), P(batch, heads)
+    from jaxtune import sharding  # here: sharding imports the model
+    # the kv heads' rule, as the k/v projections shard: tensor where it divides them, else whole heads
+    heads = sharding.spec_for(("kv_heads",), k.shape[1:2], mesh)[0]
+    rows, qkv = P(sharding.BATCH_AXES), P(sharding.BATCH_AXES, heads)
     out = jax.shard_map(_attend, mesh=mesh, in_specs=(qkv, qkv, qkv, rows), out_specs=qkv,
                         check_vma=False)(q, k, v, segment_ids)
   return jnp.swapaxes(out, 1, 2).reshape(B, T, N * H)
