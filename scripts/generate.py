@@ -13,6 +13,7 @@ import json
 from absl import app, flags
 
 from jaxtune import cli, inference, sampling
+from jaxtune.config_checks import DTYPES
 
 _MODEL = flags.DEFINE_string("model", None, "Hugging Face model folder or .gguf file.", required=True)
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "A prompt (repeat for a batch).", required=True)
@@ -23,7 +24,7 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (with temperatu
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _RAW = flags.DEFINE_bool("raw", False, "Do not apply the chat template.")
 _JSON = flags.DEFINE_bool("json", False, "One JSON object per prompt: {prompt, completion}.")
-_COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16", "float16"],
+_COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", list(DTYPES),
                                    "Activations and KV cache (bfloat16: the matmul units of TPUs/GPUs); "
                                    "logits and sampling stay float32.")
 
