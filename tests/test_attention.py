@@ -17,11 +17,12 @@ def reference(q, k, v, mask):
   return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N * H)
 
 
-def check_against_reference(q, k, v, mask, causal_prefix, key, implementation="blocked", atol=(2e-6, 5e-5)):
+def check_against_reference(q, k, v, mask, causal_prefix, key, implementation="blocked", atol=(2e-6, 5e-5),
+                            segment_ids=None):
   """Outputs and q/k/v gradients against `reference` (computed in float32)."""
   # fully masked (padding) query rows feed no loss in a model, and get no gradient here
   w = jax.random.normal(key, q.shape[:2] + (q.shape[2] * q.shape[3],)) * jnp.any(mask, -1)[..., None]
-  attend = lambda q, k, v: attention.grouped_attention(q, k, v, mask, causal_prefix, implementation)
+  attend = lambda q, k, v: attention.grouped_attention(q, k, v, mask, causal_prefix, implementation, segment_ids)
   f32 = lambda *xs: [x.astype(jnp.float32) for x in xs]
   ours = lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) * w)
   ref = lambda q, k, v: jnp.sum(reference(*f32(q, k, v), mask) * w)
@@ -44,9 +45,9 @@ def test_arbitrary_mask_with_padding_row():
   check_against_reference(q, k, v, mask, None, ks[2])
 
 
-def packed_rows_case(prefix, B=2, T=200):
-  """(q, k, v, mask, key): rows with two packed records, a padded tail, a sliding window, a prefix."""
-  assert len(attention.query_blocks(T)) == 3
+def packed_rows_case(prefix, B=2, T=200, sliding_window=70):
+  """(q, k, v, mask, key, segment ids): rows with two packed records, a padded tail, a sliding
+  window, a prefix."""
   ks = jax.random.split(jax.random.PRNGKey(prefix), 3)
   q, k, v = qkv(ks[0], B, T, T + prefix, 6, 2, 8)
   seg = np.ones((B, T), np.int32)
@@ -54,16 +55,16 @@ def packed_rows_case(prefix, B=2, T=200):
   seg[1, 150:] = 0  # padding
   pos = np.concatenate([np.arange(90), np.arange(T - 90)])[None].repeat(B, 0).astype(np.int32)
   pos[1] = np.arange(T)
-  mask = attention.in_token_order(attention.attention_mask(pos, seg, pos, seg, sliding_window=70))
+  mask = attention.in_token_order(attention.attention_mask(pos, seg, pos, seg, sliding_window))
   mask = jnp.concatenate([jnp.ones((B, T, prefix), bool), mask], axis=-1)
-  return q, k, v, mask, ks[2]
+  return q, k, v, mask, ks[2], jnp.asarray(seg)
 
 
 @pytest.mark.parametrize("prefix", [0, 3])
 def test_causal_blocks_on_packed_rows(prefix):
   """T = 200 gives 3 query blocks."""
   assert len(attention.query_blocks(200)) == 3
-  q, k, v, mask, key = packed_rows_case(prefix)
+  q, k, v, mask, key, _ = packed_rows_case(prefix)
   check_against_reference(q, k, v, mask, prefix, key)
 
 
@@ -71,7 +72,7 @@ def test_causal_blocks_on_packed_rows(prefix):
 def test_dot_product_attention_path_on_packed_rows(prefix):
   """The jax.nn.dot_product_attention path (what cuDNN gets on a GPU: the mask as a bias, causal
   when there is no prefix), run with its XLA implementation: same layout, mask and grouped heads."""
-  q, k, v, mask, key = packed_rows_case(prefix)
+  q, k, v, mask, key, _ = packed_rows_case(prefix)
   check_against_reference(q, k, v, mask, prefix, key, implementation="xla")
 
 
@@ -90,7 +91,7 @@ def test_auto_picks_blocked_off_gpu_and_for_decoding():
 @pytest.mark.parametrize("prefix", [0, 4])  # cuDNN takes a masked pass of even lengths only
 def test_cudnn_attention_on_packed_rows(prefix):
   """cuDNN's flash attention in bf16 against the float32 reference, within bf16 rounding."""
-  q, k, v, mask, key = packed_rows_case(prefix)
+  q, k, v, mask, key, _ = packed_rows_case(prefix)
   q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
   check_against_reference(q, k, v, mask, prefix, key, implementation="cudnn", atol=(3e-2, 1e-1))
 
@@ -136,23 +137,10 @@ def test_model_attention_setting_reaches_every_layer(implementation):
 
 def test_splash_kernel_on_packed_rows():
   """model.attention=splash: the Pallas TPU kernel (in Pallas' interpreter here) against the float32
-  reference, outputs and q/k/v gradients, on rows of two packed records and a padded tail."""
-  B, T = 2, 256
-  seg = np.ones((B, T), np.int32)
-  seg[0, 100:] = 2
-  seg[1, 200:] = 0  # padding
-  pos = np.concatenate([np.arange(100), np.arange(T - 100)])[None].repeat(B, 0).astype(np.int32)
-  pos[1] = np.arange(T)
-  mask = attention.in_token_order(attention.attention_mask(pos, seg, pos, seg, None))
-  q, k, v = qkv(jax.random.PRNGKey(5), B, T, T, 4, 2, 16)
-  w = jax.random.normal(jax.random.PRNGKey(6), (B, T, 64)) * jnp.any(mask, -1)[..., None]
-  splash = lambda q, k, v: jnp.sum(attention.grouped_attention(q, k, v, mask, 0, "splash", jnp.asarray(seg)) * w)
-  ref = lambda q, k, v: jnp.sum(reference(q, k, v, mask) * w)
-  valid = np.asarray(jnp.any(mask, -1))
-  out = attention.grouped_attention(q, k, v, mask, 0, "splash", jnp.asarray(seg))
-  np.testing.assert_allclose(out[valid], reference(q, k, v, mask)[valid], atol=2e-6)
-  for a, b in zip(jax.grad(splash, (0, 1, 2))(q, k, v), jax.grad(ref, (0, 1, 2))(q, k, v)):
-    np.testing.assert_allclose(a, b, atol=5e-5)
+  reference, outputs and q/k/v gradients, on rows of two packed records and a padded tail (the
+  kernel takes no sliding window; 256 tokens tile into its blocks)."""
+  q, k, v, mask, key, segments = packed_rows_case(0, T=256, sliding_window=None)
+  check_against_reference(q, k, v, mask, 0, key, implementation="splash", segment_ids=segments)
 
 
 def test_splash_applies_only_where_its_mask_is_exact():

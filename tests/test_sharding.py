@@ -37,11 +37,10 @@ def test_splash_attention_sharded_matches_blocked_on_one_device(tiny_setup, tmp_
   interpreter here) on its rows and heads inside shard_map; the losses equal jaxtune's blocked
   attention on one device. The splash kernel is traced in every layer's scan body."""
   model, data = tiny_setup
-  overrides = {"peft.method": "lora", "optimizer.learning_rate": 1e-3, "data.seq_len": 128, "train.steps": 3}
-  reference = losses(trainer.run(tiny_config(model, data, **overrides, **{"model.attention": "blocked"}),
-                                 str(tmp_path / "one")))
-  env = dict(os.environ, SHARDED_RUN_OVERRIDES=json.dumps({"data.seq_len": 128, "model.attention": "splash",
-                                                                  "train.steps": 3}))
+  rows_of_128 = {"data.seq_len": 128, "train.steps": 3}  # sharded_run.py sets the method and learning rate
+  reference = losses(trainer.run(tiny_config(model, data, **rows_of_128, **{
+      "peft.method": "lora", "optimizer.learning_rate": 1e-3, "model.attention": "blocked"}), str(tmp_path / "one")))
+  env = dict(os.environ, SHARDED_RUN_OVERRIDES=json.dumps({**rows_of_128, "model.attention": "splash"}))
   out = subprocess.run([sys.executable, os.path.join(HERE, "sharded_run.py"), model, data, str(tmp_path),
                         "lora", "2,2,2"], capture_output=True, text=True, timeout=900, env=env)
   assert out.returncode == 0, out.stderr[-3000:]
