@@ -8,6 +8,7 @@ reader memory-maps the file and each tensor is dequantized when it is asked for.
 from __future__ import annotations
 
 import functools
+import mmap
 import os
 from typing import Any, Callable
 
@@ -151,6 +152,14 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
   return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
+def release_pages(mapped: np.memmap, offset: int, n_bytes: int) -> None:
+  """Drops a read tensor's pages from this process's RSS (the reader maps the whole file, and every
+  page read stays resident: a second copy of the model). The map stays valid; a page is read from the
+  file again if it is touched again."""
+  start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+  mapped._mmap.madvise(mmap.MADV_DONTNEED, start, offset + n_bytes - start)
+
+
 def gguf_tensors(path: str) -> tuple[dict[str, Any], Callable[[str], np.ndarray]]:
   """(config.json-style dict, get(hf_name) -> float32 array in HF layout), dequantizing lazily."""
   import gguf
@@ -166,10 +175,14 @@ def gguf_tensors(path: str) -> tuple[dict[str, Any], Callable[[str], np.ndarray]
     gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if gguf_name not in tensors:
       raise KeyError(f"{path}: tensor {hf_name!r} (GGUF {gguf_name!r}) not found in the file")
-    w = _dequantize(tensors[gguf_name])
+    tensor = tensors[gguf_name]
+    w = _dequantize(tensor)
     kind = gguf_name.split(".")[-2]
     if arch in _PERMUTED_QK and kind in heads_of:
       w = unpermute_qk(w, heads_of[kind])
+    if np.may_share_memory(w, reader.data):  # a float32 tensor is a view of the file's pages
+      w = w.copy()
+    release_pages(reader.data, tensor.data_offset, tensor.n_bytes)
     return w
 
   return hf_config, get
