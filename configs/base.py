@@ -20,13 +20,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.objective = "lm"  # lm | dpo | reward | grpo
 
   c.peft = ml_collections.ConfigDict()
-  c.peft.method = "lora"  # full | lora | adapter | prefix
+  c.peft.method = "lora"  # full | lora | dora | adapter | prefix
   c.peft.lora = ml_collections.ConfigDict()
   c.peft.lora.rank = 8
   c.peft.lora.alpha = 16.0
   c.peft.lora.dropout = 0.0
   c.peft.lora.targets = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
   c.peft.lora.use_rslora = False
+  c.peft.lora.use_dora = False  # DoRA: also learn each output's magnitude (peft's use_dora)
   c.peft.adapter = ml_collections.ConfigDict()
   c.peft.adapter.size = 64
   c.peft.adapter.placement = "attn,mlp"  # where adapters go: attn, mlp or both

@@ -16,12 +16,14 @@ def get_config():
   # (dequantized on load). model.tokenizer overrides where the tokenizer comes from.
   c.model.path = ""
   # What trains. full: every weight. lora: low-rank A/B in the layers matched by the regex
-  # (paths keep HF names: layers/self_attn/q_proj, layers/mlp/down_proj...). adapter: Houlsby
+  # (paths keep HF names: layers/self_attn/q_proj, layers/mlp/down_proj...). dora: LoRA plus a
+  # learned magnitude per output (same as lora with peft.lora.use_dora = True). adapter: Houlsby
   # bottlenecks after attention and/or MLP. prefix: trainable key/value prefixes per layer.
   c.peft.method = "lora"
   c.peft.lora.rank = 8
   c.peft.lora.alpha = 16.0  # scale = alpha / rank (alpha / sqrt(rank) with use_rslora)
   c.peft.lora.targets = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+  c.peft.lora.use_dora = False  # DoRA: also learn each output's magnitude (peft's use_dora)
   # The data: JSONL/JSON/CSV/parquet, a folder, or a datasets name. Formats: text, instruction
   # ({"instruction", "context"?, "output"}), chat ({"messages": [...]}), preference.
   c.data.train = ""

@@ -8,7 +8,7 @@ import ml_collections
 
 from jaxtune.models import attention, llama
 from jaxtune.peft import lora
-from jaxtune.peft.partition import METHODS
+from jaxtune.peft.partition import LORA_METHODS, METHODS
 
 OBJECTIVES = ("lm", "dpo", "reward", "grpo")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -58,7 +58,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     re.compile(c.peft.lora.targets)
   except re.error as e:
     raise ConfigError("peft.lora.targets", f"invalid regex: {e}") from None
-  if c.peft.method == "lora" and lora.targets_lm_head(c.peft.lora.targets):
+  if c.peft.method in LORA_METHODS and lora.targets_lm_head(c.peft.lora.targets):
     raise ConfigError("peft.lora.targets", f"{c.peft.lora.targets!r} matches lm_head: LoRA goes in the "
                       "decoder layers' linear layers only (e.g. '.*(q_proj|v_proj)')")
   _positive(c, "peft.adapter.size")

@@ -135,7 +135,7 @@ def tensor_specs(flat: Mapping[str, Any], name_of: Callable[[str, int | None], s
   """
   specs = []
   for path, leaf in flat.items():
-    transpose = path.split("/")[-1] in ("kernel", "lora_a", "lora_b")
+    transpose = path.split("/")[-1] in ("kernel", "lora_a", "lora_b")  # not lora_magnitude (1-d)
     per_layer = path.startswith("layers/")
     shape = tuple(leaf.shape[1:] if per_layer else leaf.shape)
     shape = shape[::-1] if transpose else shape
@@ -240,8 +240,8 @@ def check_exportable(method: str, fmt: str, reward_model: bool = False) -> None:
                       "(it adds virtual key/values, not a weight change): use --format peft")
   if fmt == "peft" and method == "full":
     raise ExportError("a full fine-tune has no adapter to save in PEFT format: use --format hf")
-  if fmt == "peft" and method not in ("lora", "prefix"):
-    raise ExportError(f"peft.method={method!r}: no PEFT export (methods: lora, prefix)")
+  if fmt == "peft" and method not in (*partition.LORA_METHODS, "prefix"):
+    raise ExportError(f"peft.method={method!r}: no PEFT export (methods: lora, dora, prefix)")
 
 
 def _method_of_leaves(flat: Mapping[str, Any]) -> str:
@@ -332,7 +332,7 @@ def peft_lora_name(path: str, layer: int | None) -> str:
   """peft's saved key of a LoRA leaf: base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight."""
   linear, leaf = path.rsplit("/", 1)
   weight = hf_name_of(linear + "/kernel", layer)
-  return "base_model.model." + weight[: -len("weight")] + {"lora_a": "lora_A", "lora_b": "lora_B"}[leaf] + ".weight"
+  return "base_model.model." + weight[: -len("weight")] + lora.PEFT_KEYS[leaf]
 
 
 def _lora_config(flat: Mapping[str, Any], settings: Mapping[str, Any], base_model: str | None) -> dict:
@@ -348,7 +348,7 @@ def _lora_config(flat: Mapping[str, Any], settings: Mapping[str, Any], base_mode
       "target_modules": sorted({p.split("/")[-2] for p in a_paths}),
       "bias": "none",
       "fan_in_fan_out": False,
-      "use_dora": False,
+      "use_dora": any(p.endswith("/lora_magnitude") for p in flat),
       "modules_to_save": None,
       "init_lora_weights": True,
       "inference_mode": True,
@@ -380,10 +380,10 @@ def write_peft(out_dir: str, cfg: ModelConfig, params: llama.Params, method: str
   check_exportable(method, "peft", reward_model=_reward_head(params) is not None)
   if _is_main():
     os.makedirs(out_dir, exist_ok=True)
-  if method == "lora":
+  if method in partition.LORA_METHODS:
     leaves = {p: v for p, v in flat.items() if lora.is_lora_leaf(p)}
     if not leaves:
-      raise ExportError("peft.method=lora but the params hold no LoRA leaves")
+      raise ExportError(f"peft.method={method} but the params hold no LoRA leaves")
     config = _lora_config(leaves, peft_settings["lora"], base_model_name_or_path)
     specs = tensor_specs(leaves, peft_lora_name)
     dtype = jnp.dtype(next(iter(leaves.values())).dtype).name

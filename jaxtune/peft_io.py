@@ -1,4 +1,4 @@
-"""Import of adapters saved by peft (PyTorch): LoRA and prefix tuning -> jaxtune PEFT leaves."""
+"""Import of adapters saved by peft (PyTorch): LoRA (DoRA too) and prefix tuning -> jaxtune PEFT leaves."""
 
 from __future__ import annotations
 
@@ -18,9 +18,11 @@ from jaxtune.peft import lora
 
 _LINEARS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
             "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-_LORA_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
+_LEAF_OF_KEY = {key: leaf for leaf, key in lora.PEFT_KEYS.items()}
+_LORA_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.("
+                       + "|".join(re.escape(k) for k in _LEAF_OF_KEY) + ")")
 # LoRA options whose default is the only value jaxtune's LoRA reproduces exactly.
-_LORA_DEFAULTS = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
+_LORA_DEFAULTS = {"fan_in_fan_out": False, "bias": "none", "lora_bias": False,
                   "modules_to_save": None, "layers_to_transform": None, "layer_replication": None,
                   "rank_pattern": {}, "alpha_pattern": {}, "trainable_token_indices": None,
                   "target_parameters": None, "use_qalora": False, "alora_invocation_tokens": None,
@@ -56,16 +58,17 @@ def _check_lora_options(folder: str, config: dict[str, Any]):
 
 
 def _lora_leaves(folder: str, cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """{'layers/self_attn/q_proj/lora_a': (L, in, r), ...} from peft's per-layer (r, in) / (out, r)."""
+  """{'layers/self_attn/q_proj/lora_a': (L, in, r), ...} from peft's per-layer (r, in) / (out, r)
+  (and DoRA's magnitudes, (out,) per layer)."""
   per_layer: dict[str, dict[int, np.ndarray]] = {}
   for key, t in sorted(tensors.items()):
     m = _LORA_KEY.fullmatch(key)
     if not m or _LINEARS.get(m.group(3)) != m.group(2):
       raise PeftImportError(f"{folder}: adapter tensor {key!r} is not a LoRA matrix of a decoder-layer "
                             f"projection ({', '.join(_LINEARS)}), which is all jaxtune's LoRA covers")
-    layer, parent, module, ab = int(m.group(1)), m.group(2), m.group(3), m.group(4)
-    path = f"layers/{parent}/{module}/lora_{ab.lower()}"
-    per_layer.setdefault(path, {})[layer] = t.T  # peft stores (r, in) and (out, r)
+    layer, parent, module, leaf = int(m.group(1)), m.group(2), m.group(3), _LEAF_OF_KEY[m.group(4)]
+    path = f"layers/{parent}/{module}/{leaf}"
+    per_layer.setdefault(path, {})[layer] = t.T  # peft stores (r, in) and (out, r); .T keeps 1-d as is
   leaves = {}
   for path, layers in per_layer.items():
     if sorted(layers) != list(range(cfg.num_layers)):
@@ -79,7 +82,7 @@ def _check_shapes(folder: str, base: dict[str, Any], leaves: dict[str, np.ndarra
   for path, leaf in leaves.items():
     kernel = base[path.rsplit("/", 1)[0] + "/kernel"].shape
     expected = kernel[1] if path.endswith("lora_a") else kernel[2]
-    got = leaf.shape[1] if path.endswith("lora_a") else leaf.shape[2]
+    got = leaf.shape[1] if path.endswith(("lora_a", "lora_magnitude")) else leaf.shape[2]
     if got != expected:
       raise PeftImportError(f"{folder}: {path} has size {got} where the model's kernel {kernel} "
                             f"needs {expected} (adapter made for another base model?)")
@@ -90,6 +93,10 @@ def _load_lora(params, cfg, folder, config, tensors):
   leaves = _lora_leaves(folder, cfg, tensors)
   if not leaves:
     raise PeftImportError(f"{folder}: adapter_model.safetensors holds no LoRA tensors")
+  missing = sorted(p for p in leaves if p.endswith("/lora_a") and config.get("use_dora")
+                   and p.replace("/lora_a", "/lora_magnitude") not in leaves)
+  if missing:
+    raise PeftImportError(f"{folder}: use_dora=true but {missing[0]} has no lora_magnitude_vector")
   flat = flatten(params)
   _check_shapes(folder, flat, leaves)
   flat.update({p: jnp.asarray(v) for p, v in leaves.items()})

@@ -66,13 +66,16 @@ def hf_model(folder):
   return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-def trained_lora(folder, targets=lora.DEFAULT_TARGETS, rank=4, seed=0):
-  """Base params + LoRA with random non-zero B (a fresh LoRA is a no-op and proves nothing)."""
+def trained_lora(folder, targets=lora.DEFAULT_TARGETS, rank=4, seed=0, use_dora=False):
+  """Base params + LoRA with random non-zero B (a fresh LoRA is a no-op and proves nothing); DoRA's
+  magnitudes are moved off their initial norms too."""
   cfg, params = loading.load_model(folder)
-  params = lora.add_lora(params, jax.random.PRNGKey(seed), rank, targets)
+  params = lora.add_lora(params, jax.random.PRNGKey(seed), rank, targets, use_dora=use_dora)
   flat = loading.flatten(params)
   keys = iter(jax.random.split(jax.random.PRNGKey(seed + 1), len(flat)))
-  flat = {p: 0.3 * jax.random.normal(next(keys), v.shape) if p.endswith("lora_b") else v for p, v in flat.items()}
+  trained = {"lora_b": lambda v, key: 0.3 * jax.random.normal(key, v.shape),
+             "lora_magnitude": lambda v, key: v * jax.random.uniform(key, v.shape, minval=0.5, maxval=1.5)}
+  flat = {p: trained.get(p.rsplit("/", 1)[-1], lambda v, key: v)(v, next(keys)) for p, v in flat.items()}
   return cfg, loading.unflatten(flat)
 
 
@@ -80,10 +83,11 @@ def lora_settings(alpha, use_rslora):
   return {"lora": {"alpha": alpha, "dropout": 0.05, "use_rslora": use_rslora}}
 
 
-@pytest.mark.parametrize("use_rslora,targets", [(False, lora.DEFAULT_TARGETS),
-                                                (True, r".*(q_proj|v_proj|down_proj)")])
-def test_lora_peft_export_matches_peft(folder, data_file, tmp_path, use_rslora, targets):
-  cfg, params = trained_lora(folder, targets)
+@pytest.mark.parametrize("use_rslora,targets,use_dora", [(False, lora.DEFAULT_TARGETS, False),
+                                                         (True, r".*(q_proj|v_proj|down_proj)", False),
+                                                         (False, r".*(k_proj|o_proj|up_proj)", True)])
+def test_lora_peft_export_matches_peft(folder, data_file, tmp_path, use_rslora, targets, use_dora):
+  cfg, params = trained_lora(folder, targets, use_dora=use_dora)
   runtime = llama.PeftRuntime(lora_scale=lora.lora_scale(4, 8.0, use_rslora))
   tokenizer = loading.load_tokenizer(folder)
   ours = jax_loss(params, cfg, runtime, data_file, tokenizer)
@@ -92,6 +96,7 @@ def test_lora_peft_export_matches_peft(folder, data_file, tmp_path, use_rslora, 
 
   config = json.load(open(os.path.join(out, "adapter_config.json")))
   assert config["peft_type"] == "LORA" and config["r"] == 4 and config["use_rslora"] == use_rslora
+  assert config["use_dora"] == use_dora
   model = peft.PeftModel.from_pretrained(hf_model(folder), out).eval()
   theirs = torch_loss(model, tokenizer)
   change = logit_change(model, hf_model(folder), tokenizer)
@@ -109,10 +114,12 @@ def test_lora_peft_export_matches_peft(folder, data_file, tmp_path, use_rslora, 
     np.testing.assert_array_equal(np.asarray(got[p]), np.asarray(want[p]))
 
 
-@pytest.mark.parametrize("from_source,max_shard_bytes", [(True, export.DEFAULT_MAX_SHARD_BYTES),
-                                                         (False, 40_000)])
-def test_lora_merged_hf_export_matches_transformers(folder, data_file, tmp_path, from_source, max_shard_bytes):
-  cfg, params = trained_lora(folder)
+@pytest.mark.parametrize("from_source,max_shard_bytes,use_dora", [(True, export.DEFAULT_MAX_SHARD_BYTES, False),
+                                                                  (False, 40_000, False),
+                                                                  (True, export.DEFAULT_MAX_SHARD_BYTES, True)])
+def test_lora_merged_hf_export_matches_transformers(folder, data_file, tmp_path, from_source, max_shard_bytes,
+                                                    use_dora):
+  cfg, params = trained_lora(folder, use_dora=use_dora)
   runtime = llama.PeftRuntime(lora_scale=lora.lora_scale(4, 8.0))
   tokenizer = loading.load_tokenizer(folder)
   ours = jax_loss(params, cfg, runtime, data_file, tokenizer)
@@ -286,6 +293,7 @@ def run_export(workdir, out, fmt):
 
 
 @pytest.mark.parametrize("method,formats,refused", [("lora", ["peft", "hf"], "none"),
+                                                    ("dora", ["peft", "hf"], "none"),
                                                     ("prefix", ["peft"], "hf"),
                                                     ("full", ["hf"], "peft")])
 def test_export_script_on_trained_runs(tiny_setup, data_file, tmp_path, method, formats, refused):
@@ -311,6 +319,12 @@ def test_export_script_on_trained_runs(tiny_setup, data_file, tmp_path, method, 
     assert change > 0.01  # training moved the model
     if fmt == "peft":  # and jaxtune reads its own PEFT export back
       assert abs(evaluation.evaluate_path(model, data_file, "text", adapter=out)["loss"] - ours) < TOL
+    if fmt == "peft" and method == "dora":  # the magnitudes trained: no longer the base kernels' norms
+      q_proj = "model.layers.0.self_attn.q_proj"
+      magnitude = exported.get_parameter(f"base_model.model.{q_proj}.lora_magnitude_vector.default.weight")
+      with torch.no_grad():
+        norm = torch.linalg.norm(hf_model(model).get_parameter(f"{q_proj}.weight"), dim=1)
+        assert float((magnitude - norm).abs().max()) > 1e-3
   if refused != "none":
     result = run_export(workdir, str(tmp_path / "refused"), refused)
     assert result.returncode != 0

@@ -9,13 +9,14 @@ import peft
 import pytest
 import torch
 
-from jaxtune import evaluation, peft_io
+from jaxtune import evaluation, export, peft_io
 from jaxtune.models import loading
-from test_export import TOL, data_file, folder, hf_model, logit_change, torch_loss  # noqa: F401 (fixtures)
+from test_export import TEXTS, TOL, data_file, folder, hf_model, logit_change, torch_loss  # noqa: F401 (fixtures)
 
 
 def peft_lora(folder, out, seed=0, **config):
-  """A peft LoRA adapter with random non-zero B (peft initialises B to zero), saved to `out`."""
+  """A peft LoRA adapter with random non-zero B (peft initialises B to zero) and, for DoRA, magnitudes
+  off their initial norms, saved to `out`."""
   model = peft.get_peft_model(hf_model(folder), peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
                                                                 **config))
   torch.manual_seed(seed)
@@ -23,6 +24,8 @@ def peft_lora(folder, out, seed=0, **config):
     for name, p in model.named_parameters():
       if "lora_B" in name:
         p.normal_(0.0, 0.3)
+      if "lora_magnitude_vector" in name:
+        p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
   model.save_pretrained(out)
   return model.eval()
 
@@ -42,6 +45,7 @@ def assert_jaxtune_matches_peft(model, folder, data_file, adapter, label):
     dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
     dict(target_modules=["k_proj", "o_proj", "up_proj"], use_rslora=True, lora_dropout=0.1),
     dict(target_modules="all-linear"),
+    dict(target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"], use_dora=True),
 ])
 def test_peft_lora_adapter_evaluates_with_peft_loss(folder, data_file, tmp_path, config):
   out = str(tmp_path / "adapter")
@@ -73,7 +77,8 @@ def test_unsupported_peft_adapters_fail_with_one_clear_line(folder, tmp_path):
   lora_dir = str(tmp_path / "lora")
   peft_lora(folder, lora_dir, target_modules=["q_proj"])
   cases = {
-      edited_copy(lora_dir, str(tmp_path / "dora"), use_dora=True): "use_dora=True is not supported",
+      edited_copy(lora_dir, str(tmp_path / "dora"), use_dora=True): "use_dora=true but .*q_proj/lora_a has no",
+      edited_copy(lora_dir, str(tmp_path / "bias"), lora_bias=True): "lora_bias=True is not supported",
       edited_copy(lora_dir, str(tmp_path / "ia3"), peft_type="IA3"): "peft_type='IA3' is not supported",
       edited_copy(lora_dir, str(tmp_path / "save"), modules_to_save=["lm_head"]): "modules_to_save",
   }
@@ -92,3 +97,39 @@ def test_unsupported_peft_adapters_fail_with_one_clear_line(folder, tmp_path):
       **params["layers"]["self_attn"], "q_proj": {"kernel": np.zeros((cfg.num_layers, 8, cfg.q_size))}}}}
   with pytest.raises(peft_io.PeftImportError, match="q_proj/lora_a has size 64 .* another base model"):
     peft_io.load_peft_adapter(small, cfg, lora_dir)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_lora_gradients_match_peft_autograd(folder, tmp_path, use_dora):
+  """One loss, differentiated by torch through peft and by jax through jaxtune: the same gradient for
+  every A, B (and DoRA magnitude) of every layer. DoRA's column norm is a constant to backprop in
+  both (the paper's section 4.3); differentiating through it gives other gradients."""
+  import jax
+  import jax.numpy as jnp
+  from jaxtune.models import llama
+  from jaxtune.peft import partition
+  out = str(tmp_path / "adapter")
+  model = peft_lora(folder, out, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+                    use_dora=use_dora)
+  ids = loading.load_tokenizer(folder)(TEXTS[0])["input_ids"]
+  model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss.backward()
+  theirs = {name: p.grad.numpy() for name, p in model.named_parameters() if p.requires_grad}
+
+  cfg, base = loading.load_model(folder)
+  params, runtime = peft_io.load_peft_adapter(base, cfg, out)
+  trainable, frozen = partition.split(params, "lora")
+
+  def loss(trainable):
+    logits = llama.forward(partition.merge(trainable, frozen), cfg, jnp.asarray([ids[:-1]]), peft=runtime)[0]
+    return jnp.mean(llama.token_nll(logits, jnp.asarray([ids[1:]])))
+
+  ours = jax.grad(loss)(trainable)
+  assert sum(p.endswith("/lora_magnitude") for p in ours) == (5 if use_dora else 0)
+  assert len(theirs) == len(ours) * cfg.num_layers
+  for path, grad in ours.items():
+    for layer in range(cfg.num_layers):
+      saved = export.peft_lora_name(path, layer)  # the live module's parameter sits under the adapter's name
+      key = saved.replace(".weight", ".default.weight") if saved.endswith(".weight") else saved + ".default.weight"
+      want = theirs[key]
+      np.testing.assert_allclose(np.asarray(grad[layer]).T, want, rtol=1e-4, atol=1e-5 * np.abs(want).max(),
+                                 err_msg=key)

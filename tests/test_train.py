@@ -10,14 +10,24 @@ from train_helpers import losses, tiny_config
 
 
 def test_full_and_lora_reduce_loss_and_lora_starts_at_base(tiny_setup, tmp_path):
+  import json
   model, data = tiny_setup
   full = losses(trainer.run(tiny_config(model, data, **{"peft.method": "full", "optimizer.learning_rate": 1e-3}),
                             str(tmp_path / "full")))
   lora = losses(trainer.run(tiny_config(model, data, **{"peft.method": "lora"}), str(tmp_path / "lora")))
+  dora = losses(trainer.run(tiny_config(model, data, **{"peft.method": "lora", "peft.lora.use_dora": True}),
+                            str(tmp_path / "dora")))
   assert full[-1] < full[0] - 0.3, full
   assert lora[-1] < lora[0] - 0.1, lora
-  # B = 0 at init: LoRA's first forward is the base model's, so its first-step loss equals full's.
+  assert dora[-1] < dora[0] - 0.1, dora
+  # B = 0 at init (and DoRA's magnitudes = the kernels' norms): the first forward is the base model's,
+  # so the first-step loss equals full's.
   assert abs(lora[0] - full[0]) < 1e-6, (lora[0], full[0])
+  assert abs(dora[0] - full[0]) < 1e-6, (dora[0], full[0])
+  # DoRA trains one magnitude per output of the 7 projections of the 2 layers on top of LoRA's A/B.
+  trainable = {run: json.load(open(tmp_path / run / "params.json"))["trainable_params"] for run in ("lora", "dora")}
+  d, f, q, kv = 64, 128, 64, 32
+  assert trainable["dora"] - trainable["lora"] == 2 * (q + kv + kv + d + f + f + d)
 
 
 def test_outputs_follow_the_contract(tiny_setup, tmp_path):

@@ -3,8 +3,8 @@
 The params are a nested dict whose keys keep Hugging Face's module names, with the layers stacked
 on a leading axis (scanned), e.g. `layers/self_attn/q_proj/kernel` has shape L x D x (H*hd).
 Kernels are stored input-major (x @ kernel). PEFT methods add leaves (`lora_a`, `lora_b`,
-`attn_adapter`, `prefix_k`, ...) and the forward pass uses whatever it finds: the tree says
-what the model is, no flags needed.
+`lora_magnitude`, `attn_adapter`, `prefix_k`, ...) and the forward pass uses whatever it finds: the
+tree says what the model is, no flags needed.
 """
 
 from __future__ import annotations
@@ -116,7 +116,8 @@ def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
   elif len(parts) >= 2 and parts[-2] in _KERNEL_AXES:
     n_in, n_out = _KERNEL_AXES[parts[-2]]
     axes = {"kernel": lead + (n_in, n_out), "bias": lead + (n_out,),
-            "lora_a": lead + (n_in, None), "lora_b": lead + (None, n_out)}.get(name)
+            "lora_a": lead + (n_in, None), "lora_b": lead + (None, n_out),
+            "lora_magnitude": lead + (n_out,)}.get(name)
   else:
     axes = None
   if axes is None or len(axes) != ndim:
@@ -175,18 +176,35 @@ def rope_cos_sin(cfg: ModelConfig, positions_BxT):
 
 
 def dense(p: Params, x, peft: PeftRuntime, rng=None):
-  """x @ kernel (+ bias) (+ LoRA: dropout(x) @ A @ B * scale)."""
-  y = matmul(x, p["kernel"])
-  if "bias" in p:
-    y = y + p["bias"].astype(x.dtype)
+  """x @ kernel (+ bias) (+ LoRA: dropout(x) @ A @ B * scale, DoRA-rescaled when it has a magnitude)."""
+  base = matmul(x, p["kernel"])
+  y = base + p["bias"].astype(x.dtype) if "bias" in p else base
   if "lora_a" in p:
     xa = x
     if rng is not None and peft.lora_dropout > 0:
       keep = jax.random.bernoulli(rng, 1.0 - peft.lora_dropout, x.shape)
       xa = jnp.where(keep, x / (1.0 - peft.lora_dropout), 0).astype(x.dtype)
     # the scale goes on B (r x out), not on the N x out product: one elementwise pass fewer each way
-    y = y + matmul(matmul(xa, p["lora_a"]), p["lora_b"] * peft.lora_scale)
+    delta = matmul(matmul(xa, p["lora_a"]), p["lora_b"] * peft.lora_scale)
+    if "lora_magnitude" in p:
+      delta = dora_delta(p, base if xa is x else matmul(xa, p["kernel"]), delta, peft.lora_scale)
+    y = y + delta
   return y
+
+
+def dora_norm(kernel, lora_a, lora_b, scale: float):
+  """||W + scale * A @ B|| per output feature (over the input axis), float32: DoRA's column norm."""
+  f32 = jnp.float32
+  return jnp.linalg.norm(kernel.astype(f32) + scale * jnp.matmul(lora_a.astype(f32), lora_b.astype(f32)), axis=-2)
+
+
+def dora_delta(p: Params, base, lora_delta, scale: float):
+  """DoRA (peft's use_dora): each output of (W + scale * A @ B) x is rescaled to the learned magnitude m,
+  added to the base output: (m / norm - 1) * x W + (m / norm) * lora_delta. The norm is a constant to
+  backprop (the paper's section 4.3, as peft); with dropout `base` is the dropped x's, as peft's."""
+  norm = jax.lax.stop_gradient(dora_norm(p["kernel"], p["lora_a"], p["lora_b"], scale))
+  factor = (p["lora_magnitude"].astype(jnp.float32) / norm).astype(base.dtype)
+  return (factor - 1) * base + factor * lora_delta
 
 
 def bottleneck_adapter(p: Params, x):

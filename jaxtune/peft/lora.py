@@ -2,6 +2,8 @@
 
 Leaves: `lora_a` (L x in x r, Kaiming-uniform like peft) and `lora_b` (L x r x out, zeros), so the
 model starts exactly as the base. The forward pass adds x @ A @ B * scale where it finds them.
+DoRA (peft's `use_dora`) adds `lora_magnitude` (L x out), starting at the kernel's per-output norm:
+the layer's outputs are rescaled to it (llama.dora_delta).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from jaxtune.models import llama
 from jaxtune.models.loading import flatten, unflatten
 
 DEFAULT_TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# jaxtune's LoRA leaf -> the end of peft's saved key (base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight)
+PEFT_KEYS = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
 
 
 def lora_scale(rank: int, alpha: float, use_rslora: bool = False) -> float:
@@ -40,8 +44,8 @@ def targets_lm_head(targets: str) -> bool:
 
 
 def add_lora(params: llama.Params, rng: jax.Array, rank: int, targets: str = DEFAULT_TARGETS,
-             dtype=jnp.float32) -> llama.Params:
-  """Returns params with LoRA leaves in every targeted linear layer; an empty match is an error."""
+             dtype=jnp.float32, use_dora: bool = False) -> llama.Params:
+  """Returns params with LoRA (or DoRA) leaves in every targeted linear layer; an empty match is an error."""
   paths = target_paths(params, targets)
   if not paths:
     raise ValueError(f"peft.lora.targets={targets!r} matches no linear layer "
@@ -55,19 +59,26 @@ def add_lora(params: llama.Params, rng: jax.Array, rank: int, targets: str = DEF
     bound = 1.0 / math.sqrt(n_in)  # kaiming_uniform(a=sqrt(5)) on an r x in matrix, as peft
     flat[path + "/lora_a"] = jax.random.uniform(key, (*lead, n_in, rank), jnp.float32, -bound, bound).astype(dtype)
     flat[path + "/lora_b"] = jnp.zeros((*lead, rank, n_out), dtype)
+    if use_dora:  # B = 0: the magnitude starts at ||W|| per output, so the model starts as the base
+      flat[path + "/lora_magnitude"] = jnp.linalg.norm(kernel.astype(jnp.float32), axis=-2).astype(dtype)
   return unflatten(flat)
 
 
 def is_lora_leaf(path: str) -> bool:
-  return path.endswith("/lora_a") or path.endswith("/lora_b")
+  return path.rsplit("/", 1)[-1] in ("lora_a", "lora_b", "lora_magnitude")
 
 
 def merge_lora(params: llama.Params, scale: float) -> llama.Params:
-  """Folds every A @ B * scale into its kernel and drops the LoRA leaves."""
+  """Folds every A @ B * scale into its kernel (DoRA: then rescales each output column to its
+  magnitude) and drops the LoRA leaves."""
   flat = flatten(params)
   out = {p: v for p, v in flat.items() if not is_lora_leaf(p)}
   for path in [p[: -len("/lora_a")] for p in flat if p.endswith("/lora_a")]:
     a, b = flat[path + "/lora_a"].astype(jnp.float32), flat[path + "/lora_b"].astype(jnp.float32)
     kernel = out[path + "/kernel"]
-    out[path + "/kernel"] = (kernel.astype(jnp.float32) + jnp.matmul(a, b) * scale).astype(kernel.dtype)
+    merged = kernel.astype(jnp.float32) + jnp.matmul(a, b) * scale
+    if path + "/lora_magnitude" in flat:
+      magnitude = flat[path + "/lora_magnitude"].astype(jnp.float32)
+      merged = merged * (magnitude / llama.dora_norm(kernel, a, b, scale))[..., None, :]
+    out[path + "/kernel"] = merged.astype(kernel.dtype)
   return unflatten(out)

@@ -7,11 +7,11 @@ import ml_collections
 
 from jaxtune.models import llama
 from jaxtune.models.config import ModelConfig
-from jaxtune.peft import lora
+from jaxtune.peft import lora, partition
 
 
 def peft_runtime(peft: ml_collections.ConfigDict) -> llama.PeftRuntime:
-  if peft.method != "lora":
+  if peft.method not in partition.LORA_METHODS:
     return llama.PeftRuntime()
   return llama.PeftRuntime(lora_scale=lora.lora_scale(peft.lora.rank, peft.lora.alpha, peft.lora.use_rslora),
                            lora_dropout=peft.lora.dropout)
@@ -20,8 +20,9 @@ def peft_runtime(peft: ml_collections.ConfigDict) -> llama.PeftRuntime:
 def add_peft(params: llama.Params, cfg: ModelConfig, peft: ml_collections.ConfigDict, rng: jax.Array,
              dtype) -> llama.Params:
   """Base params + the method's (freshly initialised) leaves."""
-  if peft.method == "lora":
-    return lora.add_lora(params, rng, peft.lora.rank, peft.lora.targets, dtype)
+  if peft.method in partition.LORA_METHODS:
+    return lora.add_lora(params, rng, peft.lora.rank, peft.lora.targets, dtype,
+                         use_dora=peft.method == "dora" or peft.lora.use_dora)
   if peft.method == "adapter":
     from jaxtune.peft import adapter
     placement = tuple(p for p in peft.adapter.placement.split(",") if p)

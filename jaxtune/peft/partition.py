@@ -10,7 +10,8 @@ from typing import Any
 
 from jaxtune.models.loading import flatten, unflatten
 
-METHODS = ("full", "lora", "adapter", "prefix")
+METHODS = ("full", "lora", "dora", "adapter", "prefix")
+LORA_METHODS = ("lora", "dora")  # dora = lora with peft.lora.use_dora: both train the lora_* leaves
 
 
 def is_peft_leaf(path: str) -> bool:
@@ -24,7 +25,7 @@ def is_trainable(path: str, method: str) -> bool:
     return True
   if method == "full":
     return not is_peft_leaf(path)
-  if method == "lora":
+  if method in LORA_METHODS:
     return path.split("/")[-1].startswith("lora_")
   if method == "adapter":
     return "_adapter/" in path
