@@ -20,7 +20,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.objective = "lm"  # lm | dpo | reward | grpo
 
   c.peft = ml_collections.ConfigDict()
-  c.peft.method = "lora"  # full | lora | dora | adapter | prefix
+  c.peft.method = "lora"  # full | lora | dora | ia3 | adapter | prefix
   c.peft.lora = ml_collections.ConfigDict()
   c.peft.lora.rank = 8
   c.peft.lora.alpha = 16.0
@@ -28,6 +28,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.peft.lora.targets = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
   c.peft.lora.use_rslora = False
   c.peft.lora.use_dora = False  # DoRA: also learn each output's magnitude (peft's use_dora)
+  c.peft.ia3 = ml_collections.ConfigDict()
+  c.peft.ia3.targets = r".*(k_proj|v_proj|down_proj)"  # layers rescaled by a learned vector
+  c.peft.ia3.feedforward = r".*down_proj"  # of those, the ones whose input (not output) is rescaled
   c.peft.adapter = ml_collections.ConfigDict()
   c.peft.adapter.size = 64
   c.peft.adapter.placement = "attn,mlp"  # where adapters go: attn, mlp or both

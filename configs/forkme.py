@@ -17,7 +17,8 @@ def get_config():
   c.model.path = ""
   # What trains. full: every weight. lora: low-rank A/B in the layers matched by the regex
   # (paths keep HF names: layers/self_attn/q_proj, layers/mlp/down_proj...). dora: LoRA plus a
-  # learned magnitude per output (same as lora with peft.lora.use_dora = True). adapter: Houlsby
+  # learned magnitude per output (same as lora with peft.lora.use_dora = True). ia3: learned
+  # scales on the outputs of peft.ia3.targets (the inputs of peft.ia3.feedforward). adapter: Houlsby
   # bottlenecks after attention and/or MLP. prefix: trainable key/value prefixes per layer.
   c.peft.method = "lora"
   c.peft.lora.rank = 8

@@ -54,13 +54,15 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   _positive(c, "peft.lora.alpha")
   if not 0 <= c.peft.lora.dropout < 1:
     raise ConfigError("peft.lora.dropout", f"must be in [0, 1), got {c.peft.lora.dropout}")
-  try:
-    re.compile(c.peft.lora.targets)
-  except re.error as e:
-    raise ConfigError("peft.lora.targets", f"invalid regex: {e}") from None
-  if c.peft.method in LORA_METHODS and lora.targets_lm_head(c.peft.lora.targets):
-    raise ConfigError("peft.lora.targets", f"{c.peft.lora.targets!r} matches lm_head: LoRA goes in the "
-                      "decoder layers' linear layers only (e.g. '.*(q_proj|v_proj)')")
+  for key in ("peft.lora.targets", "peft.ia3.targets", "peft.ia3.feedforward"):
+    try:
+      re.compile(_get(c, key))
+    except re.error as e:
+      raise ConfigError(key, f"invalid regex: {e}") from None
+  for method, key in ((LORA_METHODS, "peft.lora.targets"), (("ia3",), "peft.ia3.targets")):
+    if c.peft.method in method and lora.targets_lm_head(_get(c, key)):
+      raise ConfigError(key, f"{_get(c, key)!r} matches lm_head: {c.peft.method} goes in the decoder "
+                        "layers' linear layers only (e.g. '.*(q_proj|v_proj)')")
   _positive(c, "peft.adapter.size")
   placement = [p for p in c.peft.adapter.placement.split(",") if p]
   if not placement or any(p not in ("attn", "mlp") for p in placement):

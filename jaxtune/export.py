@@ -24,7 +24,7 @@ import numpy as np
 from jaxtune.models import llama
 from jaxtune.models.config import ModelConfig
 from jaxtune.models.loading import flatten, hf_name_of
-from jaxtune.peft import lora, partition
+from jaxtune.peft import ia3, lora, partition
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
 _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -240,8 +240,8 @@ def check_exportable(method: str, fmt: str, reward_model: bool = False) -> None:
                       "(it adds virtual key/values, not a weight change): use --format peft")
   if fmt == "peft" and method == "full":
     raise ExportError("a full fine-tune has no adapter to save in PEFT format: use --format hf")
-  if fmt == "peft" and method not in (*partition.LORA_METHODS, "prefix"):
-    raise ExportError(f"peft.method={method!r}: no PEFT export (methods: lora, dora, prefix)")
+  if fmt == "peft" and method not in (*partition.LORA_METHODS, "ia3", "prefix"):
+    raise ExportError(f"peft.method={method!r}: no PEFT export (methods: lora, dora, ia3, prefix)")
 
 
 def _method_of_leaves(flat: Mapping[str, Any]) -> str:
@@ -249,17 +249,21 @@ def _method_of_leaves(flat: Mapping[str, Any]) -> str:
     return "adapter"
   if any("prefix_" in p for p in flat):
     return "prefix"
+  if any(ia3.is_ia3_leaf(p) for p in flat):
+    return "ia3"
   return "lora" if any(lora.is_lora_leaf(p) for p in flat) else "full"
 
 
 def _merged_leaf(params: llama.Params, path: str, lora_scale: float):
-  """The base leaf at `path`, with its LoRA (if any) folded in, still on device."""
+  """The base leaf at `path`, with its LoRA or IA3 (if any) folded in, still on device."""
   node = params
   *parents, last = path.split("/")
   for key in parents:
     node = node[key]
   if last == "kernel" and "lora_a" in node:
     return lora.merge_lora({"linear": node}, lora_scale)["linear"]["kernel"]
+  if last in ("kernel", "bias") and ("ia3_in" in node or "ia3_out" in node):
+    return ia3.merge_ia3({"linear": node})["linear"][last]
   return node[last]
 
 
@@ -355,6 +359,27 @@ def _lora_config(flat: Mapping[str, Any], settings: Mapping[str, Any], base_mode
   }
 
 
+def peft_ia3_name(path: str, layer: int | None) -> str:
+  """peft's saved key of an IA3 vector: base_model.model.model.layers.{i}.self_attn.k_proj.ia3_l."""
+  weight = hf_name_of(path.rsplit("/", 1)[0] + "/kernel", layer)
+  return "base_model.model." + weight[: -len("weight")] + ia3.PEFT_KEY
+
+
+def _ia3_config(flat: Mapping[str, Any], base_model: str | None) -> dict:
+  modules = lambda leaf: sorted({p.split("/")[-2] for p in flat if p.endswith("/" + leaf)})
+  return {
+      "peft_type": "IA3",
+      "task_type": "CAUSAL_LM",
+      "base_model_name_or_path": base_model,
+      "target_modules": modules("ia3_in") + modules("ia3_out"),
+      "feedforward_modules": modules("ia3_in"),
+      "fan_in_fan_out": False,
+      "modules_to_save": None,
+      "init_ia3_weights": True,
+      "inference_mode": True,
+  }
+
+
 def _prefix_config(cfg: ModelConfig, length: int, base_model: str | None) -> dict:
   return {
       "peft_type": "PREFIX_TUNING",
@@ -380,15 +405,20 @@ def write_peft(out_dir: str, cfg: ModelConfig, params: llama.Params, method: str
   check_exportable(method, "peft", reward_model=_reward_head(params) is not None)
   if _is_main():
     os.makedirs(out_dir, exist_ok=True)
-  if method in partition.LORA_METHODS:
-    leaves = {p: v for p, v in flat.items() if lora.is_lora_leaf(p)}
+  if method in (*partition.LORA_METHODS, "ia3"):
+    is_leaf, name_of = (ia3.is_ia3_leaf, peft_ia3_name) if method == "ia3" else (lora.is_lora_leaf, peft_lora_name)
+    leaves = {p: v for p, v in flat.items() if is_leaf(p)}
     if not leaves:
-      raise ExportError(f"peft.method={method} but the params hold no LoRA leaves")
-    config = _lora_config(leaves, peft_settings["lora"], base_model_name_or_path)
-    specs = tensor_specs(leaves, peft_lora_name)
-    dtype = jnp.dtype(next(iter(leaves.values())).dtype).name
-    fetch = lambda path: to_host(leaves[path])
-    write_safetensors(out_dir, "adapter_model", specs, stream_tensors(specs, fetch), dtype)
+      raise ExportError(f"peft.method={method} but the params hold no {method} leaves")
+    specs = tensor_specs(leaves, name_of)
+    if method == "ia3":  # peft keeps an output scale as (out, 1) and an input scale as (1, in)
+      config = _ia3_config(leaves, base_model_name_or_path)
+      specs = [dataclasses.replace(s, shape=(1, *s.shape) if s.path.endswith("/ia3_in") else (*s.shape, 1))
+               for s in specs]
+    else:
+      config = _lora_config(leaves, peft_settings["lora"], base_model_name_or_path)
+    tensors = (t.reshape(s.shape) for s, t in zip(specs, stream_tensors(specs, lambda path: to_host(leaves[path]))))
+    write_safetensors(out_dir, "adapter_model", specs, tensors, jnp.dtype(next(iter(leaves.values())).dtype).name)
   elif method == "prefix":
     from jaxtune.peft import prefix  # written alongside; only prefix exports need it
     attn = prefix.fold_prefix(params, cfg)["layers"]["self_attn"]  # a reparametrised prefix -> its output

@@ -1,4 +1,4 @@
-"""Import of adapters saved by peft (PyTorch): LoRA (DoRA too) and prefix tuning -> jaxtune PEFT leaves."""
+"""Import of adapters saved by peft (PyTorch): LoRA (DoRA too), IA3 and prefix tuning -> jaxtune PEFT leaves."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from safetensors import safe_open
 from jaxtune.models import llama
 from jaxtune.models.config import ModelConfig
 from jaxtune.models.loading import flatten, unflatten
-from jaxtune.peft import lora
+from jaxtune.peft import ia3, lora
 
 _LINEARS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
             "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
@@ -69,10 +69,15 @@ def _lora_leaves(folder: str, cfg: ModelConfig, tensors: dict[str, np.ndarray]) 
     layer, parent, module, leaf = int(m.group(1)), m.group(2), m.group(3), _LEAF_OF_KEY[m.group(4)]
     path = f"layers/{parent}/{module}/{leaf}"
     per_layer.setdefault(path, {})[layer] = t.T  # peft stores (r, in) and (out, r); .T keeps 1-d as is
+  return _stack_layers(folder, cfg, per_layer)
+
+
+def _stack_layers(folder: str, cfg: ModelConfig, per_layer: dict[str, dict[int, np.ndarray]]) -> dict[str, np.ndarray]:
+  """{path: {layer: array}} -> {path: L x ...} float32; every layer must be there (the layers are scanned)."""
   leaves = {}
   for path, layers in per_layer.items():
     if sorted(layers) != list(range(cfg.num_layers)):
-      raise PeftImportError(f"{folder}: {path} covers layers {sorted(layers)}, jaxtune needs LoRA on "
+      raise PeftImportError(f"{folder}: {path} covers layers {sorted(layers)}, jaxtune needs the adapter on "
                             f"all {cfg.num_layers} layers of a targeted projection")
     leaves[path] = np.stack([layers[i] for i in range(cfg.num_layers)]).astype(np.float32)
   return leaves
@@ -81,8 +86,8 @@ def _lora_leaves(folder: str, cfg: ModelConfig, tensors: dict[str, np.ndarray]) 
 def _check_shapes(folder: str, base: dict[str, Any], leaves: dict[str, np.ndarray]):
   for path, leaf in leaves.items():
     kernel = base[path.rsplit("/", 1)[0] + "/kernel"].shape
-    expected = kernel[1] if path.endswith("lora_a") else kernel[2]
-    got = leaf.shape[1] if path.endswith(("lora_a", "lora_magnitude")) else leaf.shape[2]
+    expected = kernel[1] if path.endswith(("lora_a", "ia3_in")) else kernel[2]  # the input or output size
+    got = leaf.shape[2] if path.endswith("lora_b") else leaf.shape[1]
     if got != expected:
       raise PeftImportError(f"{folder}: {path} has size {got} where the model's kernel {kernel} "
                             f"needs {expected} (adapter made for another base model?)")
@@ -104,6 +109,31 @@ def _load_lora(params, cfg, folder, config, tensors):
   return unflatten(flat), llama.PeftRuntime(lora_scale=scale, lora_dropout=float(config.get("lora_dropout", 0.0)))
 
 
+_IA3_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\." + ia3.PEFT_KEY)
+
+
+def _load_ia3(params, cfg, folder, config, tensors):
+  """peft's per-layer ia3_l: (out, 1) scales a layer's output, (1, in) its input (a feed-forward module)."""
+  for key in ("fan_in_fan_out", "modules_to_save"):
+    if config.get(key):
+      raise PeftImportError(f"{folder}/adapter_config.json: {key}={config[key]!r} is not supported")
+  per_layer: dict[str, dict[int, np.ndarray]] = {}
+  for key, t in sorted(tensors.items()):
+    m = _IA3_KEY.fullmatch(key)
+    if not m or _LINEARS.get(m.group(3)) != m.group(2) or t.ndim != 2 or 1 not in t.shape:
+      raise PeftImportError(f"{folder}: adapter tensor {key!r} is not an IA3 vector of a decoder-layer "
+                            f"projection ({', '.join(_LINEARS)}), which is all jaxtune's IA3 covers")
+    leaf = "ia3_in" if t.shape[0] == 1 else "ia3_out"
+    per_layer.setdefault(f"layers/{m.group(2)}/{m.group(3)}/{leaf}", {})[int(m.group(1))] = t.reshape(-1)
+  leaves = _stack_layers(folder, cfg, per_layer)
+  if not leaves:
+    raise PeftImportError(f"{folder}: adapter_model.safetensors holds no IA3 tensors")
+  flat = flatten(params)
+  _check_shapes(folder, flat, leaves)
+  flat.update({p: jnp.asarray(v) for p, v in leaves.items()})
+  return unflatten(flat), llama.PeftRuntime()
+
+
 def _load_prefix(params, cfg, folder, config, tensors):
   from jaxtune.peft import prefix  # only prefix adapters need it
   # peft saves the prefix itself (the projection MLP's output when prefix_projection=true).
@@ -122,14 +152,16 @@ def _load_prefix(params, cfg, folder, config, tensors):
 
 
 def load_peft_adapter(params: llama.Params, cfg: ModelConfig, folder: str) -> tuple[llama.Params, llama.PeftRuntime]:
-  """Base params + the peft adapter in `folder` (LoRA or prefix tuning) -> (params, PeftRuntime)."""
+  """Base params + the peft adapter in `folder` (LoRA, IA3 or prefix tuning) -> (params, PeftRuntime)."""
   if not is_peft_folder(folder):
     raise PeftImportError(f"{folder}: no adapter_config.json (not a peft adapter folder)")
   config, tensors = _read(folder)
   peft_type = config.get("peft_type")
   if peft_type == "LORA":
     return _load_lora(params, cfg, folder, config, tensors)
+  if peft_type == "IA3":
+    return _load_ia3(params, cfg, folder, config, tensors)
   if peft_type == "PREFIX_TUNING":
     return _load_prefix(params, cfg, folder, config, tensors)
   raise PeftImportError(f"{folder}/adapter_config.json: peft_type={peft_type!r} is not supported "
-                        f"(supported: LORA, PREFIX_TUNING)")
+                        f"(supported: LORA, IA3, PREFIX_TUNING)")

@@ -18,7 +18,7 @@ import hf_tiny
 from jaxtune import evaluation, export, peft_io
 from jaxtune.models import llama, loading
 from jaxtune.models.config import config_from_hf
-from jaxtune.peft import adapter, lora, prefix
+from jaxtune.peft import adapter, ia3, lora, prefix
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "jaxtune exports to peft and transformers",
          "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello there<|im_end|>"]
@@ -112,6 +112,37 @@ def test_lora_peft_export_matches_peft(folder, data_file, tmp_path, use_rslora, 
   assert sorted(want) == sorted(got)
   for p in want:
     np.testing.assert_array_equal(np.asarray(got[p]), np.asarray(want[p]))
+
+
+def test_ia3_exports_match_peft_and_transformers(folder, data_file, tmp_path):
+  """IA3 vectors moved off their initial ones: the PEFT folder loads in peft, the merged folder in
+  transformers (qwen2: k/v biases are rescaled too), both with jaxtune's loss; the import reads the
+  PEFT folder back leaf for leaf."""
+  cfg, params = loading.load_model(folder)
+  flat = loading.flatten(ia3.add_ia3(params))
+  keys = iter(jax.random.split(jax.random.PRNGKey(0), len(flat)))
+  flat = {p: jax.random.uniform(next(keys), v.shape, minval=0.5, maxval=1.5) if ia3.is_ia3_leaf(p) else v
+          for p, v in flat.items()}
+  params = loading.unflatten(flat)
+  tokenizer = loading.load_tokenizer(folder)
+  ours = jax_loss(params, cfg, llama.PeftRuntime(), data_file, tokenizer)
+  export.write_peft(str(tmp_path / "peft"), cfg, params, "ia3", {}, folder)
+  config = json.load(open(tmp_path / "peft" / "adapter_config.json"))
+  assert config["peft_type"] == "IA3" and config["feedforward_modules"] == ["down_proj"]
+  assert sorted(config["target_modules"]) == ["down_proj", "k_proj", "v_proj"]
+  with_peft = peft.PeftModel.from_pretrained(hf_model(folder), str(tmp_path / "peft")).eval()
+  export.write_hf(str(tmp_path / "hf"), cfg, params, llama.PeftRuntime(), tokenizer, folder)
+  change = logit_change(with_peft, hf_model(folder), tokenizer)
+  print(f"ia3 exports: jaxtune {ours:.6f} peft {torch_loss(with_peft, tokenizer):.6f} "
+        f"merged {torch_loss(hf_model(str(tmp_path / 'hf')), tokenizer):.6f} (max logit change {change:.3f})")
+  assert abs(ours - torch_loss(with_peft, tokenizer)) < TOL
+  assert abs(ours - torch_loss(hf_model(str(tmp_path / "hf")), tokenizer)) < TOL
+  assert change > 0.1
+  back, _ = peft_io.load_peft_adapter(loading.load_model(folder)[1], cfg, str(tmp_path / "peft"))
+  back = loading.flatten(back)
+  assert sorted(back) == sorted(flat)
+  for p in flat:
+    np.testing.assert_array_equal(np.asarray(back[p]), np.asarray(flat[p]))
 
 
 @pytest.mark.parametrize("from_source,max_shard_bytes,use_dora", [(True, export.DEFAULT_MAX_SHARD_BYTES, False),
@@ -294,6 +325,7 @@ def run_export(workdir, out, fmt):
 
 @pytest.mark.parametrize("method,formats,refused", [("lora", ["peft", "hf"], "none"),
                                                     ("dora", ["peft", "hf"], "none"),
+                                                    ("ia3", ["peft", "hf"], "none"),
                                                     ("prefix", ["peft"], "hf"),
                                                     ("full", ["hf"], "peft")])
 def test_export_script_on_trained_runs(tiny_setup, data_file, tmp_path, method, formats, refused):

@@ -1,4 +1,5 @@
-"""Adapters made by peft (PyTorch) evaluate in jaxtune (evaluate --adapter PEFT_FOLDER) with peft's loss."""
+"""Adapters made by peft (PyTorch) evaluate in jaxtune (evaluate --adapter PEFT_FOLDER) with peft's loss
+and differentiate to peft's gradients."""
 
 import json
 import os
@@ -64,6 +65,24 @@ def test_peft_prefix_adapter_evaluates_with_peft_loss(folder, data_file, tmp_pat
   assert_jaxtune_matches_peft(model, folder, data_file, out, "prefix")
 
 
+def peft_ia3(folder, out, seed=0):
+  """A peft IA3 adapter (its default targets: k_proj, v_proj and down_proj, the last scaled on its input)
+  with vectors moved off their initial ones, saved to `out`."""
+  model = peft.get_peft_model(hf_model(folder), peft.IA3Config(task_type="CAUSAL_LM"))
+  torch.manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "ia3_l" in name:
+        p.uniform_(0.5, 1.5)
+  model.save_pretrained(out)
+  return model.eval()
+
+
+def test_peft_ia3_adapter_evaluates_with_peft_loss(folder, data_file, tmp_path):
+  out = str(tmp_path / "ia3")
+  assert_jaxtune_matches_peft(peft_ia3(folder, out), folder, data_file, out, "ia3")
+
+
 def edited_copy(src, dst, **changes):
   shutil.copytree(src, dst)
   path = os.path.join(dst, "adapter_config.json")
@@ -79,7 +98,8 @@ def test_unsupported_peft_adapters_fail_with_one_clear_line(folder, tmp_path):
   cases = {
       edited_copy(lora_dir, str(tmp_path / "dora"), use_dora=True): "use_dora=true but .*q_proj/lora_a has no",
       edited_copy(lora_dir, str(tmp_path / "bias"), lora_bias=True): "lora_bias=True is not supported",
-      edited_copy(lora_dir, str(tmp_path / "ia3"), peft_type="IA3"): "peft_type='IA3' is not supported",
+      edited_copy(lora_dir, str(tmp_path / "loha"), peft_type="LOHA"): "peft_type='LOHA' is not supported",
+      edited_copy(lora_dir, str(tmp_path / "ia3"), peft_type="IA3"): "'.*q_proj.lora_A.weight' is not an IA3 vector",
       edited_copy(lora_dir, str(tmp_path / "save"), modules_to_save=["lm_head"]): "modules_to_save",
   }
   partial = peft_lora(folder, str(tmp_path / "partial"), target_modules=["q_proj"], layers_to_transform=[1])
@@ -99,37 +119,47 @@ def test_unsupported_peft_adapters_fail_with_one_clear_line(folder, tmp_path):
     peft_io.load_peft_adapter(small, cfg, lora_dir)
 
 
-@pytest.mark.parametrize("use_dora", [False, True])
-def test_lora_gradients_match_peft_autograd(folder, tmp_path, use_dora):
+# the end of a saved adapter key -> of the live model's parameter name (under the adapter's name)
+LIVE_NAMES = {"lora_A.weight": "lora_A.default.weight", "lora_B.weight": "lora_B.default.weight",
+              "lora_magnitude_vector": "lora_magnitude_vector.default.weight", "ia3_l": "ia3_l.default"}
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3"])
+def test_adapter_gradients_match_peft_autograd(folder, tmp_path, kind):
   """One loss, differentiated by torch through peft and by jax through jaxtune: the same gradient for
-  every A, B (and DoRA magnitude) of every layer. DoRA's column norm is a constant to backprop in
-  both (the paper's section 4.3); differentiating through it gives other gradients."""
+  every A, B (DoRA magnitude, IA3 vector) of every layer. DoRA's column norm is a constant to backprop
+  in both (the paper's section 4.3); differentiating through it gives other gradients."""
   import jax
   import jax.numpy as jnp
   from jaxtune.models import llama
   from jaxtune.peft import partition
   out = str(tmp_path / "adapter")
-  model = peft_lora(folder, out, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
-                    use_dora=use_dora)
+  if kind == "ia3":
+    model = peft_ia3(folder, out)
+  else:
+    model = peft_lora(folder, out, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+                      use_dora=kind == "dora")
   ids = loading.load_tokenizer(folder)(TEXTS[0])["input_ids"]
   model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss.backward()
   theirs = {name: p.grad.numpy() for name, p in model.named_parameters() if p.requires_grad}
 
   cfg, base = loading.load_model(folder)
   params, runtime = peft_io.load_peft_adapter(base, cfg, out)
-  trainable, frozen = partition.split(params, "lora")
+  trainable, frozen = partition.split(params, kind)
 
   def loss(trainable):
     logits = llama.forward(partition.merge(trainable, frozen), cfg, jnp.asarray([ids[:-1]]), peft=runtime)[0]
     return jnp.mean(llama.token_nll(logits, jnp.asarray([ids[1:]])))
 
   ours = jax.grad(loss)(trainable)
-  assert sum(p.endswith("/lora_magnitude") for p in ours) == (5 if use_dora else 0)
+  assert sum(p.endswith("/lora_magnitude") for p in ours) == (5 if kind == "dora" else 0)
   assert len(theirs) == len(ours) * cfg.num_layers
+  name_of = export.peft_ia3_name if kind == "ia3" else export.peft_lora_name
   for path, grad in ours.items():
     for layer in range(cfg.num_layers):
-      saved = export.peft_lora_name(path, layer)  # the live module's parameter sits under the adapter's name
-      key = saved.replace(".weight", ".default.weight") if saved.endswith(".weight") else saved + ".default.weight"
+      saved = name_of(path, layer)
+      suffix = next(s for s in LIVE_NAMES if saved.endswith("." + s))
+      key = saved[: -len(suffix)] + LIVE_NAMES[suffix]
       want = theirs[key]
-      np.testing.assert_allclose(np.asarray(grad[layer]).T, want, rtol=1e-4, atol=1e-5 * np.abs(want).max(),
-                                 err_msg=key)
+      np.testing.assert_allclose(np.asarray(grad[layer]).T.reshape(want.shape), want, rtol=1e-4,
+                                 atol=1e-5 * np.abs(want).max(), err_msg=key)

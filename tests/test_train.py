@@ -1,4 +1,4 @@
-"""Training core: loss goes down, LoRA starts as the base, exact resume, grad accumulation."""
+"""Training core: loss goes down, LoRA/DoRA/IA3 start as the base, exact resume, grad accumulation."""
 
 import numpy as np
 import pytest
@@ -17,17 +17,25 @@ def test_full_and_lora_reduce_loss_and_lora_starts_at_base(tiny_setup, tmp_path)
   lora = losses(trainer.run(tiny_config(model, data, **{"peft.method": "lora"}), str(tmp_path / "lora")))
   dora = losses(trainer.run(tiny_config(model, data, **{"peft.method": "lora", "peft.lora.use_dora": True}),
                             str(tmp_path / "dora")))
+  ia3 = losses(trainer.run(tiny_config(model, data, **{"peft.method": "ia3", "optimizer.learning_rate": 0.1}),
+                           str(tmp_path / "ia3")))
+  print(f"first and last losses: full {full[0]:.4f} {full[-1]:.4f}, lora {lora[-1]:.4f}, dora {dora[-1]:.4f}, "
+        f"ia3 {ia3[-1]:.4f}")
   assert full[-1] < full[0] - 0.3, full
   assert lora[-1] < lora[0] - 0.1, lora
   assert dora[-1] < dora[0] - 0.1, dora
-  # B = 0 at init (and DoRA's magnitudes = the kernels' norms): the first forward is the base model's,
-  # so the first-step loss equals full's.
-  assert abs(lora[0] - full[0]) < 1e-6, (lora[0], full[0])
-  assert abs(dora[0] - full[0]) < 1e-6, (dora[0], full[0])
-  # DoRA trains one magnitude per output of the 7 projections of the 2 layers on top of LoRA's A/B.
-  trainable = {run: json.load(open(tmp_path / run / "params.json"))["trainable_params"] for run in ("lora", "dora")}
+  assert ia3[-1] < ia3[0] - 0.05, ia3  # 544 scales, at a learning rate for scales: 5.57 -> 5.46
+  # B = 0 at init (DoRA's magnitudes = the kernels' norms, IA3's vectors = 1): the first forward is
+  # the base model's, so the first-step loss equals full's.
+  for method, series in (("lora", lora), ("dora", dora), ("ia3", ia3)):
+    assert abs(series[0] - full[0]) < 1e-6, (method, series[0], full[0])
+  # DoRA trains one magnitude per output of the 7 projections of the 2 layers on top of LoRA's A/B;
+  # IA3 one scale per output of k_proj and v_proj and per input of down_proj.
+  trainable = {run: json.load(open(tmp_path / run / "params.json"))["trainable_params"]
+               for run in ("lora", "dora", "ia3")}
   d, f, q, kv = 64, 128, 64, 32
   assert trainable["dora"] - trainable["lora"] == 2 * (q + kv + kv + d + f + f + d)
+  assert trainable["ia3"] == 2 * (kv + kv + f)
 
 
 def test_outputs_follow_the_contract(tiny_setup, tmp_path):

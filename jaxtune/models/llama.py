@@ -3,7 +3,7 @@
 The params are a nested dict whose keys keep Hugging Face's module names, with the layers stacked
 on a leading axis (scanned), e.g. `layers/self_attn/q_proj/kernel` has shape L x D x (H*hd).
 Kernels are stored input-major (x @ kernel). PEFT methods add leaves (`lora_a`, `lora_b`,
-`lora_magnitude`, `attn_adapter`, `prefix_k`, ...) and the forward pass uses whatever it finds: the
+`lora_magnitude`, `ia3_out`, `attn_adapter`, `prefix_k`, ...) and the forward pass uses whatever it finds: the
 tree says what the model is, no flags needed.
 """
 
@@ -117,7 +117,7 @@ def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
     n_in, n_out = _KERNEL_AXES[parts[-2]]
     axes = {"kernel": lead + (n_in, n_out), "bias": lead + (n_out,),
             "lora_a": lead + (n_in, None), "lora_b": lead + (None, n_out),
-            "lora_magnitude": lead + (n_out,)}.get(name)
+            "lora_magnitude": lead + (n_out,), "ia3_in": lead + (n_in,), "ia3_out": lead + (n_out,)}.get(name)
   else:
     axes = None
   if axes is None or len(axes) != ndim:
@@ -176,7 +176,10 @@ def rope_cos_sin(cfg: ModelConfig, positions_BxT):
 
 
 def dense(p: Params, x, peft: PeftRuntime, rng=None):
-  """x @ kernel (+ bias) (+ LoRA: dropout(x) @ A @ B * scale, DoRA-rescaled when it has a magnitude)."""
+  """x @ kernel (+ bias) (+ LoRA: dropout(x) @ A @ B * scale, DoRA-rescaled when it has a magnitude)
+  (IA3: x and/or the output multiplied by learned vectors)."""
+  if "ia3_in" in p:
+    x = x * p["ia3_in"].astype(x.dtype)
   base = matmul(x, p["kernel"])
   y = base + p["bias"].astype(x.dtype) if "bias" in p else base
   if "lora_a" in p:
@@ -189,6 +192,8 @@ def dense(p: Params, x, peft: PeftRuntime, rng=None):
     if "lora_magnitude" in p:
       delta = dora_delta(p, base if xa is x else matmul(xa, p["kernel"]), delta, peft.lora_scale)
     y = y + delta
+  if "ia3_out" in p:
+    y = y * p["ia3_out"].astype(y.dtype)
   return y
 
 

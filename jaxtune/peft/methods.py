@@ -23,6 +23,9 @@ def add_peft(params: llama.Params, cfg: ModelConfig, peft: ml_collections.Config
   if peft.method in partition.LORA_METHODS:
     return lora.add_lora(params, rng, peft.lora.rank, peft.lora.targets, dtype,
                          use_dora=peft.method == "dora" or peft.lora.use_dora)
+  if peft.method == "ia3":
+    from jaxtune.peft import ia3
+    return ia3.add_ia3(params, peft.ia3.targets, peft.ia3.feedforward, dtype)
   if peft.method == "adapter":
     from jaxtune.peft import adapter
     placement = tuple(p for p in peft.adapter.placement.split(",") if p)

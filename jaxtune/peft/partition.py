@@ -10,14 +10,14 @@ from typing import Any
 
 from jaxtune.models.loading import flatten, unflatten
 
-METHODS = ("full", "lora", "dora", "adapter", "prefix")
+METHODS = ("full", "lora", "dora", "ia3", "adapter", "prefix")
 LORA_METHODS = ("lora", "dora")  # dora = lora with peft.lora.use_dora: both train the lora_* leaves
 
 
 def is_peft_leaf(path: str) -> bool:
-  """Leaves added by a PEFT method (named by convention: lora_*, *_adapter/*, prefix_*)."""
+  """Leaves added by a PEFT method (named by convention: lora_*, ia3_*, *_adapter/*, prefix_*)."""
   last = path.split("/")[-1]
-  return last.startswith("lora_") or "_adapter/" in path or "prefix_" in path
+  return last.startswith(("lora_", "ia3_")) or "_adapter/" in path or "prefix_" in path
 
 
 def is_trainable(path: str, method: str) -> bool:
@@ -27,6 +27,8 @@ def is_trainable(path: str, method: str) -> bool:
     return not is_peft_leaf(path)
   if method in LORA_METHODS:
     return path.split("/")[-1].startswith("lora_")
+  if method == "ia3":
+    return path.split("/")[-1].startswith("ia3_")
   if method == "adapter":
     return "_adapter/" in path
   if method == "prefix":
