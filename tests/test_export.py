@@ -138,6 +138,12 @@ def test_ia3_exports_match_peft_and_transformers(folder, data_file, tmp_path):
   assert abs(ours - torch_loss(with_peft, tokenizer)) < TOL
   assert abs(ours - torch_loss(hf_model(str(tmp_path / "hf")), tokenizer)) < TOL
   assert change > 0.1
+  # Logits too: the loss hardly moves with down_proj's input scales alone, the logits do (~0.1).
+  ids = tokenizer(TEXTS[0])["input_ids"]
+  logits = np.asarray(llama.forward(params, cfg, jnp.asarray([ids]))[0])
+  with torch.no_grad():
+    for theirs in (with_peft, hf_model(str(tmp_path / "hf"))):
+      np.testing.assert_allclose(theirs(input_ids=torch.tensor([ids])).logits.numpy(), logits, atol=2e-5, rtol=0)
   back, _ = peft_io.load_peft_adapter(loading.load_model(folder)[1], cfg, str(tmp_path / "peft"))
   back = loading.flatten(back)
   assert sorted(back) == sorted(flat)
