@@ -20,7 +20,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.objective = "lm"  # lm | dpo | reward | grpo
 
   c.peft = ml_collections.ConfigDict()
-  c.peft.method = "lora"  # full | lora | dora | ia3 | adapter | prefix
+  c.peft.method = "lora"  # full | lora | dora | ia3 | adapter | prefix | prompt
   c.peft.lora = ml_collections.ConfigDict()
   c.peft.lora.rank = 8
   c.peft.lora.alpha = 16.0
@@ -37,6 +37,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.peft.prefix = ml_collections.ConfigDict()
   c.peft.prefix.length = 16
   c.peft.prefix.reparam_hidden = 0  # > 0: train through an MLP reparametrisation, folded away after
+  c.peft.prompt = ml_collections.ConfigDict()
+  c.peft.prompt.length = 16  # prompt tuning: trainable input embeddings before every sequence
 
   c.data = ml_collections.ConfigDict()
   c.data.train = ""  # JSONL/JSON/CSV/parquet path, a folder, or a datasets name

@@ -20,6 +20,7 @@ def get_config():
   # learned magnitude per output (same as lora with peft.lora.use_dora = True). ia3: learned
   # scales on the outputs of peft.ia3.targets (the inputs of peft.ia3.feedforward). adapter: Houlsby
   # bottlenecks after attention and/or MLP. prefix: trainable key/value prefixes per layer.
+  # prompt: trainable input embeddings before every sequence (prompt tuning).
   c.peft.method = "lora"
   c.peft.lora.rank = 8
   c.peft.lora.alpha = 16.0  # scale = alpha / rank (alpha / sqrt(rank) with use_rslora)

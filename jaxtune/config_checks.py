@@ -68,6 +68,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   if not placement or any(p not in ("attn", "mlp") for p in placement):
     raise ConfigError("peft.adapter.placement", f"{c.peft.adapter.placement!r}: use attn, mlp or attn,mlp")
   _positive(c, "peft.prefix.length")
+  _positive(c, "peft.prompt.length")
   _positive(c, "peft.prefix.reparam_hidden", allow_zero=True)
   if not c.data.train:
     raise ConfigError("data.train", "is empty: give a data file, folder or datasets name")

@@ -235,13 +235,13 @@ def check_exportable(method: str, fmt: str, reward_model: bool = False) -> None:
     raise ExportError("bottleneck adapters cannot be merged into the weights, and peft has no "
                       "equivalent adapter type, so neither --format hf nor --format peft can hold "
                       "them; evaluate/generate with --adapter WORKDIR instead")
-  if fmt == "hf" and method == "prefix":
-    raise ExportError("prefix tuning cannot be merged into the weights of a Hugging Face model "
-                      "(it adds virtual key/values, not a weight change): use --format peft")
+  if fmt == "hf" and method in ("prefix", "prompt"):
+    raise ExportError(f"{method} tuning cannot be merged into the weights of a Hugging Face model "
+                      "(it adds virtual tokens, not a weight change): use --format peft")
   if fmt == "peft" and method == "full":
     raise ExportError("a full fine-tune has no adapter to save in PEFT format: use --format hf")
-  if fmt == "peft" and method not in (*partition.LORA_METHODS, "ia3", "prefix"):
-    raise ExportError(f"peft.method={method!r}: no PEFT export (methods: lora, dora, ia3, prefix)")
+  if fmt == "peft" and method not in (*partition.LORA_METHODS, "ia3", "prefix", "prompt"):
+    raise ExportError(f"peft.method={method!r}: no PEFT export (methods: lora, dora, ia3, prefix, prompt)")
 
 
 def _method_of_leaves(flat: Mapping[str, Any]) -> str:
@@ -249,6 +249,8 @@ def _method_of_leaves(flat: Mapping[str, Any]) -> str:
     return "adapter"
   if any("prefix_" in p for p in flat):
     return "prefix"
+  if "prompt_embeddings" in flat:
+    return "prompt"
   if any(ia3.is_ia3_leaf(p) for p in flat):
     return "ia3"
   return "lora" if any(lora.is_lora_leaf(p) for p in flat) else "full"
@@ -380,6 +382,21 @@ def _ia3_config(flat: Mapping[str, Any], base_model: str | None) -> dict:
   }
 
 
+def _prompt_config(cfg: ModelConfig, length: int, base_model: str | None) -> dict:
+  return {
+      "peft_type": "PROMPT_TUNING",
+      "task_type": "CAUSAL_LM",
+      "base_model_name_or_path": base_model,
+      "num_virtual_tokens": length,
+      "token_dim": cfg.hidden_size,
+      "num_transformer_submodules": 1,
+      "num_attention_heads": cfg.num_heads,
+      "num_layers": cfg.num_layers,
+      "prompt_tuning_init": "RANDOM",
+      "inference_mode": True,
+  }
+
+
 def _prefix_config(cfg: ModelConfig, length: int, base_model: str | None) -> dict:
   return {
       "peft_type": "PREFIX_TUNING",
@@ -419,6 +436,11 @@ def write_peft(out_dir: str, cfg: ModelConfig, params: llama.Params, method: str
       config = _lora_config(leaves, peft_settings["lora"], base_model_name_or_path)
     tensors = (t.reshape(s.shape) for s, t in zip(specs, stream_tensors(specs, lambda path: to_host(leaves[path]))))
     write_safetensors(out_dir, "adapter_model", specs, tensors, jnp.dtype(next(iter(leaves.values())).dtype).name)
+  elif method == "prompt":
+    if "prompt_embeddings" not in flat:
+      raise ExportError("peft.method=prompt but the params hold no prompt_embeddings")
+    embeddings = to_host(flat["prompt_embeddings"])
+    config = _prompt_config(cfg, int(embeddings.shape[0]), base_model_name_or_path)
   elif method == "prefix":
     from jaxtune.peft import prefix  # written alongside; only prefix exports need it
     attn = prefix.fold_prefix(params, cfg)["layers"]["self_attn"]  # a reparametrised prefix -> its output
@@ -426,6 +448,7 @@ def write_peft(out_dir: str, cfg: ModelConfig, params: llama.Params, method: str
       raise ExportError("peft.method=prefix but the params hold no prefix (prefix_k/prefix_v or prefix_encoder)")
     embeddings = to_host(prefix.prefix_to_peft(attn["prefix_k"], attn["prefix_v"]))
     config = _prefix_config(cfg, int(embeddings.shape[0]), base_model_name_or_path)
+  if method in ("prefix", "prompt"):  # both save one tensor under peft's name for it
     dtype = embeddings.dtype.name
     spec = TensorSpec("prompt_embeddings", tuple(embeddings.shape), "prompt_embeddings", None, False)
     write_safetensors(out_dir, "adapter_model", [spec], [embeddings], dtype)

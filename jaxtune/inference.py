@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from jaxtune.models import llama, loading
 from jaxtune.models.config import ModelConfig
+from jaxtune.peft import prefix
 
 
 def load_for_inference(model_path: str, adapter: str | None = None, dtype=jnp.float32
@@ -29,7 +30,8 @@ def load_for_inference(model_path: str, adapter: str | None = None, dtype=jnp.fl
     else:
       from jaxtune import workdir  # only needed with a train.py workdir
       params, peft = workdir.load_adapter_from_workdir(params, cfg, adapter)
-  return cfg, params, peft, tokenizer
+  # a soft prompt (or a prefix's MLP) -> its keys/values, once, not at every decode step
+  return cfg, prefix.fold_prefix(params, cfg), peft, tokenizer
 
 
 def has_chat_template(tokenizer) -> bool:

@@ -1,4 +1,5 @@
-"""Import of adapters saved by peft (PyTorch): LoRA (DoRA too), IA3 and prefix tuning -> jaxtune PEFT leaves."""
+"""Import of adapters saved by peft (PyTorch): LoRA (DoRA too), IA3, prefix and prompt tuning -> jaxtune
+PEFT leaves."""
 
 from __future__ import annotations
 
@@ -134,17 +135,27 @@ def _load_ia3(params, cfg, folder, config, tensors):
   return unflatten(flat), llama.PeftRuntime()
 
 
-def _load_prefix(params, cfg, folder, config, tensors):
-  from jaxtune.peft import prefix  # only prefix adapters need it
-  # peft saves the prefix itself (the projection MLP's output when prefix_projection=true).
-  expected = {"num_layers": cfg.num_layers, "token_dim": cfg.kv_size,
-              "num_attention_heads": cfg.num_kv_heads, "num_transformer_submodules": 1}
+def _check_virtual_tokens(folder, config, tensors, expected: dict[str, int]):
+  """A prompt-learning adapter (prefix or prompt tuning): its config fits the model, its tensor is there."""
   for key, value in expected.items():
     if config.get(key) != value:
       raise PeftImportError(f"{folder}/adapter_config.json: {key}={config.get(key)!r} but the model "
                             f"needs {value}")
   if "prompt_embeddings" not in tensors:
     raise PeftImportError(f"{folder}: adapter_model.safetensors has no 'prompt_embeddings' tensor")
+
+
+def _load_prompt(params, cfg, folder, config, tensors):
+  _check_virtual_tokens(folder, config, tensors, {"token_dim": cfg.hidden_size, "num_transformer_submodules": 1})
+  return {**params, "prompt_embeddings": jnp.asarray(tensors["prompt_embeddings"], jnp.float32)}, llama.PeftRuntime()
+
+
+def _load_prefix(params, cfg, folder, config, tensors):
+  from jaxtune.peft import prefix  # only prefix adapters need it
+  # peft saves the prefix itself (the projection MLP's output when prefix_projection=true).
+  _check_virtual_tokens(folder, config, tensors, {"num_layers": cfg.num_layers, "token_dim": cfg.kv_size,
+                                                  "num_attention_heads": cfg.num_kv_heads,
+                                                  "num_transformer_submodules": 1})
   prefix_k, prefix_v = prefix.prefix_from_peft(jnp.asarray(tensors["prompt_embeddings"], jnp.float32), cfg)
   flat = flatten(params)
   flat.update({"layers/self_attn/prefix_k": prefix_k, "layers/self_attn/prefix_v": prefix_v})
@@ -152,7 +163,7 @@ def _load_prefix(params, cfg, folder, config, tensors):
 
 
 def load_peft_adapter(params: llama.Params, cfg: ModelConfig, folder: str) -> tuple[llama.Params, llama.PeftRuntime]:
-  """Base params + the peft adapter in `folder` (LoRA, IA3 or prefix tuning) -> (params, PeftRuntime)."""
+  """Base params + the peft adapter in `folder` (LoRA, IA3, prefix or prompt tuning) -> (params, PeftRuntime)."""
   if not is_peft_folder(folder):
     raise PeftImportError(f"{folder}: no adapter_config.json (not a peft adapter folder)")
   config, tensors = _read(folder)
@@ -163,5 +174,7 @@ def load_peft_adapter(params: llama.Params, cfg: ModelConfig, folder: str) -> tu
     return _load_ia3(params, cfg, folder, config, tensors)
   if peft_type == "PREFIX_TUNING":
     return _load_prefix(params, cfg, folder, config, tensors)
+  if peft_type == "PROMPT_TUNING":
+    return _load_prompt(params, cfg, folder, config, tensors)
   raise PeftImportError(f"{folder}/adapter_config.json: peft_type={peft_type!r} is not supported "
-                        f"(supported: LORA, IA3, PREFIX_TUNING)")
+                        f"(supported: LORA, IA3, PREFIX_TUNING, PROMPT_TUNING)")

@@ -3,9 +3,9 @@ r"""Export a train.py run: a merged Hugging Face folder or a PEFT adapter folder
   python scripts/export.py --workdir DIR --out OUT --format hf|peft [--dtype float32|bfloat16] \
       [--max_shard_mb 5120]
 
-hf:   base + trained weights, LoRA folded in; loads with transformers.AutoModelForCausalLM (a reward
-      model: AutoModelForSequenceClassification, one label).
-peft: adapter_config.json + adapter_model.safetensors (LoRA, prefix tuning); loads with
+hf:   base + trained weights, LoRA / DoRA / IA3 folded in; loads with transformers.AutoModelForCausalLM
+      (a reward model: AutoModelForSequenceClassification, one label).
+peft: adapter_config.json + adapter_model.safetensors (LoRA, DoRA, IA3, prefix or prompt tuning); loads with
       peft.PeftModel.from_pretrained(base_model, OUT).
 Multi-host runs: every process runs this script; process 0 writes.
 """

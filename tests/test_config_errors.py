@@ -40,7 +40,7 @@ CASES = [
     ("cudnn_without_gpu", ["--config.model.attention=cudnn", "--config.precision.compute_dtype=bfloat16"], 1,
      "error: config.model.attention: cudnn needs a GPU; this run's devices are cpu"),
     ("unknown_method", ["--config.peft.method=qlora"], 1,
-     "error: config.peft.method: 'qlora' is not one of full | lora | dora | ia3 | adapter | prefix"),
+     "error: config.peft.method: 'qlora' is not one of full | lora | dora | ia3 | adapter | prefix | prompt"),
     ("unknown_objective", ["--config.objective=ppo2"], 1, "error: config.objective: 'ppo2' is not one of"),
     ("bad_learning_rate", ["--config.optimizer.learning_rate=-1e-3"], 1,
      "error: config.optimizer.learning_rate: must be > 0"),

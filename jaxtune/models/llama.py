@@ -3,8 +3,8 @@
 The params are a nested dict whose keys keep Hugging Face's module names, with the layers stacked
 on a leading axis (scanned), e.g. `layers/self_attn/q_proj/kernel` has shape L x D x (H*hd).
 Kernels are stored input-major (x @ kernel). PEFT methods add leaves (`lora_a`, `lora_b`,
-`lora_magnitude`, `ia3_out`, `attn_adapter`, `prefix_k`, ...) and the forward pass uses whatever it finds: the
-tree says what the model is, no flags needed.
+`lora_magnitude`, `ia3_out`, `attn_adapter`, `prefix_k`, `prompt_embeddings`, ...) and the forward
+pass uses whatever it finds: the tree says what the model is, no flags needed.
 """
 
 from __future__ import annotations
@@ -303,11 +303,13 @@ def forward(
     remat: str = "",
     compute_dtype=jnp.float32,
     return_hidden: bool = False,
+    input_embeds_BxTxD=None,
 ):
   """Logits (B x T x V, float32) and the updated cache (or None).
 
   positions default to 0..T-1 (or continue from the cache); segment ids default to 1 (0 = padding).
   A prefix-tuning prefix shifts real positions by its length, as peft's past_key_values do.
+  `input_embeds_BxTxD` replaces the token embeddings (tokens_BxT then only gives the shape).
   """
   params = prefix_tuning.materialize_prefix(params, cfg)  # a reparametrised prefix's MLP, if present
   B, T = tokens_BxT.shape
@@ -328,7 +330,10 @@ def forward(
     new_seg = jax.lax.dynamic_update_slice_in_dim(cache["seg"], segment_ids_BxT.astype(jnp.int32), idx, 1)
     mask = attention.attention_mask(positions_BxT, segment_ids_BxT, new_pos, new_seg, cfg.sliding_window)
 
-  x = params["embed_tokens"].astype(compute_dtype)[tokens_BxT.reshape(B * T)]
+  if input_embeds_BxTxD is None:
+    x = params["embed_tokens"].astype(compute_dtype)[tokens_BxT.reshape(B * T)]
+  else:
+    x = input_embeds_BxTxD.reshape(B * T, -1).astype(compute_dtype)
   if rng is None:
     layer_rngs = jnp.zeros((cfg.num_layers,), jnp.uint32)  # placeholder, unused
   else:

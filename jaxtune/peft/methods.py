@@ -34,4 +34,7 @@ def add_peft(params: llama.Params, cfg: ModelConfig, peft: ml_collections.Config
     from jaxtune.peft import prefix
     return prefix.add_prefix(params, cfg, rng, peft.prefix.length,
                              reparam_hidden=peft.prefix.reparam_hidden)
+  if peft.method == "prompt":
+    from jaxtune.peft import prompt
+    return prompt.add_prompt(params, cfg, rng, peft.prompt.length, dtype)
   return params

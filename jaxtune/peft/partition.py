@@ -10,14 +10,16 @@ from typing import Any
 
 from jaxtune.models.loading import flatten, unflatten
 
-METHODS = ("full", "lora", "dora", "ia3", "adapter", "prefix")
+METHODS = ("full", "lora", "dora", "ia3", "adapter", "prefix", "prompt")
 LORA_METHODS = ("lora", "dora")  # dora = lora with peft.lora.use_dora: both train the lora_* leaves
 
 
 def is_peft_leaf(path: str) -> bool:
-  """Leaves added by a PEFT method (named by convention: lora_*, ia3_*, *_adapter/*, prefix_*)."""
+  """Leaves added by a PEFT method (named by convention: lora_*, ia3_*, *_adapter/*, prefix_*,
+  prompt_embeddings)."""
   last = path.split("/")[-1]
-  return last.startswith(("lora_", "ia3_")) or "_adapter/" in path or "prefix_" in path
+  return (last.startswith(("lora_", "ia3_")) or "_adapter/" in path or "prefix_" in path
+          or path == "prompt_embeddings")
 
 
 def is_trainable(path: str, method: str) -> bool:
@@ -33,6 +35,8 @@ def is_trainable(path: str, method: str) -> bool:
     return "_adapter/" in path
   if method == "prefix":
     return "prefix_" in path
+  if method == "prompt":
+    return path == "prompt_embeddings"
   raise ValueError(f"peft.method={method!r} is not one of {', '.join(METHODS)}")
 
 

@@ -67,7 +67,11 @@ def attach_prefix(params: Params, prefix_k, prefix_v) -> Params:
 
 
 def materialize_prefix(params: Params, cfg: ModelConfig) -> Params:
-  """Runs the reparametrisation MLP (if any): params with prefix_k/prefix_v and no prefix_encoder."""
+  """Runs the reparametrisation MLP (if any): params with prefix_k/prefix_v and no prefix_encoder.
+  A soft prompt (prompt tuning) becomes the prefix of its keys/values the same way."""
+  if "prompt_embeddings" in params:
+    from jaxtune.peft import prompt  # it builds on this module
+    return prompt.prompt_as_prefix(params, cfg)
   if "prefix_encoder" not in params:
     return params
   enc = params["prefix_encoder"]
@@ -84,11 +88,14 @@ def fold_prefix(params: Params, cfg: ModelConfig) -> Params:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def prompt_kv(params: Params, cfg: ModelConfig, tokens_P) -> tuple[jax.Array, jax.Array]:
-  """Keys/values (L x P x KV x hd each) the base model computes for a prompt of P tokens."""
+def prompt_kv(params: Params, cfg: ModelConfig, tokens_P=None, embeddings_PxD=None) -> tuple[jax.Array, jax.Array]:
+  """Keys/values (L x P x KV x hd each) the model computes for a prompt of P tokens, or of P input
+  embeddings (a soft prompt)."""
   from jaxtune.models import llama  # llama imports this module (materialize_prefix)
-  P = tokens_P.shape[0]
-  _, cache = llama.forward(params, cfg, tokens_P[None], cache=llama.init_cache(cfg, 1, P))
+  P = tokens_P.shape[0] if embeddings_PxD is None else embeddings_PxD.shape[0]
+  tokens = tokens_P[None] if embeddings_PxD is None else jnp.zeros((1, P), jnp.int32)
+  embeddings = None if embeddings_PxD is None else embeddings_PxD[None]
+  _, cache = llama.forward(params, cfg, tokens, cache=llama.init_cache(cfg, 1, P), input_embeds_BxTxD=embeddings)
   return cache["k"][:, 0], cache["v"][:, 0]
 
 
