@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from jaxtune import trainer
+from jaxtune import trainer, workdir
 from jaxtune.data import pipeline
 from jaxtune.metrics_log import read_metrics
+from jaxtune.models import loading
 from train_helpers import losses, tiny_config
 
 
@@ -36,6 +37,13 @@ def test_full_and_lora_reduce_loss_and_lora_starts_at_base(tiny_setup, tmp_path)
   d, f, q, kv = 64, 128, 64, 32
   assert trainable["dora"] - trainable["lora"] == 2 * (q + kv + kv + d + f + f + d)
   assert trainable["ia3"] == 2 * (kv + kv + f)
+  # The checkpoints hold trained magnitudes and scales (no longer the kernels' norms / ones).
+  cfg, base = loading.load_model(model)
+  dora_params, _ = workdir.load_adapter_from_workdir(base, cfg, str(tmp_path / "dora"))
+  q_proj = dora_params["layers"]["self_attn"]["q_proj"]
+  assert np.abs(q_proj["lora_magnitude"] - np.linalg.norm(q_proj["kernel"], axis=-2)).max() > 1e-3
+  ia3_params, _ = workdir.load_adapter_from_workdir(base, cfg, str(tmp_path / "ia3"))
+  assert np.abs(ia3_params["layers"]["mlp"]["down_proj"]["ia3_in"] - 1).max() > 1e-3
 
 
 def test_outputs_follow_the_contract(tiny_setup, tmp_path):
