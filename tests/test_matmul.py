@@ -127,3 +127,20 @@ def test_rope_and_swiglu_compute_in_float32_in_both_passes():
   assert llama.apply_rope(x, cos, sin).dtype == llama.swiglu(gate, up).dtype == jnp.bfloat16
   # What the check catches: the same ops written in bfloat16.
   assert "mul" in _bfloat16_arithmetic(lambda g, u: jax.nn.silu(g) * u, gate, up)
+
+
+def test_dora_rescale_survives_bfloat16():
+  """DoRA's m / ||W + s*A@B|| sits near 1. Formed in bfloat16 (spacing 2^-7 there) a 0.3% rescale rounds
+  to exactly 1 on every output; formed in float32 (m / n - 1 first) it survives, on average, in the
+  bfloat16 outputs. Mixed precision: float32 params, bfloat16 activations."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2048, 64)), jnp.bfloat16)
+  kernel = jnp.asarray(rng.normal(size=(64, 32)), jnp.float32)
+  layer = {"kernel": kernel, "lora_a": jnp.asarray(rng.normal(size=(64, 4)), jnp.float32),
+           "lora_b": jnp.zeros((4, 32)), "lora_magnitude": 1.003 * jnp.linalg.norm(kernel, axis=0)}
+  rescaled = llama.dense(layer, x, llama.PeftRuntime())
+  assert rescaled.dtype == jnp.bfloat16
+  base = matmul.matmul(x, kernel).astype(jnp.float32)
+  big = jnp.abs(base) > 1.0  # away from zero, where a relative change is well defined
+  ratio = float(jnp.mean((rescaled.astype(jnp.float32) / base - 1)[big]))
+  assert abs(ratio - 0.003) < 0.001, ratio
