@@ -15,7 +15,9 @@ from train_helpers import losses, tiny_config
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+# dora: its norm reduces over a kernel's fsdp-sharded input axis; prompt: a batch-1 pass inside the
+# step. (ia3 passed too, 27 Nov 2026; its vectors shard like biases, so it is left out of CI.)
+@pytest.mark.parametrize("method", ["full", "lora", "dora", "prompt"])
 def test_eight_device_mesh_matches_one_device(tiny_setup, tmp_path, method):
   model, data = tiny_setup
   assert jax.device_count() == 1
