@@ -334,11 +334,15 @@ def write_hf(out_dir: str, cfg: ModelConfig, params: llama.Params, peft_runtime:
 # ----------------------------------------------------------------------------- PEFT adapter folder
 
 
-def peft_lora_name(path: str, layer: int | None) -> str:
-  """peft's saved key of a LoRA leaf: base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight."""
+# a LoRA / DoRA / IA3 leaf -> the end of peft's saved key for it
+PEFT_LEAF_KEYS = {**lora.PEFT_KEYS, "ia3_in": ia3.PEFT_KEY, "ia3_out": ia3.PEFT_KEY}
+
+
+def peft_leaf_name(path: str, layer: int | None) -> str:
+  """peft's saved key of a LoRA/DoRA/IA3 leaf: base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight."""
   linear, leaf = path.rsplit("/", 1)
   weight = hf_name_of(linear + "/kernel", layer)
-  return "base_model.model." + weight[: -len("weight")] + lora.PEFT_KEYS[leaf]
+  return "base_model.model." + weight[: -len("weight")] + PEFT_LEAF_KEYS[leaf]
 
 
 def _lora_config(flat: Mapping[str, Any], settings: Mapping[str, Any], base_model: str | None) -> dict:
@@ -359,12 +363,6 @@ def _lora_config(flat: Mapping[str, Any], settings: Mapping[str, Any], base_mode
       "init_lora_weights": True,
       "inference_mode": True,
   }
-
-
-def peft_ia3_name(path: str, layer: int | None) -> str:
-  """peft's saved key of an IA3 vector: base_model.model.model.layers.{i}.self_attn.k_proj.ia3_l."""
-  weight = hf_name_of(path.rsplit("/", 1)[0] + "/kernel", layer)
-  return "base_model.model." + weight[: -len("weight")] + ia3.PEFT_KEY
 
 
 def _ia3_config(flat: Mapping[str, Any], base_model: str | None) -> dict:
@@ -423,11 +421,11 @@ def write_peft(out_dir: str, cfg: ModelConfig, params: llama.Params, method: str
   if _is_main():
     os.makedirs(out_dir, exist_ok=True)
   if method in (*partition.LORA_METHODS, "ia3"):
-    is_leaf, name_of = (ia3.is_ia3_leaf, peft_ia3_name) if method == "ia3" else (lora.is_lora_leaf, peft_lora_name)
+    is_leaf = ia3.is_ia3_leaf if method == "ia3" else lora.is_lora_leaf
     leaves = {p: v for p, v in flat.items() if is_leaf(p)}
     if not leaves:
       raise ExportError(f"peft.method={method} but the params hold no {method} leaves")
-    specs = tensor_specs(leaves, name_of)
+    specs = tensor_specs(leaves, peft_leaf_name)
     if method == "ia3":  # peft keeps an output scale as (out, 1) and an input scale as (1, in)
       config = _ia3_config(leaves, base_model_name_or_path)
       specs = [dataclasses.replace(s, shape=(1, *s.shape) if s.path.endswith("/ia3_in") else (*s.shape, 1))

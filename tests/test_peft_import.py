@@ -154,10 +154,9 @@ def test_adapter_gradients_match_peft_autograd(folder, tmp_path, kind):
   ours = jax.grad(loss)(trainable)
   assert sum(p.endswith("/lora_magnitude") for p in ours) == (5 if kind == "dora" else 0)
   assert len(theirs) == len(ours) * cfg.num_layers
-  name_of = export.peft_ia3_name if kind == "ia3" else export.peft_lora_name
   for path, grad in ours.items():
     for layer in range(cfg.num_layers):
-      saved = name_of(path, layer)
+      saved = export.peft_leaf_name(path, layer)
       suffix = next(s for s in LIVE_NAMES if saved.endswith("." + s))
       key = saved[: -len(suffix)] + LIVE_NAMES[suffix]
       want = theirs[key]

@@ -53,9 +53,9 @@ def merge_ia3(params: llama.Params) -> llama.Params:
   flat = flatten(params)
   out = {p: v for p, v in flat.items() if not is_ia3_leaf(p)}
   for path, scale in flat.items():
-    linear, leaf = path.rsplit("/", 1)
     if not is_ia3_leaf(path):
       continue
+    linear, leaf = path.rsplit("/", 1)
     kernel = out[linear + "/kernel"]
     scale = scale.astype(jnp.float32)
     if leaf == "ia3_in":
