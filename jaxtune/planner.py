@@ -1,10 +1,12 @@
 """On-paper memory plan: what one chip holds for a fine-tuning run on a given mesh.
 
-  python -m jaxtune.planner --preset llama3-70b --method lora --rank 16 --targets _proj \
+  python -m jaxtune.planner --preset llama3-70b --method lora --rank 16 \
       --slice v5p-64 --mesh fsdp=-1 --batch 32 --seq 4096 --remat
 
 Model of the run (jaxtune's own sharding: `sharding.LOGICAL_RULES` applied leaf by leaf):
-- weights, LoRA factors, gradients and optimizer moments are sharded as the trainer shards them
+- the method's leaves (--method: full, lora, dora, ia3, adapter, prefix, prompt) are the ones the
+  trainer's `methods.add_peft` adds, traced abstractly, and trainable is `partition.is_trainable`;
+- weights, PEFT leaves, gradients and optimizer moments are sharded as the trainer shards them
   (embed -> fsdp; heads, mlp, vocab -> tensor; norms replicated) and replicated over data; with
   fsdp > 1 a layer's weights are all-gathered over fsdp just before use, and XLA keeps two
   layers gathered (the current one and the prefetched next);
@@ -15,12 +17,18 @@ Model of the run (jaxtune's own sharding: `sharding.LOGICAL_RULES` applied leaf 
 - saved activations per layer and token, in compute dtype: the residual input and the normed
   input of both blocks (4 x hidden), q, k (rotated), v, the attention output (2 q_size +
   2 kv_size), gate, up, silu(gate) and their product (4 x intermediate), and the softmax
-  probabilities (heads x seq_len; absent with a fused/flash attention kernel). With remat
+  probabilities (heads x seq_len, + the length of a prefix or soft prompt; absent with a
+  fused/flash attention kernel). With remat
   (jax.checkpoint per scanned layer) only each layer's input (hidden) is kept and one layer's
   full set is live again during its backward pass;
 - the float32 logits and their gradient (2 x 4 bytes x vocab per token) exist for one chunk of
-  `fused_loss.chunk_positions` per row (128; a quarter of the row when the head trains).
-It ignores XLA's scratch space and fragmentation: `fits` keeps a `reserve` fraction of HBM free.
+  `fused_loss.chunk_positions` per row (128; a quarter of the row when the head trains);
+- DoRA forms W + scale*A@B in float32 for its weight norms: counted as one layer's targeted
+  kernels at a time (fsdp-gathered, split over tensor). An upper bound: XLA:CPU's compiled step
+  (hidden 512, all seven projections, 13 MB per layer) needed 4.2 MB more than LoRA's with remat
+  and 6.8 MB without, as it forms the kernels one or two at a time.
+Left out as small: adapters' bottleneck activations, prompt tuning's P-token pass for its keys
+and values, IA3's scaled activations. It also ignores XLA's scratch space and fragmentation: `fits` keeps a `reserve` fraction of HBM free.
 """
 
 from __future__ import annotations
@@ -32,12 +40,15 @@ import re
 import sys
 import types
 
+import jax
 import jax.numpy as jnp
+import ml_collections
 
 from jaxtune import sharding
 from jaxtune.models import fused_loss
 from jaxtune.models.config import ModelConfig, config_from_hf, read_hf_config
 from jaxtune.models.llama import logical_axes, param_shapes
+from jaxtune.peft import ia3, lora, methods, partition
 
 GIB = 1024**3
 
@@ -88,10 +99,11 @@ class Plan:
   total_params: int
   trainable_params: int
   params: float           # frozen/base weights
-  lora_params: float
+  peft_params: float      # the method's added leaves (LoRA/DoRA, IA3, adapters, prefix, prompt)
   gathered_weights: float  # FSDP all-gathered layers in flight
   gradients: float
   optimizer: float
+  dora_norms: float        # DoRA: one layer's W + scale*A@B in float32 for the weight norms
   activations_no_remat: float  # saved layer activations + logits, without remat
   activations_remat: float     # same with per-layer remat
   activations: float           # the one the run uses
@@ -124,14 +136,29 @@ def _leaves(tree, prefix=""):
       yield path, value
 
 
-def _lora_leaves(cfg: ModelConfig, rank: int, targets: str):
-  """A (in x r) and B (r x out) for every kernel whose module path matches the `targets` regex."""
-  for path, shape in _leaves(param_shapes(cfg)):
-    module, name = path.rpartition("/")[::2]
-    if name == "kernel" and re.search(targets, module):
-      *lead, n_in, n_out = shape
-      yield f"{module}/lora_a", (*lead, n_in, rank)
-      yield f"{module}/lora_b", (*lead, rank, n_out)
+def peft_settings(method: str = "lora", rank: int = 8, targets: str = lora.DEFAULT_TARGETS,
+                  length: int = 16, adapter_size: int = 64) -> ml_collections.ConfigDict:
+  """The `peft` config section the planner assumes: `targets` is LoRA's/DoRA's, `length` prefix's and
+  prompt's; the rest as configs/base.py (IA3's peft defaults, adapters in both places, no reparam)."""
+  if method not in partition.METHODS:
+    raise ValueError(f"method {method!r} is not one of {', '.join(partition.METHODS)}")
+  return ml_collections.ConfigDict({
+      "method": method,
+      "lora": {"rank": rank, "alpha": 2.0 * rank, "dropout": 0.0, "targets": targets,
+               "use_rslora": False, "use_dora": method == "dora"},
+      "ia3": {"targets": ia3.DEFAULT_TARGETS, "feedforward": ia3.DEFAULT_FEEDFORWARD},
+      "adapter": {"size": adapter_size, "placement": "attn,mlp"},
+      "prefix": {"length": length, "reparam_hidden": 0},
+      "prompt": {"length": length}})
+
+
+def method_leaves(cfg: ModelConfig, peft: ml_collections.ConfigDict) -> list[tuple[str, tuple[int, ...]]]:
+  """(path, shape) of every leaf the method adds, traced abstractly through the trainer's own
+  `methods.add_peft` (nothing is allocated, whatever the model's size)."""
+  base = jax.tree.map(lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32), param_shapes(cfg),
+                      is_leaf=lambda x: isinstance(x, tuple))
+  added = jax.eval_shape(lambda p: methods.add_peft(p, cfg, peft, jax.random.PRNGKey(0), jnp.float32), base)
+  return [(path, leaf.shape) for path, leaf in _leaves(added) if partition.is_peft_leaf(path)]
 
 
 def count_params(cfg: ModelConfig) -> int:
@@ -139,7 +166,7 @@ def count_params(cfg: ModelConfig) -> int:
 
 
 def count_lora_params(cfg: ModelConfig, rank: int, targets: str) -> int:
-  return sum(math.prod(shape) for _, shape in _lora_leaves(cfg, rank, targets))
+  return sum(math.prod(shape) for _, shape in method_leaves(cfg, peft_settings("lora", rank, targets)))
 
 
 def _shard_elements(leaves, mesh: Mesh, gathered: bool = False) -> float:
@@ -165,55 +192,67 @@ def _layer_activation_elements(cfg: ModelConfig, seq_len: int, tensor: int, fuse
   return 4 * cfg.hidden_size + (split + probs) / tensor
 
 
+def _dora_norm_scratch(cfg: ModelConfig, peft_leaves, tensor: int) -> float:
+  """DoRA's float32 W + scale*A@B of one layer's targeted kernels (fsdp-gathered, split over tensor)."""
+  elements = 0.0
+  for path, shape in peft_leaves:
+    if path.endswith("/lora_magnitude"):
+      kernel = param_shapes(cfg)["layers"][path.split("/")[1]][path.split("/")[2]]["kernel"]
+      elements += math.prod(kernel[1:])
+  return elements / tensor * 4
+
+
 def plan(cfg: ModelConfig, mesh: Mesh, chip: str, batch_size: int, seq_len: int, *,
-         method: str = "lora", lora_rank: int = 8, lora_targets: str = "q_proj|v_proj",
+         method: str = "lora", lora_rank: int = 8, lora_targets: str = lora.DEFAULT_TARGETS,
+         peft_length: int = 16, adapter_size: int = 64,
          param_dtype: str = "bfloat16", compute_dtype: str = "bfloat16", remat: bool = True,
          fused_attention: bool = False, reserve: float = 0.1) -> Plan:
-  """Per-chip memory of a full or LoRA fine-tuning step (AdamW) of `cfg` on `mesh` of `chip`s."""
+  """Per-chip memory of a fine-tuning step (AdamW) of `cfg` on `mesh` of `chip`s with any PEFT method."""
   if chip not in CHIPS:
     raise ValueError(f"chip {chip!r} is not one of {', '.join(CHIPS)}")
-  if method not in ("full", "lora"):
-    raise ValueError(f"method {method!r} is not one of full, lora")
+  peft = peft_settings(method, lora_rank, lora_targets, peft_length, adapter_size)
   rows = mesh.data * mesh.fsdp
   if batch_size % rows:
     raise ValueError(f"batch_size {batch_size} is not divisible by data x fsdp = {rows}")
   p_bytes, c_bytes = jnp.dtype(param_dtype).itemsize, jnp.dtype(compute_dtype).itemsize
   base = list(_leaves(param_shapes(cfg)))
-  lora_leaves = list(_lora_leaves(cfg, lora_rank, lora_targets)) if method == "lora" else []
-  trainable = lora_leaves if method == "lora" else base
-  n_base, n_lora, n_train = (sum(math.prod(shape) for _, shape in leaves)
-                             for leaves in (base, lora_leaves, trainable))
+  added = method_leaves(cfg, peft)
+  trainable = [(path, shape) for path, shape in base + added if partition.is_trainable(path, method)]
+  n_base, n_added, n_train = (sum(math.prod(shape) for _, shape in leaves) for leaves in (base, added, trainable))
 
   params = _shard_elements(base, mesh) * p_bytes
-  lora = _shard_elements(lora_leaves, mesh) * p_bytes
+  peft_bytes = _shard_elements(added, mesh) * p_bytes
   gathered = 2 * _shard_elements(base, mesh, gathered=True) * p_bytes if mesh.fsdp > 1 else 0.0
   train_elements = _shard_elements(trainable, mesh)
   grads = train_elements * p_bytes
   optimizer = train_elements * 2 * 4
+  scratch = _dora_norm_scratch(cfg, added, mesh.tensor)
 
   tokens = batch_size // rows * seq_len
-  layer_bytes = _layer_activation_elements(cfg, seq_len, mesh.tensor, fused_attention) * c_bytes
+  prefix = peft_length if method in ("prefix", "prompt") else 0  # extra key positions every token attends to
+  layer_bytes = _layer_activation_elements(cfg, seq_len + prefix, mesh.tensor, fused_attention) * c_bytes
   logit_tokens = batch_size // rows * fused_loss.chunk_positions(seq_len, head_gradient=method == "full")
   logits = logit_tokens * cfg.vocab_size / mesh.tensor * 4 * 2
   act_no_remat = tokens * cfg.num_layers * layer_bytes + logits
   act_remat = tokens * (cfg.num_layers * cfg.hidden_size * c_bytes + layer_bytes) + logits
   activations = act_remat if remat else act_no_remat
 
-  total = params + lora + gathered + grads + optimizer + activations
+  total = params + peft_bytes + gathered + grads + optimizer + scratch + activations
   hbm = CHIPS[chip].hbm_gib * GIB
-  return Plan(total_params=n_base + n_lora, trainable_params=n_train, params=params,
-              lora_params=lora, gathered_weights=gathered, gradients=grads, optimizer=optimizer,
-              activations_no_remat=act_no_remat, activations_remat=act_remat,
+  return Plan(total_params=n_base + n_added, trainable_params=n_train, params=params,
+              peft_params=peft_bytes, gathered_weights=gathered, gradients=grads, optimizer=optimizer,
+              dora_norms=scratch, activations_no_remat=act_no_remat, activations_remat=act_remat,
               activations=activations, total=total, hbm=hbm, fits=total <= hbm * (1 - reserve))
 
 
 def format_plan(p: Plan) -> str:
-  rows = [("params (frozen/base)", p.params), ("LoRA params", p.lora_params),
+  rows = [("params (frozen/base)", p.params), ("PEFT params", p.peft_params),
           ("FSDP-gathered layers", p.gathered_weights), ("gradients", p.gradients),
-          ("optimizer (AdamW fp32 m, v)", p.optimizer),
+          ("optimizer (AdamW fp32 m, v)", p.optimizer), ("DoRA weight norms", p.dora_norms),
           ("activations, no remat", p.activations_no_remat),
           ("activations, remat", p.activations_remat), ("total (as configured)", p.total),
           ("HBM per chip", p.hbm)]
+  rows = [(name, value) for name, value in rows if value or name != "DoRA weight norms"]
   lines = [f"total params {p.total_params:,}   trainable {p.trainable_params:,}",
            "per chip:"] + [f"  {name:<28} {value / GIB:9.3f} GiB" for name, value in rows]
   lines.append(f"fits: {'yes' if p.fits else 'NO'} ({p.total / p.hbm:.0%} of HBM)")
@@ -239,9 +278,13 @@ def main(argv=None) -> int:
   hw.add_argument("--slice", help="TPU accelerator type, e.g. v5p-64 (sets the chip and device count)")
   hw.add_argument("--chip", choices=sorted(CHIPS), help="chip generation; the mesh gives the device count")
   ap.add_argument("--mesh", default="fsdp=-1", help="data=N,fsdp=N,tensor=N (-1 fills; default fsdp=-1)")
-  ap.add_argument("--method", choices=("full", "lora"), default="lora")
-  ap.add_argument("--rank", type=int, default=8)
-  ap.add_argument("--targets", default="q_proj|v_proj", help="regex over module paths ('_proj' = all 7)")
+  ap.add_argument("--method", choices=partition.METHODS, default="lora")
+  ap.add_argument("--rank", type=int, default=8, help="lora/dora rank")
+  ap.add_argument("--targets", default=lora.DEFAULT_TARGETS,
+                  help="lora/dora: peft.lora.targets, a regex fully matching module paths (default: all 7 "
+                       "projections); ia3 uses peft.ia3's defaults")
+  ap.add_argument("--length", type=int, default=16, help="prefix/prompt: virtual tokens")
+  ap.add_argument("--adapter_size", type=int, default=64, help="adapter: bottleneck width")
   ap.add_argument("--batch", type=int, default=None, help="global batch in sequences (default: 1 per row)")
   ap.add_argument("--seq", type=int, default=2048)
   ap.add_argument("--param_dtype", default="bfloat16")
@@ -259,7 +302,8 @@ def main(argv=None) -> int:
     mesh = resolve_mesh(devices, **sizes)
     batch = args.batch or mesh.data * mesh.fsdp
     result = plan(cfg, mesh, chip, batch, args.seq, method=args.method, lora_rank=args.rank,
-                  lora_targets=args.targets, param_dtype=args.param_dtype,
+                  lora_targets=args.targets, peft_length=args.length, adapter_size=args.adapter_size,
+                  param_dtype=args.param_dtype,
                   compute_dtype=args.compute_dtype, remat=args.remat,
                   fused_attention=args.fused_attention)
   except (ValueError, TypeError, OSError, KeyError) as e:

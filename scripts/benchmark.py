@@ -3,7 +3,8 @@
     python scripts/benchmark.py                       # the CPU comparison (docs/benchmark.md)
     python scripts/benchmark.py --preset 1b --dtype bfloat16 --sides jaxtune --peak_tflops 989  # GPU
 
-For each precision, method (full, LoRA r=8 on the 7 projections) and side a fresh subprocess
+For each precision, method (full; LoRA r=8 on the 7 projections; dora: the same LoRA with DoRA's
+magnitudes, `--methods full,lora,dora`) and side a fresh subprocess
 trains --steps AdamW steps (grad clip 1.0, as train.py) on one fixed random batch, so peak RSS
 (ru_maxrss) is each side's own. Both sides start from the same random float32 weights (the peer
 loads them from a HF folder written here) and report their first loss, which must agree.
@@ -78,7 +79,8 @@ def lora_params(p: Preset, rank: int) -> int:
 
 def train_flops_per_token(p: Preset, method: str, rank: int = 8) -> float:
   """Model FLOPs (PaLM-style, no recompute): matmul weights 6N (full) or 4N + 6*LoRA (no frozen
-  weight gradients), attention scores and values 3 x 4*T*q_size per layer (unmasked count)."""
+  weight gradients), attention scores and values 3 x 4*T*q_size per layer (unmasked count). DoRA
+  counts as LoRA: its weight norms cost per step, not per token, and are overhead, not model FLOPs."""
   attention = 3 * p.layers * 4 * p.seq * p.hidden
   if method == "full":
     return 6 * matmul_params(p) + attention
@@ -155,8 +157,8 @@ def run_jaxtune(p: Preset, method: str, steps: int, dtype: str = "float32", rank
   # float32 master weights; `dtype` is the compute dtype
   params = loading.load_model(model_dir)[1] if model_dir else base_params(p)
   scale = 1.0
-  if method == "lora":
-    params = lora.add_lora(params, jax.random.PRNGKey(1), rank, LORA_TARGETS)
+  if method in ("lora", "dora"):
+    params = lora.add_lora(params, jax.random.PRNGKey(1), rank, LORA_TARGETS, use_dora=method == "dora")
     scale = 2.0  # alpha 16 / r 8, as the peer
   trainable, frozen = partition.split(params, method)
   opt_cfg = ml_collections.ConfigDict(get_base_config().optimizer)
@@ -203,10 +205,10 @@ def run_peer(p: Preset, method: str, steps: int, model_dir: str, threads: int = 
   torch.set_num_threads(threads)
   device = "cuda" if torch.cuda.is_available() else "cpu"
   model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
-  if method == "lora":
+  if method in ("lora", "dora"):
     import peft
     model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                                       target_modules=PEER_TARGETS))
+                                                       target_modules=PEER_TARGETS, use_dora=method == "dora"))
   model.train()
   params = [q for q in model.parameters() if q.requires_grad]
   optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
@@ -289,8 +291,8 @@ def table(rows: list[dict], peaks: dict[str, float]) -> str:
                  f"{r['mfu']:6.3f} {r['peak_rss_mb']:8,.0f} {r['compile_s']:9.2f} {r['first_step_s']:10.2f} "
                  f"{r['first_loss']:9.5f}")
   by = {(r["side"], r["method"], r["dtype"]): r for r in rows}
-  pairs = [(m, d, d) for d in peaks for m in ("full", "lora")]
-  pairs += [(m, "bfloat16", "float32") for m in ("full", "lora")]  # jaxtune mixed precision vs HF's default
+  pairs = [(m, d, d) for d in peaks for m in ("full", "lora", "dora")]
+  pairs += [(m, "bfloat16", "float32") for m in ("full", "lora", "dora")]  # jaxtune mixed precision vs HF's default
   for method, ours_dtype, peer_dtype in pairs:
     j, q = by.get(("jaxtune", method, ours_dtype)), by.get(("peer", method, peer_dtype))
     if j and q:

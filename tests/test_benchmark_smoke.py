@@ -21,7 +21,10 @@ TINY = benchmark.PRESETS["tiny"]
 
 def test_both_sides_run_and_agree_on_the_first_loss(tmp_path):
   model_dir = benchmark.write_peer_model(TINY, str(tmp_path / "model"))
-  for method, trainable in (("full", None), ("lora", benchmark.lora_params(TINY, 8))):
+  hd = TINY.hidden // TINY.heads  # DoRA adds one magnitude per output feature of the 7 projections
+  magnitudes = TINY.layers * (hd * (TINY.heads + 2 * TINY.kv_heads) + 2 * TINY.hidden + 2 * TINY.inter)
+  for method, trainable in (("full", None), ("lora", benchmark.lora_params(TINY, 8)),
+                            ("dora", benchmark.lora_params(TINY, 8) + magnitudes)):
     # full reads the peer's HF folder (as train.py would); LoRA builds the weights in place (GPU path).
     ours = benchmark.run_jaxtune(TINY, method, steps=2, model_dir=model_dir if method == "full" else "")
     peer = benchmark.run_peer(TINY, method, steps=2, model_dir=model_dir)

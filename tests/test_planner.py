@@ -27,6 +27,9 @@ def _meta_hf_model(cfg: ModelConfig):
     return transformers.AutoModelForCausalLM.from_config(hf)
 
 
+ALL_SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 @pytest.mark.parametrize("name", sorted(KNOWN_COUNTS))
 def test_param_counts_exact(name):
   cfg = planner.PRESETS[name]
@@ -36,9 +39,8 @@ def test_param_counts_exact(name):
 
 
 @pytest.mark.parametrize("name,rank,targets,peft_targets,expected", [
-    ("llama2-7b", 8, "q_proj|v_proj", ["q_proj", "v_proj"], 4_194_304),
-    ("llama3-70b", 16, "_proj", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                 "down_proj"], 207_093_760),
+    ("llama2-7b", 8, ".*(q_proj|v_proj)", ["q_proj", "v_proj"], 4_194_304),
+    ("llama3-70b", 16, ".*_proj", ALL_SEVEN, 207_093_760),
 ])
 def test_lora_counts_match_peft(name, rank, targets, peft_targets, expected):
   peft = pytest.importorskip("peft")
@@ -55,6 +57,24 @@ def test_lora_counts_match_peft(name, rank, targets, peft_targets, expected):
 
 TINY = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
                    num_heads=4, num_kv_heads=2, head_dim=16)
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3", "prefix", "prompt"])
+def test_other_method_counts_match_peft(method):
+  # llama3-8b is grouped-query (8 kv heads of 32): a prefix holds kv_size-wide keys/values, as peft's.
+  peft = pytest.importorskip("peft")
+  cfg = planner.PRESETS["llama3-8b"]
+  config = {"dora": lambda: peft.LoraConfig(r=16, target_modules=ALL_SEVEN, use_dora=True),
+            "ia3": lambda: peft.IA3Config(),  # k_proj, v_proj, down_proj (input side): ours too
+            "prefix": lambda: peft.PrefixTuningConfig(num_virtual_tokens=16, task_type="CAUSAL_LM"),
+            "prompt": lambda: peft.PromptTuningConfig(num_virtual_tokens=16, task_type="CAUSAL_LM")}[method]()
+  trainable, total = peft.get_peft_model(_meta_hf_model(cfg), config).get_nb_trainable_parameters()
+  p = planner.plan(cfg, planner.Mesh(fsdp=8), "v5p", 8, 128, method=method, lora_rank=16, peft_length=16)
+  assert (p.trainable_params, p.total_params) == (trainable, total)
+  assert p.trainable_params < p.total_params / 100 and p.peft_params > 0
+
+
+QV = ".*(q_proj|v_proj)"
 
 
 def saved_at(seq_len):
@@ -74,7 +94,7 @@ def test_memory_breakdown_by_hand():
   assert p.params == p.gradients == per_chip * 4 == 214_272
   assert p.optimizer == per_chip * 8
   assert p.gathered_weights == 2 * per_layer * 4     # two whole layers after the gather, fp32
-  assert p.lora_params == 0
+  assert p.peft_params == 0
   tokens = 4 // 2 * 8                                # per chip
   saved = 4 * 64 + 2 * 64 + 2 * 32 + 4 * 128 + 4 * 8  # residual/normed, q,k,v,attn out, mlp, probs
   logits = tokens * 256 * 4 * 2
@@ -96,13 +116,32 @@ def test_memory_breakdown_by_hand():
 
 def test_tensor_axis_and_lora_sharding():
   n, norms = 106_816, 320
-  p = planner.plan(TINY, planner.Mesh(fsdp=2, tensor=2), "v4", 4, 8, lora_rank=4)
+  p = planner.plan(TINY, planner.Mesh(fsdp=2, tensor=2), "v4", 4, 8, lora_rank=4, lora_targets=QV)
   assert p.params == ((n - norms) / 4 + norms) * 2   # bf16; embed over fsdp, heads/mlp/vocab over tensor
-  p = planner.plan(TINY, planner.Mesh(fsdp=2), "v4", 4, 8, lora_rank=4)
+  p = planner.plan(TINY, planner.Mesh(fsdp=2), "v4", 4, 8, lora_rank=4, lora_targets=QV)
   assert p.trainable_params == 2 * (64 * 4 + 4 * 64) + 2 * (64 * 4 + 4 * 32)  # q and v, 2 layers
   # A (L, embed, r) splits over fsdp; B (L, r, heads) has no fsdp dim: replicated with tensor=1.
   per_chip = 2 * 64 * 4 / 2 + 2 * 4 * 64 + 2 * 64 * 4 / 2 + 2 * 4 * 32
-  assert p.lora_params == p.gradients == per_chip * 2 and p.optimizer == per_chip * 8
+  assert p.peft_params == p.gradients == per_chip * 2 and p.optimizer == per_chip * 8
+
+
+def test_adapter_dora_and_prefix_by_hand():
+  # Adapters (size 8) after attention and after the MLP: down 64x8 + 8, up 8x64 + 64, per layer.
+  p = planner.plan(TINY, planner.Mesh(fsdp=2), "v4", 4, 8, method="adapter", adapter_size=8)
+  assert p.trainable_params == 2 * 2 * (64 * 8 + 8 + 8 * 64 + 64)
+  assert p.dora_norms == 0
+  # DoRA on all seven: one layer's kernels in float32, split over tensor; magnitudes train with A and B.
+  lora = planner.plan(TINY, planner.Mesh(fsdp=2, tensor=2), "v4", 4, 8, method="lora", lora_rank=4)
+  dora = planner.plan(TINY, planner.Mesh(fsdp=2, tensor=2), "v4", 4, 8, method="dora", lora_rank=4)
+  kernels = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128
+  assert lora.dora_norms == 0 and dora.dora_norms == kernels * 4 / 2
+  assert dora.trainable_params == lora.trainable_params + 2 * (64 + 2 * 32 + 64 + 2 * 128 + 64)
+  assert dora.total == lora.total + dora.dora_norms + (dora.peft_params - lora.peft_params) * 6
+  # A prefix (or soft prompt) of 4 widens every layer's attention probabilities to 8 + 4 keys.
+  for method in ("prefix", "prompt"):
+    p = planner.plan(TINY, planner.Mesh(fsdp=2), "v5e", 4, 8, method=method, peft_length=4,
+                     param_dtype="float32", compute_dtype="bfloat16", remat=False)
+    assert p.activations_no_remat == 2 * 8 * 2 * saved_at(8 + 4) * 2 + 2 * 8 * 256 * 4 * 2, method
 
 
 def test_70b_lora_fits_v5p64_but_full_does_not_fit_v5e16():
@@ -110,7 +149,7 @@ def test_70b_lora_fits_v5p64_but_full_does_not_fit_v5e16():
   gen, chips = planner.slice_chips("v5p-64")
   assert (gen, chips) == ("v5p", 32)
   mesh = planner.resolve_mesh(chips, fsdp=-1)
-  lora = planner.plan(cfg, mesh, gen, 32, 4096, lora_rank=16, lora_targets="_proj")
+  lora = planner.plan(cfg, mesh, gen, 32, 4096, lora_rank=16)
   assert lora.fits and lora.total < 25 * 2**30
   assert lora.activations_no_remat > lora.hbm      # without remat the activations alone overflow
   full = planner.plan(cfg, planner.resolve_mesh(16), "v5e", 16, 2048, method="full")
@@ -136,6 +175,13 @@ def test_cli(capsys):
   out = capsys.readouterr().out
   assert "total params 134,515,008   trainable 134,515,008" in out
   assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in out and "fits: yes" in out
+  assert "DoRA weight norms" not in out  # shown for DoRA only
   assert planner.main(["--preset", "llama3-70b", "--slice", "v5p-64", "--mesh", "fsdp=-1,tensor=3"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "not divisible by the other mesh axes' product 3" in err[0]
+  assert planner.main(["--preset", "smollm2-135m", "--chip", "v6e", "--mesh", "fsdp=4", "--method", "dora",
+                       "--targets", ".*(q_proj|v_proj)"]) == 0
+  assert "DoRA weight norms" in capsys.readouterr().out
+  assert planner.main(["--preset", "smollm2-135m", "--chip", "v6e", "--method", "lora", "--targets", "q_proj"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "peft.lora.targets='q_proj' matches no linear layer" in err[0]
