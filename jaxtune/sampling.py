@@ -19,6 +19,7 @@ from jaxtune import sharding
 from jaxtune.evaluation import bucket_length
 from jaxtune.models import llama
 from jaxtune.models.config import ModelConfig
+from jaxtune.peft import prefix
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
@@ -84,6 +85,9 @@ def generate_padded(params: llama.Params, tokens_BxP, positions_BxP, segments_Bx
   multi-host run can pass as the same replicated value). Activations and the KV cache are in
   `compute_dtype`; logits and sampling in float32."""
   B, P = tokens_BxP.shape
+  # A soft prompt's (or a reparametrised prefix's) keys/values, once: the decode loop then sees a
+  # plain prefix instead of re-running them at every step (as training does).
+  params = prefix.materialize_prefix(params, cfg)
   rng = jax.random.wrap_key_data(key_data)
   dtype = jnp.dtype(compute_dtype)
   cache = llama.init_cache(cfg, B, P + max_new_tokens, dtype)

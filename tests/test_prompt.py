@@ -1,6 +1,7 @@
 """Prompt tuning: logits and gradients against Hugging Face peft's PROMPT_TUNING, packing, training, export."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import peft
@@ -9,7 +10,7 @@ import torch
 import transformers
 
 import hf_tiny
-from jaxtune import export, inference, peft_io
+from jaxtune import export, inference, peft_io, sampling
 from jaxtune.models import llama, loading
 from jaxtune.peft import partition, prompt
 from test_prefix import assert_real_logits_close, left_padded_batch
@@ -104,6 +105,36 @@ def test_packed_sequences_each_see_the_prompt(folder):
   alone_b, _ = forward(prompted, cfg, np.array([b], np.int32))
   np.testing.assert_allclose(np.asarray(packed[0, :5]), np.asarray(alone_a[0]), atol=1e-5)
   np.testing.assert_allclose(np.asarray(packed[0, 5:9]), np.asarray(alone_b[0]), atol=1e-5)
+
+
+def _dots_in_loops(jaxpr, inside=False) -> int:
+  """dot_generals inside while loops, through every nested jaxpr."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += inside and eqn.primitive.name == "dot_general"
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      count += _dots_in_loops(sub, inside or eqn.primitive.name == "while")
+  return count
+
+
+def test_generation_computes_the_prompt_once(folder):
+  """Sampling (generate, GRPO) with a soft prompt: the same tokens as the folded prefix, and its
+  decode loop is the folded model's program: the prompt's own pass is not redone per token."""
+  cfg, params = loading.load_model(folder)
+  prompted = prompt.add_prompt(params, cfg, jax.random.key(0), P)
+  folded = prompt.prompt_as_prefix(prompted, cfg)
+  prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+  assert (sampling.generate(prompted, cfg, prompts, max_new_tokens=6)
+          == sampling.generate(folded, cfg, prompts, max_new_tokens=6))
+  rows = sampling.left_pad(prompts, 8, 0)
+  args = (*rows, np.full((8,), -1, np.int32), np.asarray(jax.random.key_data(jax.random.key(0))),
+          np.float32(0), np.float32(1), np.int32(0))
+
+  def loop_dots(p):
+    fn = lambda p, *a: sampling.generate_padded(p, *a, cfg=cfg, peft=llama.PeftRuntime(), max_new_tokens=4)
+    return _dots_in_loops(jax.make_jaxpr(fn)(p, *args).jaxpr)
+
+  assert loop_dots(prompted) == loop_dots(folded) > 0
 
 
 def test_prompt_training_learns_and_exports_for_peft(tiny_setup, tmp_path):
