@@ -117,10 +117,10 @@ def _dots_in_loops(jaxpr, inside=False) -> int:
   return count
 
 
-def test_generation_computes_the_prompt_once(folder):
+def test_generation_computes_the_prompt_once(tiny_setup):
   """Sampling (generate, GRPO) with a soft prompt: the same tokens as the folded prefix, and its
   decode loop is the folded model's program: the prompt's own pass is not redone per token."""
-  cfg, params = loading.load_model(folder)
+  cfg, params = loading.load_model(tiny_setup[0])
   prompted = prompt.add_prompt(params, cfg, jax.random.key(0), P)
   folded = prompt.prompt_as_prefix(prompted, cfg)
   prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
