@@ -192,13 +192,11 @@ def _layer_activation_elements(cfg: ModelConfig, seq_len: int, tensor: int, fuse
   return 4 * cfg.hidden_size + (split + probs) / tensor
 
 
-def _dora_norm_scratch(cfg: ModelConfig, peft_leaves, tensor: int) -> float:
+def _dora_norm_scratch(base_leaves, peft_leaves, tensor: int) -> float:
   """DoRA's float32 W + scale*A@B of one layer's targeted kernels (fsdp-gathered, split over tensor)."""
-  elements = 0.0
-  for path, shape in peft_leaves:
-    if path.endswith("/lora_magnitude"):
-      kernel = param_shapes(cfg)["layers"][path.split("/")[1]][path.split("/")[2]]["kernel"]
-      elements += math.prod(kernel[1:])
+  kernels = dict(base_leaves)
+  elements = sum(math.prod(kernels[path.rsplit("/", 1)[0] + "/kernel"][1:])
+                 for path, _ in peft_leaves if path.endswith("/lora_magnitude"))
   return elements / tensor * 4
 
 
@@ -226,7 +224,7 @@ def plan(cfg: ModelConfig, mesh: Mesh, chip: str, batch_size: int, seq_len: int,
   train_elements = _shard_elements(trainable, mesh)
   grads = train_elements * p_bytes
   optimizer = train_elements * 2 * 4
-  scratch = _dora_norm_scratch(cfg, added, mesh.tensor)
+  scratch = _dora_norm_scratch(base, added, mesh.tensor)
 
   tokens = batch_size // rows * seq_len
   prefix = peft_length if method in ("prefix", "prompt") else 0  # extra key positions every token attends to
@@ -248,11 +246,11 @@ def plan(cfg: ModelConfig, mesh: Mesh, chip: str, batch_size: int, seq_len: int,
 def format_plan(p: Plan) -> str:
   rows = [("params (frozen/base)", p.params), ("PEFT params", p.peft_params),
           ("FSDP-gathered layers", p.gathered_weights), ("gradients", p.gradients),
-          ("optimizer (AdamW fp32 m, v)", p.optimizer), ("DoRA weight norms", p.dora_norms),
+          ("optimizer (AdamW fp32 m, v)", p.optimizer),
+          *([("DoRA weight norms", p.dora_norms)] if p.dora_norms else []),  # DoRA only
           ("activations, no remat", p.activations_no_remat),
           ("activations, remat", p.activations_remat), ("total (as configured)", p.total),
           ("HBM per chip", p.hbm)]
-  rows = [(name, value) for name, value in rows if value or name != "DoRA weight norms"]
   lines = [f"total params {p.total_params:,}   trainable {p.trainable_params:,}",
            "per chip:"] + [f"  {name:<28} {value / GIB:9.3f} GiB" for name, value in rows]
   lines.append(f"fits: {'yes' if p.fits else 'NO'} ({p.total / p.hbm:.0%} of HBM)")
