@@ -8,7 +8,8 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# JAX's own spelling; the other tests' XLA_FLAGS=--xla_force_host_platform_device_count=N is the older one.
+os.environ["JAX_NUM_CPU_DEVICES"] = "8"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from jaxtune import trainer  # noqa: E402

@@ -15,6 +15,26 @@ from train_helpers import losses, tiny_config
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+SCHEDULER_OFF = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+@pytest.mark.parametrize("env,scheduler_flags", [
+    ({"JAX_NUM_CPU_DEVICES": "8"}, [SCHEDULER_OFF]),
+    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, [SCHEDULER_OFF]),
+    ({"JAX_NUM_CPU_DEVICES": "1"}, []),
+    ({}, []),
+    ({"JAX_NUM_CPU_DEVICES": "8", "XLA_FLAGS": "--xla_cpu_enable_concurrency_optimized_scheduler=true"},
+     ["--xla_cpu_enable_concurrency_optimized_scheduler=true"]),  # the user's own setting wins
+])
+def test_fake_cpu_meshes_compile_with_the_default_scheduler(env, scheduler_flags):
+  """Either spelling of a fake multi-device CPU mesh turns XLA:CPU's concurrency-optimised scheduler off
+  (it deadlocked the prompt step on 2x2x2; the mesh test below runs that case with JAX_NUM_CPU_DEVICES)."""
+  clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+  out = subprocess.run([sys.executable, "-c", "import os, jaxtune; print(os.environ.get('XLA_FLAGS', ''))"],
+                       capture_output=True, text=True, timeout=120, env={**clean, **env}, check=True)
+  assert [f for f in out.stdout.split() if "concurrency_optimized_scheduler" in f] == scheduler_flags
+
+
 # dora: its norm reduces over a kernel's fsdp-sharded input axis; prompt: a batch-1 pass inside the
 # step: both on one mesh that splits all three axes. (ia3 passed too, 27 Nov 2026; its vectors
 # shard like biases, so it is left out of CI.)
