@@ -99,6 +99,11 @@ def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def minor_faults() -> int:
+  """Page faults served without I/O so far: mostly fresh memory touched for the first time."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def base_params(p: Preset, dtype="float32", seed: int = 0):
   import jax
   import jax.numpy as jnp
@@ -178,12 +183,12 @@ def run_jaxtune(p: Preset, method: str, steps: int, dtype: str = "float32", rank
   first_loss = float(first["loss"])  # blocks: the warm-up step is not timed
   first_step_s = time.perf_counter() - t
   losses = []
-  t = time.perf_counter()
+  faults, t = minor_faults(), time.perf_counter()
   for _ in range(steps):
     trainable, opt_state, metrics = compiled(trainable, frozen, opt_state, batch, rng)
     losses.append(metrics["loss"])  # stays on device: no host sync inside the loop
   jax.block_until_ready((trainable, opt_state, losses))
-  elapsed = time.perf_counter() - t
+  elapsed, faults = time.perf_counter() - t, minor_faults() - faults
   from jaxtune.models import attention as attention_lib
   q = jax.ShapeDtypeStruct((p.batch, p.seq, p.heads, p.hidden // p.heads), jax.numpy.dtype(dtype))
   return {"side": "jaxtune", "method": method, "dtype": dtype, "remat": remat,
@@ -191,7 +196,8 @@ def run_jaxtune(p: Preset, method: str, steps: int, dtype: str = "float32", rank
           "tokens_per_sec": steps * p.batch * p.seq / elapsed,
           "step_s": elapsed / steps, "compile_s": compile_s, "first_step_s": first_step_s,
           "first_loss": first_loss, "last_loss": float(losses[-1]), "peak_rss_mb": peak_rss_mb(),
-          "trainable_params": partition.count(trainable), "device": str(jax.devices()[0].platform)}
+          "faults_per_step": faults / steps, "trainable_params": partition.count(trainable),
+          "device": str(jax.devices()[0].platform)}
 
 
 def run_peer(p: Preset, method: str, steps: int, model_dir: str, threads: int = 2, rank: int = 8,
@@ -228,16 +234,17 @@ def run_peer(p: Preset, method: str, steps: int, model_dir: str, threads: int = 
   first_loss = float(step())
   first_step_s = time.perf_counter() - t
   losses = []
-  t = time.perf_counter()
+  faults, t = minor_faults(), time.perf_counter()
   for _ in range(steps):
     losses.append(step())
   if device == "cuda":
     torch.cuda.synchronize()
-  elapsed = time.perf_counter() - t
+  elapsed, faults = time.perf_counter() - t, minor_faults() - faults
   return {"side": "peer", "method": method, "dtype": dtype, "tokens_per_sec": steps * p.batch * p.seq / elapsed,
           "step_s": elapsed / steps, "compile_s": 0.0, "first_step_s": first_step_s,
           "first_loss": first_loss, "last_loss": float(losses[-1]), "peak_rss_mb": peak_rss_mb(),
-          "trainable_params": sum(q.numel() for q in params), "device": device, "batch": p.batch,
+          "faults_per_step": faults / steps, "trainable_params": sum(q.numel() for q in params),
+          "device": device, "batch": p.batch,
           "attention": model.config._attn_implementation}
 
 
@@ -285,11 +292,11 @@ def median_rows(rows: list[dict]) -> list[dict]:
 def table(rows: list[dict], peaks: dict[str, float]) -> str:
   lines = ["matmul peak: " + ", ".join(f"{d} {v / 1e9:,.1f} GFLOP/s" for d, v in peaks.items()),
            f"{'side':8} {'method':6} {'dtype':8} {'tok/s':>9} {'MFU':>6} {'RSS MB':>8} {'compile s':>9} "
-           f"{'1st step s':>10} {'1st loss':>9}"]
+           f"{'1st step s':>10} {'1st loss':>9} {'faults/step':>11}"]
   for r in rows:
     lines.append(f"{r['side']:8} {r['method']:6} {r['dtype']:8} {r['tokens_per_sec']:9,.0f} "
                  f"{r['mfu']:6.3f} {r['peak_rss_mb']:8,.0f} {r['compile_s']:9.2f} {r['first_step_s']:10.2f} "
-                 f"{r['first_loss']:9.5f}")
+                 f"{r['first_loss']:9.5f} {r['faults_per_step']:11,.0f}")
   by = {(r["side"], r["method"], r["dtype"]): r for r in rows}
   pairs = [(m, d, d) for d in peaks for m in ("full", "lora", "dora")]
   pairs += [(m, "bfloat16", "float32") for m in ("full", "lora", "dora")]  # jaxtune mixed precision vs HF's default

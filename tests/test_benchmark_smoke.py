@@ -35,6 +35,7 @@ def test_both_sides_run_and_agree_on_the_first_loss(tmp_path):
       assert ours["trainable_params"] == peer["trainable_params"] == trainable
     for row in (ours, peer):
       assert row["tokens_per_sec"] > 0 and row["peak_rss_mb"] > 0 and np.isfinite(row["last_loss"])
+      assert row["faults_per_step"] >= 0
       assert row["last_loss"] != row["first_loss"]  # the steps updated something
   # Mixed precision on both sides (jaxtune compute_dtype, the peer's autocast) starts from the same loss too.
   ours = benchmark.run_jaxtune(TINY, "full", steps=2, dtype="bfloat16", model_dir=model_dir)
@@ -51,7 +52,7 @@ def test_flops_and_table():
   peaks = {d: benchmark.measure_matmul_peak(n=256, dtype=d, repeats=2) for d in ("float32", "bfloat16")}
   assert min(peaks.values()) > 1e8
   rows = [benchmark.add_mfu({"side": s, "method": "full", "dtype": d, "tokens_per_sec": t, "peak_rss_mb": 100.0,
-                             "compile_s": 1.0, "first_step_s": 1.0, "first_loss": 5.0}, TINY, peaks)
+                             "compile_s": 1.0, "first_step_s": 1.0, "first_loss": 5.0, "faults_per_step": 10.0}, TINY, peaks)
           for s, d, t in (("jaxtune", "float32", 300.0), ("peer", "float32", 100.0), ("jaxtune", "bfloat16", 500.0))]
   text = benchmark.table(rows, peaks)
   assert "full float32 vs peer float32: jaxtune/peer tokens/s 3.00x" in text
