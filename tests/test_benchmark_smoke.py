@@ -52,7 +52,8 @@ def test_flops_and_table():
   peaks = {d: benchmark.measure_matmul_peak(n=256, dtype=d, repeats=2) for d in ("float32", "bfloat16")}
   assert min(peaks.values()) > 1e8
   rows = [benchmark.add_mfu({"side": s, "method": "full", "dtype": d, "tokens_per_sec": t, "peak_rss_mb": 100.0,
-                             "compile_s": 1.0, "first_step_s": 1.0, "first_loss": 5.0, "faults_per_step": 10.0}, TINY, peaks)
+                             "compile_s": 1.0, "first_step_s": 1.0, "first_loss": 5.0, "faults_per_step": 10.0},
+                            TINY, peaks)
           for s, d, t in (("jaxtune", "float32", 300.0), ("peer", "float32", 100.0), ("jaxtune", "bfloat16", 500.0))]
   text = benchmark.table(rows, peaks)
   assert "full float32 vs peer float32: jaxtune/peer tokens/s 3.00x" in text

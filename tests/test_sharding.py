@@ -31,7 +31,8 @@ def test_fake_cpu_meshes_compile_with_the_default_scheduler(env, scheduler_flags
   (it deadlocked the prompt step on 2x2x2; the mesh test below runs that case with JAX_NUM_CPU_DEVICES)."""
   clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
   out = subprocess.run([sys.executable, "-c", "import os, jaxtune; print(os.environ.get('XLA_FLAGS', ''))"],
-                       capture_output=True, text=True, timeout=120, env={**clean, **env}, check=True)
+                       capture_output=True, text=True, timeout=120, env={**clean, **env}, check=True,
+                       cwd=os.path.dirname(HERE))  # this checkout's jaxtune
   assert [f for f in out.stdout.split() if "concurrency_optimized_scheduler" in f] == scheduler_flags
 
 
