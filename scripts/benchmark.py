@@ -330,6 +330,9 @@ def main(argv=None):
   parser.add_argument("--method", default="full", help=argparse.SUPPRESS)
   parser.add_argument("--model_dir", default="", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.worker == "jaxtune":  # as train.py starts (the peer's worker must not import jaxtune: its RSS)
+    from jaxtune import huge_pages
+    huge_pages.restart_with_huge_pages()
   if args.worker:
     print(json.dumps(run_worker(args)), flush=True)
     return

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxtune import cli
+from jaxtune import cli, huge_pages
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.py"),
@@ -57,4 +57,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  huge_pages.restart_with_huge_pages()  # CPU runs: once, before anything is allocated (see its docstring)
   app.run(main, flags_parser=cli.parse_flags)

@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags
 
-from jaxtune import cli, evaluation
+from jaxtune import cli, evaluation, huge_pages
 from jaxtune.data import formats
 
 _MODEL = flags.DEFINE_string("model", None, "Hugging Face model folder or .gguf file.", required=True)
@@ -41,4 +41,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  huge_pages.restart_with_huge_pages()  # CPU runs: once, before anything is allocated (see its docstring)
   app.run(main, flags_parser=cli.parse_flags)

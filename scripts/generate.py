@@ -12,7 +12,7 @@ import json
 
 from absl import app, flags
 
-from jaxtune import cli, inference, sampling
+from jaxtune import cli, huge_pages, inference, sampling
 from jaxtune.config_checks import DTYPES
 
 _MODEL = flags.DEFINE_string("model", None, "Hugging Face model folder or .gguf file.", required=True)
@@ -48,4 +48,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  huge_pages.restart_with_huge_pages()  # CPU runs: once, before anything is allocated (see its docstring)
   app.run(main, flags_parser=cli.parse_flags)
