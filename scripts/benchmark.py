@@ -13,6 +13,8 @@ compute_dtype with float32 master weights, the peer under torch.autocast (its ow
 MFU = model FLOPs/s over a matmul peak this script measures per precision (jitted 2048^2 matmul,
 float32 accumulation) or --peak_tflops. On a GPU the peer runs there too (CUDA autocast, torch's
 SDPA attention), and jaxtune's attention is model.attention's --attention (auto: cuDNN in bf16).
+On CPU, jaxtune's worker restarts with glibc's huge-page tunable as train.py does
+(jaxtune/huge_pages.py); the peer runs with glibc's defaults, as its users run it.
 """
 
 from __future__ import annotations
