@@ -6,7 +6,8 @@ left operand's last dimension. Any other bfloat16 dot is silently converted to f
 autodiff of `x @ w` produces one of those: the weight gradient x^T @ g contracts x's first
 dimension, and XLA folds a transpose into the dot's dimension numbers rather than moving data.
 `matmul` asks for float32 accumulation (as TPUs and GPUs do anyway) and, on CPU, computes x^T
-with a real copy. float32 operands take the plain `x @ w`.
+with a real copy. float32 operands take the plain `x @ w`; `weight_gradient` copies x^T for them
+too (the LM head's 256 x 1024 x 8192 gradient: 325 -> 410 GFLOP/s on a 2-core AMD EPYC).
 """
 
 from __future__ import annotations
@@ -43,8 +44,6 @@ def weight_gradient(x_NxK, g_NxM):
 
   The narrower of x and g is the one transposed: a LoRA A's gradient moves N x r, not N x K.
   """
-  if x_NxK.dtype == jnp.float32:
-    return jnp.dot(x_NxK.T, g_NxM, preferred_element_type=jnp.float32)
   if x_NxK.shape[1] <= 4 * g_NxM.shape[1]:  # transposing g only pays when it is much narrower
     return jnp.dot(transposed(x_NxK), g_NxM, preferred_element_type=jnp.float32)
   return transposed(jnp.dot(transposed(g_NxM), x_NxK, preferred_element_type=jnp.float32))
