@@ -147,3 +147,31 @@ def test_remat_policies_give_the_same_loss_and_gradients(tiny_setup):
     for path in base_grads:
       scale = float(np.abs(base_grads[path]).max())
       np.testing.assert_allclose(grads[path], base_grads[path], rtol=0, atol=1e-5 * scale, err_msg=f"{policy} {path}")
+
+
+def test_dots_remat_keeps_attention_outputs_so_backward_recomputes_no_scores(tiny_setup):
+  """remat_policy=dots saves blocked attention's output and log-sum-exp (named in attention.py), so
+  the backward pass does not rerun the attention forward: as many score exps and dots as no remat."""
+  import re
+
+  import jax
+  from jaxtune import train_step
+  from jaxtune.models import loading
+  from jaxtune.peft import partition
+  model, _ = tiny_setup
+  cfg, params = loading.load_model(model)
+  rng = np.random.default_rng(0)
+  batch = {"inputs": rng.integers(0, 256, (2, 128)), "targets": rng.integers(0, 256, (2, 128)),
+           "weights": np.ones((2, 128), np.float32), "positions": np.tile(np.arange(128), (2, 1)),
+           "segment_ids": np.ones((2, 128), np.int32)}
+  trainable, frozen = partition.split(params, "full")
+
+  def counts(remat):
+    spec = train_step.StepSpec(model=cfg, remat=remat)
+    f = lambda tr: train_step.lm_loss_sums(partition.merge(tr, frozen), spec, batch)[0]
+    text = str(jax.make_jaxpr(jax.value_and_grad(f))(trainable))
+    return len(re.findall(r"\bexp\b", text)), len(re.findall(r"\bdot_general\b", text))
+
+  assert counts("dots") == counts("")
+  exps, dots = counts("nothing")
+  assert exps > counts("")[0] and dots > counts("")[1]  # what recomputing the attention forward looks like

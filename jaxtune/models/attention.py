@@ -19,6 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxtune.models import splash
 from jaxtune.models.matmul import swapped, transposed
@@ -144,6 +145,7 @@ def _blocked_attention_fwd(q, k, v, mask, blocks):
     lses.append((row_max + jnp.log(row_sum))[..., 0])
   out = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
   lse = jnp.concatenate(lses, axis=2) if len(lses) > 1 else lses[0]
+  out, lse = checkpoint_name(out, "attention_out"), checkpoint_name(lse, "attention_lse")
   return out, (q, k, v, mask, out, lse)
 
 

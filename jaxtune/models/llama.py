@@ -283,9 +283,12 @@ def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs, seg
 # remat: what each scanned layer keeps for the backward pass; the rest is recomputed there.
 REMAT_POLICIES = {
     "nothing": jax.checkpoint_policies.nothing_saveable,  # the layer input only: least memory
-    # matmul outputs; norms, RoPE, SiLU and residual adds are recomputed. Fewer stacked residuals:
-    # on CPU faster than no remat at all (see docs/benchmark.md).
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # matmul outputs, and blocked attention's output and log-sum-exp (so its backward does not
+    # rerun the attention forward); norms, RoPE, SiLU and residual adds are recomputed. Fewer
+    # stacked residuals: on CPU faster than no remat at all (see docs/benchmark.md).
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names("attention_out", "attention_lse")),
 }
 
 
