@@ -54,6 +54,8 @@ PRESETS = {
     "tiny": Preset(256, 64, 128, 2, 4, 2, batch=2, seq=32),  # smoke test
     # Llama-3.2-1B shape; 4 x 1024 tokens keep the un-fused float32 attention scores well inside 80 GB.
     "1b": Preset(128256, 2048, 8192, 16, 32, 8, batch=4, seq=1024, tied=True),
+    # SmolLM2-135M's shape, the model README's demo tunes (random weights, the demo's 4 x 256 batch).
+    "smollm2": Preset(49152, 576, 1536, 30, 9, 3, batch=4, seq=256, tied=True),
 }
 
 

@@ -75,3 +75,19 @@ def test_token_nll_gradient_equals_autodiff():
   ours = lambda x: jnp.sum(llama.token_nll(x, targets) * weights)
   np.testing.assert_allclose(ours(logits), reference(logits), rtol=1e-6)
   np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(reference)(logits), atol=1e-6)
+
+
+def test_smollm2_preset_is_the_demo_model_shape():
+  """--preset smollm2 times the shape README's demo tunes: the shipped GGUF's, 134.5M parameters."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+  from configs.demo import smollm2_gguf
+  from jaxtune.models import loading
+  p, demo = benchmark.PRESETS["smollm2"], loading.model_config_of(smollm2_gguf())
+  assert benchmark.model_config(p) == benchmark.model_config(benchmark.Preset(
+      demo.vocab_size, demo.hidden_size, demo.intermediate_size, demo.num_layers, demo.num_heads,
+      demo.num_kv_heads, p.batch, p.seq, demo.tie_word_embeddings))
+  assert demo.head_dim == p.hidden // p.heads
+  shapes = jax.eval_shape(lambda: benchmark.base_params(p))
+  assert sum(x.size for x in jax.tree.leaves(shapes)) == 134_515_008  # HF's count for SmolLM2-135M
+  norms = (2 * p.layers + 1) * p.hidden
+  assert benchmark.matmul_params(p) == 134_515_008 - norms  # tied: the head is the embedding, counted once
