@@ -175,3 +175,30 @@ def test_dots_remat_keeps_attention_outputs_so_backward_recomputes_no_scores(tin
   assert counts("dots") == counts("")
   exps, dots = counts("nothing")
   assert exps > counts("")[0] and dots > counts("")[1]  # what recomputing the attention forward looks like
+
+
+def test_dots_remat_keeps_a_lora_projection_output_once(tiny_setup):
+  """remat_policy=dots saves each projection's output (the name "projection" in llama.dense), not its
+  base matmul and LoRA product apart: a LoRA step keeps no more than full fine-tuning of the same
+  model, plus the LoRA weights themselves (the backward closure's arrays, residuals and weights)."""
+  import jax
+  from jaxtune import train_step
+  from jaxtune.models import loading
+  from jaxtune.peft import lora, partition
+  model, _ = tiny_setup
+  cfg, params = loading.load_model(model)
+  rng = np.random.default_rng(0)
+  batch = {"inputs": rng.integers(0, 256, (2, 128)), "targets": rng.integers(0, 256, (2, 128)),
+           "weights": np.ones((2, 128), np.float32), "positions": np.tile(np.arange(128), (2, 1)),
+           "segment_ids": np.ones((2, 128), np.int32)}
+  spec = train_step.StepSpec(model=cfg, remat="dots")
+
+  def kept_bytes(params, method):
+    trainable, frozen = partition.split(params, method)
+    f = lambda tr: train_step.lm_loss_sums(partition.merge(tr, frozen), spec, batch)[0]
+    vjp = jax.vjp(f, trainable)[1]
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(vjp))
+
+  with_lora = lora.add_lora(params, jax.random.PRNGKey(1), 4)
+  lora_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(partition.split(with_lora, "lora")[0]))
+  assert kept_bytes(with_lora, "lora") <= kept_bytes(params, "full") + lora_bytes
