@@ -38,6 +38,10 @@ def get_config():
   c.train.steps = 24
   c.train.batch_size = 4
   c.train.log_every = 2
+  # Layers keep their matmul and attention outputs for the backward pass and recompute the rest:
+  # the same numbers, peak RSS 3.9 -> 3.0 GB, and on CPU no slower (docs/benchmark.md).
+  c.train.remat = True
+  c.train.remat_policy = "dots"
   c.train.checkpoint_every = 12
   c.optimizer.learning_rate = 2e-3
   c.optimizer.schedule = "cosine"
