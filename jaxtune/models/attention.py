@@ -145,7 +145,8 @@ def _blocked_attention_fwd(q, k, v, mask, blocks):
     lses.append((row_max + jnp.log(row_sum))[..., 0])
   out = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
   lse = jnp.concatenate(lses, axis=2) if len(lses) > 1 else lses[0]
-  out, lse = checkpoint_name(out, "attention_out"), checkpoint_name(lse, "attention_lse")
+  if out.dtype == jnp.float32:  # remat_policy=dots keeps these (see llama.REMAT_POLICIES)
+    out, lse = checkpoint_name(out, "attention_out"), checkpoint_name(lse, "attention_lse")
   return out, (q, k, v, mask, out, lse)
 
 

@@ -195,7 +195,7 @@ def dense(p: Params, x, peft: PeftRuntime, rng=None):
     y = y + delta
   if "ia3_out" in p:
     y = y * p["ia3_out"].astype(y.dtype)
-  return checkpoint_name(y, "projection")
+  return checkpoint_name(y, "projection") if y.dtype == jnp.float32 else y
 
 
 def dora_norm(kernel, lora_a, lora_b, scale: float):
@@ -284,10 +284,11 @@ def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs, seg
 # remat: what each scanned layer keeps for the backward pass; the rest is recomputed there.
 REMAT_POLICIES = {
     "nothing": jax.checkpoint_policies.nothing_saveable,  # the layer input only: least memory
-    # matmul outputs, each projection's output (with LoRA: once, not its base and LoRA parts), and
-    # blocked attention's output and log-sum-exp (so its backward does not rerun the attention
-    # forward); norms, RoPE, SiLU and residual adds are recomputed. Fewer stacked residuals: on CPU
-    # faster than no remat at all (see docs/benchmark.md).
+    # matmul outputs; in float32 also each projection's output (with LoRA: once, not its base and
+    # LoRA parts) and blocked attention's output and log-sum-exp (so its backward does not rerun
+    # the attention forward). Not in bfloat16: XLA would upcast those saved bfloat16 stacks whole
+    # before the backward loop (matmul outputs are saved in float32 there anyway). Norms, RoPE,
+    # SiLU and residual adds are recomputed. On CPU faster than no remat (docs/benchmark.md).
     "dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         jax.checkpoint_policies.save_only_these_names("projection", "attention_out", "attention_lse")),
