@@ -141,13 +141,14 @@ def _blocked_attention_fwd(q, k, v, mask, blocks):
     row_sum = jnp.sum(unnormalized, axis=-1, keepdims=True)
     out = jnp.einsum("bktgs,bksh->bktgh", unnormalized.astype(v.dtype), v[:, :, :e],
                      preferred_element_type=jnp.float32) / row_sum
-    outs.append(out.astype(q.dtype))
+    outs.append(out)
     lses.append((row_max + jnp.log(row_sum))[..., 0])
   out = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
   lse = jnp.concatenate(lses, axis=2) if len(lses) > 1 else lses[0]
-  if out.dtype == jnp.float32:  # remat_policy=dots keeps these (see llama.REMAT_POLICIES)
-    out, lse = checkpoint_name(out, "attention_out"), checkpoint_name(lse, "attention_lse")
-  return out, (q, k, v, mask, out, lse)
+  # float32 residuals, which remat_policy=dots keeps (llama.REMAT_POLICIES): a saved bfloat16 output
+  # would be upcast for the backward's delta, and XLA does that to the whole stack of layers at once
+  out, lse = checkpoint_name(out, "attention_out"), checkpoint_name(lse, "attention_lse")
+  return out.astype(q.dtype), (q, k, v, mask, out, lse)
 
 
 def _blocked_attention_bwd(blocks, residuals, d_out):
