@@ -120,6 +120,14 @@ def test_logits_only_at_target_positions_is_exact(tiny_setup):
     np.testing.assert_allclose(g_sel[path], g_full[path], atol=1e-6, err_msg=path)
 
 
+def random_lm_batch(rows: int, length: int, vocab: int = 256) -> dict:
+  """One unpacked batch of random tokens: every position weighted, one segment per row."""
+  rng = np.random.default_rng(0)
+  return {"inputs": rng.integers(0, vocab, (rows, length)), "targets": rng.integers(0, vocab, (rows, length)),
+          "weights": np.ones((rows, length), np.float32), "positions": np.tile(np.arange(length), (rows, 1)),
+          "segment_ids": np.ones((rows, length), np.int32)}
+
+
 def test_remat_policies_give_the_same_loss_and_gradients(tiny_setup):
   """train.remat with either policy only trades memory for recomputation: same numbers as no remat."""
   import jax
@@ -129,10 +137,7 @@ def test_remat_policies_give_the_same_loss_and_gradients(tiny_setup):
   assert tuple(llama.REMAT_POLICIES) == config_checks.REMAT_POLICIES
   model, _ = tiny_setup
   cfg, params = loading.load_model(model)
-  rng = np.random.default_rng(0)
-  batch = {"inputs": rng.integers(0, 256, (2, 48)), "targets": rng.integers(0, 256, (2, 48)),
-           "weights": np.ones((2, 48), np.float32), "positions": np.tile(np.arange(48), (2, 1)),
-           "segment_ids": np.ones((2, 48), np.int32)}
+  batch = random_lm_batch(2, 48)
   trainable, frozen = partition.split(params, "full")
 
   def loss_and_grads(remat):
@@ -162,10 +167,7 @@ def test_dots_remat_keeps_attention_outputs_so_backward_recomputes_no_scores(tin
   from jaxtune.peft import partition
   model, _ = tiny_setup
   cfg, params = loading.load_model(model)
-  rng = np.random.default_rng(0)
-  batch = {"inputs": rng.integers(0, 256, (2, 128)), "targets": rng.integers(0, 256, (2, 128)),
-           "weights": np.ones((2, 128), np.float32), "positions": np.tile(np.arange(128), (2, 1)),
-           "segment_ids": np.ones((2, 128), np.int32)}
+  batch = random_lm_batch(2, 128)
   trainable, frozen = partition.split(params, "full")
 
   def counts(remat):
@@ -192,10 +194,7 @@ def test_dots_remat_keeps_a_lora_projection_output_once(tiny_setup):
   from jaxtune.peft import lora, partition
   model, _ = tiny_setup
   cfg, params = loading.load_model(model)
-  rng = np.random.default_rng(0)
-  batch = {"inputs": rng.integers(0, 256, (2, 128)), "targets": rng.integers(0, 256, (2, 128)),
-           "weights": np.ones((2, 128), np.float32), "positions": np.tile(np.arange(128), (2, 1)),
-           "segment_ids": np.ones((2, 128), np.int32)}
+  batch = random_lm_batch(2, 128)
   spec = train_step.StepSpec(model=cfg, remat="dots")
 
   def kept_bytes(params, method):
