@@ -197,12 +197,14 @@ def test_dots_remat_keeps_a_lora_projection_output_once(tiny_setup):
   batch = random_lm_batch(2, 128)
   spec = train_step.StepSpec(model=cfg, remat="dots")
 
+  def nbytes(tree):
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
   def kept_bytes(params, method):
     trainable, frozen = partition.split(params, method)
     f = lambda tr: train_step.lm_loss_sums(partition.merge(tr, frozen), spec, batch)[0]
-    vjp = jax.vjp(f, trainable)[1]
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(vjp))
+    return nbytes(jax.vjp(f, trainable)[1])
 
   with_lora = lora.add_lora(params, jax.random.PRNGKey(1), 4)
-  lora_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(partition.split(with_lora, "lora")[0]))
+  lora_bytes = nbytes(partition.split(with_lora, "lora")[0])
   assert kept_bytes(with_lora, "lora") <= kept_bytes(params, "full") + lora_bytes

@@ -284,9 +284,9 @@ def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs, seg
 # remat: what each scanned layer keeps for the backward pass; the rest is recomputed there.
 REMAT_POLICIES = {
     "nothing": jax.checkpoint_policies.nothing_saveable,  # the layer input only: least memory
-    # matmul outputs; in float32 also each projection's output (with LoRA: once, not its base and
-    # LoRA parts) and blocked attention's output and log-sum-exp (so its backward does not rerun
-    # the attention forward). Not in bfloat16: XLA would upcast those saved bfloat16 stacks whole
+    # matmul outputs; blocked attention's float32 output and log-sum-exp (so its backward does not
+    # rerun the attention forward); in float32 also each projection's output (with LoRA: once, not
+    # its base and LoRA parts). Not in bfloat16: XLA would upcast those saved bfloat16 stacks whole
     # before the backward loop (matmul outputs are saved in float32 there anyway). Norms, RoPE,
     # SiLU and residual adds are recomputed. On CPU faster than no remat (docs/benchmark.md).
     "dots": jax.checkpoint_policies.save_from_both_policies(
