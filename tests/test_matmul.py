@@ -13,6 +13,7 @@ from jaxtune import train_step
 from jaxtune.models import llama, matmul
 from jaxtune.models.config import ModelConfig
 from jaxtune.peft import lora, partition
+from train_helpers import random_lm_batch
 
 
 @pytest.mark.parametrize("K,M", [(64, 8), (8, 64), (48, 48)])  # x or g the narrower: both gradient forms
@@ -55,14 +56,6 @@ SMALL_CONFIG = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=160
                            max_position_embeddings=256)
 
 
-def small_batch(B: int = 2, T: int = 128) -> dict:
-  """Random tokens for SMALL_CONFIG, every position weighted, one segment per row."""
-  rng = np.random.default_rng(0)
-  return {"inputs": rng.integers(0, 512, (B, T)), "targets": rng.integers(0, 512, (B, T)),
-          "weights": jnp.ones((B, T)), "positions": jnp.tile(jnp.arange(T), (B, 1)),
-          "segment_ids": jnp.ones((B, T), jnp.int32)}
-
-
 def operand_dtypes_of_dots(hlo: str) -> list[tuple[str, str]]:
   """(lhs dtype, rhs dtype) of every dot in an optimized HLO module."""
   dtype_of = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
@@ -81,7 +74,7 @@ def test_bfloat16_training_step_keeps_every_dot_in_bfloat16(method):
     params = jax.tree_util.tree_map_with_path(  # B = 0 at init would leave A without gradient
         lambda path, x: x + 0.05 if "lora_b" in jax.tree_util.keystr(path) else x, params)
   trainable, frozen = partition.split(params, method)
-  batch = small_batch()
+  batch = random_lm_batch(2, 128, vocab=SMALL_CONFIG.vocab_size)
 
   def loss_and_grads(dtype):
     spec = train_step.StepSpec(model=cfg, compute_dtype=dtype)
@@ -145,7 +138,7 @@ def test_bfloat16_dots_remat_converts_no_stack_of_saved_outputs(method):
   if method == "lora":
     params = lora.add_lora(params, jax.random.PRNGKey(1), 4)
   trainable, frozen = partition.split(params, method)
-  batch = small_batch()
+  batch = random_lm_batch(2, 128, vocab=SMALL_CONFIG.vocab_size)
   spec = train_step.StepSpec(model=cfg, compute_dtype="bfloat16", remat="dots")
   f = lambda tr: train_step.lm_loss_sums(partition.merge(tr, frozen), spec, batch)[0]
   hlo = jax.jit(jax.grad(f)).lower(trainable).compile().as_text()

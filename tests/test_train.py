@@ -7,7 +7,7 @@ from jaxtune import trainer, workdir
 from jaxtune.data import pipeline
 from jaxtune.metrics_log import read_metrics
 from jaxtune.models import loading
-from train_helpers import losses, tiny_config
+from train_helpers import losses, random_lm_batch, tiny_config
 
 
 def test_full_and_lora_reduce_loss_and_lora_starts_at_base(tiny_setup, tmp_path):
@@ -100,13 +100,10 @@ def test_logits_only_at_target_positions_is_exact(tiny_setup):
   from jaxtune.peft import partition
   model, _ = tiny_setup
   cfg, params = loading.load_model(model)
-  rng = np.random.default_rng(0)
   weights = np.zeros((4, 32), np.float32)
   for row, start in enumerate((3, 10, 20, 28)):
     weights[row, start:start + 4] = 1.0
-  batch = {"inputs": rng.integers(0, 256, (4, 32)), "targets": rng.integers(0, 256, (4, 32)),
-           "weights": weights, "positions": np.tile(np.arange(32), (4, 1)),
-           "segment_ids": np.ones((4, 32), np.int32)}
+  batch = dict(random_lm_batch(4, 32), weights=weights)
   trainable, frozen = partition.split(params, "full")
 
   def loss_and_grads(k):
@@ -118,14 +115,6 @@ def test_logits_only_at_target_positions_is_exact(tiny_setup):
   np.testing.assert_allclose(sel, full, rtol=1e-6)
   for path in g_full:
     np.testing.assert_allclose(g_sel[path], g_full[path], atol=1e-6, err_msg=path)
-
-
-def random_lm_batch(rows: int, length: int, vocab: int = 256) -> dict:
-  """One unpacked batch of random tokens: every position weighted, one segment per row."""
-  rng = np.random.default_rng(0)
-  return {"inputs": rng.integers(0, vocab, (rows, length)), "targets": rng.integers(0, vocab, (rows, length)),
-          "weights": np.ones((rows, length), np.float32), "positions": np.tile(np.arange(length), (rows, 1)),
-          "segment_ids": np.ones((rows, length), np.int32)}
 
 
 def test_remat_policies_give_the_same_loss_and_gradients(tiny_setup):

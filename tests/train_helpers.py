@@ -23,6 +23,14 @@ def write_instruction_data(path: str, n: int = 64, seed: int = 0) -> str:
   return path
 
 
+def random_lm_batch(rows: int, length: int, vocab: int = 256) -> dict:
+  """One unpacked batch of random tokens: every position weighted, one segment per row."""
+  rng = np.random.default_rng(0)
+  return {"inputs": rng.integers(0, vocab, (rows, length)), "targets": rng.integers(0, vocab, (rows, length)),
+          "weights": np.ones((rows, length), np.float32), "positions": np.tile(np.arange(length), (rows, 1)),
+          "segment_ids": np.ones((rows, length), np.int32)}
+
+
 def make_tiny_setup(folder: str, family: str = "llama_untied") -> tuple[str, str]:
   """(model folder, train jsonl) under `folder`, built once per folder."""
   model = os.path.join(folder, "model")
