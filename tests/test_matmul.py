@@ -16,8 +16,18 @@ from jaxtune.peft import lora, partition
 from train_helpers import random_lm_batch
 
 
+@pytest.fixture(params=["cpu", "accelerator"])
+def dot_form(request, monkeypatch):
+  """Trace matmuls in XLA:CPU's form (custom gradient, row-major copies) or in the plain form that
+  TPU and GPU take, whatever this machine is."""
+  monkeypatch.setattr(matmul, "cpu_layouts", lambda: request.param == "cpu")
+  jax.clear_caches()  # traces of the same function and shapes are cached across the two forms
+  yield request.param
+  jax.clear_caches()
+
+
 @pytest.mark.parametrize("K,M", [(64, 8), (8, 64), (48, 48)])  # x or g the narrower: both gradient forms
-def test_bfloat16_matmul_gradients_equal_float32_of_the_same_inputs(K, M):
+def test_bfloat16_matmul_gradients_equal_float32_of_the_same_inputs(K, M, dot_form):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(96, K)), jnp.bfloat16)
   w = jnp.asarray(rng.normal(size=(K, M)), jnp.float32)
@@ -33,9 +43,11 @@ def test_bfloat16_matmul_gradients_equal_float32_of_the_same_inputs(K, M):
   np.testing.assert_allclose(dw, ref_dw, rtol=1e-2, atol=1e-2 * float(jnp.abs(ref_dw).max()))
 
 
-def test_float32_operands_take_the_plain_matmul():
+def test_plain_matmul_for_float32_and_off_cpu(dot_form):
   x, w = jnp.ones((4, 3)), jnp.ones((3, 2))
   assert str(jax.make_jaxpr(matmul.matmul)(x, w)).count("custom_vjp") == 0
+  custom = "custom_vjp" in str(jax.make_jaxpr(matmul.matmul)(x.astype(jnp.bfloat16), w))
+  assert custom == (dot_form == "cpu")  # bfloat16 too, off CPU
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the layout this guards is XLA:CPU's fast form")
@@ -144,6 +156,30 @@ def test_bfloat16_dots_remat_converts_no_stack_of_saved_outputs(method):
   hlo = jax.jit(jax.grad(f)).lower(trainable).compile().as_text()
   stacks = re.findall(r"= (f32\[3,[\d,]+\])\S* (?:convert|fusion)\(.*calls=%wrapped_convert", hlo)
   assert len(stacks) <= 1, stacks
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_off_cpu_dots_remat_keeps_bfloat16_projections(dot_form, method):
+  """remat_policy=dots keeps every matmul output for the backward pass. It cannot see a dot inside
+  a custom gradient: on XLA:CPU, where bfloat16 matmuls need one (see matmul.py), the projections
+  are recomputed instead (cheaper there than keeping them, docs/benchmark.md). TPU and GPU take the
+  plain dot, so a bfloat16 step with the policy runs no more dots than one without remat."""
+  cfg = SMALL_CONFIG
+  params = llama.init_params(cfg, jax.random.PRNGKey(0))
+  if method == "lora":
+    params = lora.add_lora(params, jax.random.PRNGKey(1), 4)
+  trainable, frozen = partition.split(params, method)
+  batch = random_lm_batch(2, 128, vocab=cfg.vocab_size)
+
+  def dots(remat):
+    spec = train_step.StepSpec(model=cfg, compute_dtype="bfloat16", remat=remat)
+    f = lambda tr: train_step.lm_loss_sums(partition.merge(tr, frozen), spec, batch)[0]
+    return len(re.findall(r"\bdot_general\b", str(jax.make_jaxpr(jax.grad(f))(trainable))))
+
+  if dot_form == "accelerator":
+    assert dots("dots") == dots("")
+  else:  # what the check catches
+    assert dots("dots") > dots("")
 
 
 def test_rope_and_swiglu_compute_in_float32_in_both_passes():

@@ -5,9 +5,13 @@ only when the output is float32 and both operands are row-major with the contrac
 left operand's last dimension. Any other bfloat16 dot is silently converted to float32, and
 autodiff of `x @ w` produces one of those: the weight gradient x^T @ g contracts x's first
 dimension, and XLA folds a transpose into the dot's dimension numbers rather than moving data.
-`matmul` asks for float32 accumulation (as TPUs and GPUs do anyway) and, on CPU, computes x^T
-with a real copy. float32 operands take the plain `x @ w`; `weight_gradient` copies x^T for them
-too (the LM head's 256 x 1024 x 8192 gradient: 325 -> 410 GFLOP/s on a 2-core AMD EPYC).
+On CPU, `matmul` asks for float32 accumulation and computes x^T with a real copy, in a custom
+gradient. float32 operands take the plain `x @ w`; `weight_gradient` copies x^T for them too (the
+LM head's 256 x 1024 x 8192 gradient: 325 -> 410 GFLOP/s on a 2-core AMD EPYC).
+
+On TPU and GPU every operand takes the plain `x @ w`: their bfloat16 dots accumulate in float32
+in any layout, and autodiff's dots stay visible to remat policies (`remat_policy=dots` cannot see
+a dot inside a custom gradient, so it would recompute the projections in the backward pass).
 """
 
 from __future__ import annotations
@@ -16,17 +20,23 @@ import jax
 import jax.numpy as jnp
 
 
+def cpu_layouts() -> bool:
+  """Whether dots compile for XLA:CPU, whose one fast bfloat16 form the copies here exist for."""
+  return jax.default_backend() == "cpu"
+
+
 def matmul(x_NxK, w_KxM):
-  """x @ w for 2-d x; low-precision operands accumulate in float32 and return x's dtype."""
-  if x_NxK.dtype == jnp.float32:
-    return x_NxK @ w_KxM.astype(jnp.float32)
-  return _low_precision_matmul(x_NxK, w_KxM.astype(x_NxK.dtype))
+  """x @ w for 2-d x, in x's dtype; low-precision operands accumulate in float32."""
+  w_KxM = w_KxM.astype(x_NxK.dtype)
+  if x_NxK.dtype == jnp.float32 or not cpu_layouts():
+    return x_NxK @ w_KxM
+  return _low_precision_matmul(x_NxK, w_KxM)
 
 
 def swapped(x, axis1: int, axis2: int):
   """x with two axes swapped, as a row-major copy on CPU (through a reshape XLA cannot fold into a
   later dot, whose low-precision form would then run in float32); a plain swap elsewhere."""
-  if jax.default_backend() != "cpu":
+  if not cpu_layouts():
     return jnp.swapaxes(x, axis1, axis2)
   a, b = axis1 % x.ndim, axis2 % x.ndim
   shape = list(x.shape)
