@@ -66,6 +66,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.remat = False
   # With remat, what each layer keeps: nothing (least memory) | dots (matmul outputs; less recompute)
   c.train.remat_policy = "nothing"
+  # jax.profiler trace of this many steps (0 = off) from profile_start_step, on process 0, into
+  # WORKDIR/profile (TensorBoard/XProf, Perfetto), with the step's top ops in profile/top_ops.txt
+  c.train.profile_steps = 0
+  c.train.profile_start_step = 3  # after the first step's compile
   c.train.skip_nonfinite = False  # True: a step with a non-finite loss/gradient is not applied (counted)
 
   c.optimizer = ml_collections.ConfigDict()

@@ -83,7 +83,8 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   for key in ("train.steps", "train.batch_size", "train.grad_accum", "train.log_every",
               "train.keep_checkpoints"):
     _positive(c, key)
-  for key in ("train.eval_every", "train.eval_batches", "train.checkpoint_every"):
+  _positive(c, "train.profile_start_step")
+  for key in ("train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.profile_steps"):
     _positive(c, key, allow_zero=True)
   if c.train.batch_size % c.train.grad_accum:
     raise ConfigError("train.grad_accum", f"{c.train.grad_accum} does not divide train.batch_size="

@@ -20,7 +20,7 @@ import ml_collections
 import tqdm
 from etils import epath
 
-from jaxtune import checkpoint, objectives, sharding
+from jaxtune import checkpoint, objectives, profiling, sharding
 from jaxtune.config_checks import ConfigError, field_map
 from jaxtune.data import pipeline
 from jaxtune.metrics_log import MetricsLog
@@ -260,6 +260,12 @@ class StopSignals:
     return bool(sharding.all_processes([self.signum is not None]).any())
 
 
+def step_profiler(config: ml_collections.ConfigDict, workdir: str) -> profiling.StepProfiler:
+  """train.profile_steps steps from train.profile_start_step, traced on process 0 (see profiling.py)."""
+  return profiling.StepProfiler(os.path.join(workdir, "profile"), config.train.profile_start_step,
+                                config.train.profile_steps, enabled=jax.process_index() == 0)
+
+
 def trim_metrics(workdir: str, step: int) -> None:
   """Drops metrics rows after `step` (and a line torn by a kill): the resumed run logs them again."""
   path = epath.Path(workdir) / "metrics.jsonl"
@@ -333,6 +339,7 @@ def _train(config, workdir: str, stop: StopSignals, stop_after: int | None, loss
   rows, pending, window_start, checked = [], [], None, start
   last = min(steps, stop_after) if stop_after else steps
   bar = tqdm.tqdm(total=steps, initial=start, desc="train", disable=not is_main, dynamic_ncols=True)
+  profiler = step_profiler(config, workdir)
   try:
     for step in range(start + 1, last + 1):
       if stop.requested():
@@ -341,9 +348,10 @@ def _train(config, workdir: str, stop: StopSignals, stop_after: int | None, loss
             pending, skipped = _check_finite(pending, checked, skipped, config, manager)
           save(step - 1)
         raise TrainingInterrupted(stop.signum or signal.SIGTERM, step - 1, newest_checkpoint(manager))
-      local = batches.next()
-      trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, sharding.global_batch(local, mesh),
-                                              jax.random.fold_in(rng, step))
+      args = (trainable, frozen, opt_state, sharding.global_batch(batches.next(), mesh), jax.random.fold_in(rng, step))
+      profiler.before_step(step, lambda: step_fn.lower(*args), (trainable, opt_state))
+      trainable, opt_state, metrics = step_fn(*args)
+      profiler.after_step(step, metrics)
       pending.append((step, metrics))
       if window_start is None:  # the first step compiles: time from its end
         jax.block_until_ready(metrics)
@@ -382,6 +390,7 @@ def _train(config, workdir: str, stop: StopSignals, stop_after: int | None, loss
       log.write(row)
       rows.append(row)
   finally:  # also on errors and signals: the newest checkpoint is complete before we leave
+    profiler.finish()
     bar.close()
     manager.wait_until_finished()
     log.close()

@@ -142,13 +142,14 @@ def measure_matmul_peak(n: int = 2048, dtype: str = "float32", repeats: int = 10
 
 
 def run_jaxtune(p: Preset, method: str, steps: int, dtype: str = "float32", rank: int = 8,
-                model_dir: str = "", remat: str = "dots", attention: str = "auto") -> dict:
+                model_dir: str = "", remat: str = "dots", attention: str = "auto", profile: str = "") -> dict:
   """jaxtune's jitted, donated train_step (the one train.py runs) on the fixed batch.
 
   `remat` is train.remat_policy with train.remat on ("" = off); "dots" is the fastest on CPU.
 
   Weights come from `model_dir` (the HF folder the peer loads, read as train.py reads it) or, with
-  none, from `base_params` on the default device (the GPU check).
+  none, from `base_params` on the default device (the GPU check). With `profile`, 3 more steps after
+  the timed ones are traced there, with the step's top ops in top_ops.txt (see jaxtune/profiling.py).
   """
   import functools
 
@@ -193,6 +194,13 @@ def run_jaxtune(p: Preset, method: str, steps: int, dtype: str = "float32", rank
     losses.append(metrics["loss"])  # stays on device: no host sync inside the loop
   jax.block_until_ready((trainable, opt_state, losses))
   elapsed, faults = time.perf_counter() - t, minor_faults() - faults
+  if profile:
+    from jaxtune import profiling
+    profiler = profiling.StepProfiler(profile, start=1, count=3)
+    for i in (1, 2, 3):
+      profiler.before_step(i, lambda: step.lower(trainable, frozen, opt_state, batch, rng), (trainable, opt_state))
+      trainable, opt_state, metrics = compiled(trainable, frozen, opt_state, batch, rng)
+      profiler.after_step(i, metrics)
   from jaxtune.models import attention as attention_lib
   q = jax.ShapeDtypeStruct((p.batch, p.seq, p.heads, p.hidden // p.heads), jax.numpy.dtype(dtype))
   return {"side": "jaxtune", "method": method, "dtype": dtype, "remat": remat,
@@ -266,14 +274,14 @@ def run_worker(args) -> dict:
     return {"model_dir": write_peer_model(p, args.model_dir)}
   if args.worker == "jaxtune":
     return run_jaxtune(p, args.method, args.steps, args.dtype, model_dir=args.model_dir, remat=args.remat,
-                       attention=args.attention)
+                       attention=args.attention, profile=args.profile)
   return run_peer(p, args.method, args.steps, args.model_dir, args.threads, dtype=args.dtype)
 
 
-def spawn(args, side: str, method: str, dtype: str, model_dir: str) -> dict:
+def spawn(args, side: str, method: str, dtype: str, model_dir: str, profile: str = "") -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--method", method, "--preset", args.preset,
          "--steps", str(args.steps), "--dtype", dtype, "--model_dir", model_dir, "--threads", str(args.threads),
-         "--remat", args.remat, "--attention", args.attention, "--batch", str(args.batch)]
+         "--remat", args.remat, "--attention", args.attention, "--batch", str(args.batch), "--profile", profile]
   out = subprocess.run(cmd, capture_output=True, text=True)
   if out.returncode:
     raise RuntimeError(f"{side} {method} failed:\n{out.stderr[-3000:]}")
@@ -330,6 +338,8 @@ def main(argv=None):
   parser.add_argument("--rounds", type=int, default=3,
                       help="runs of every row, interleaved; the table shows each row's median tokens/s")
   parser.add_argument("--json", default="", help="also write the rows (every round) here")
+  parser.add_argument("--profile", default="", help="trace 3 extra jaxtune steps per row of the first round "
+                      "into DIR/METHOD_DTYPE and print each one's top ops (jaxtune/profiling.py)")
   parser.add_argument("--worker", choices=("jaxtune", "peer", "model"), help=argparse.SUPPRESS)
   parser.add_argument("--method", default="full", help=argparse.SUPPRESS)
   parser.add_argument("--model_dir", default="", help=argparse.SUPPRESS)
@@ -347,12 +357,17 @@ def main(argv=None):
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     model_dir = spawn(args, "model", "", "", os.path.join(tmp, "model"))["model_dir"] if "peer" in sides else ""
-    for _ in range(args.rounds):  # interleaved, so a noisy minute hits every row alike
+    for round_ in range(args.rounds):  # interleaved, so a noisy minute hits every row alike
       for dtype in dtypes:
         for method in methods:
           for side in sides:
-            rows.append(add_mfu(spawn(args, side, method, dtype, model_dir), p, peaks))
+            traced = os.path.join(os.path.abspath(args.profile), f"{method}_{dtype}")
+            traced = traced if args.profile and side == "jaxtune" and round_ == 0 else ""
+            rows.append(add_mfu(spawn(args, side, method, dtype, model_dir, traced), p, peaks))
             print(json.dumps(rows[-1]), flush=True)
+            if traced:
+              with open(os.path.join(traced, "top_ops.txt")) as f:
+                print(f"jaxtune {method} {dtype}, profile in {traced}:\n" + "".join(f.readlines()[:22]), flush=True)
   if not args.peak_tflops:
     peaks = {d: max(v, measure_matmul_peak(dtype=d)) for d, v in peaks.items()}  # the quieter of two
     rows = [add_mfu(r, p, peaks) for r in rows]

@@ -10,7 +10,8 @@
 # Env: PEAK_TFLOPS (default 989, H100 SXM bf16 dense), STEPS (default 10), METHODS (default full,lora),
 # SIDES (default jaxtune,peer), BATCH (rows of 1024 tokens, default 8), ATTENTION (jaxtune's
 # model.attention, default auto = cuDNN flash attention), REMAT (train.remat_policy, "" = off;
-# default dots), JSON (where the rows go, default a temporary file).
+# default dots), JSON (where the rows go, default a temporary file), PROFILE (a folder: also trace
+# 3 jaxtune steps per method there and print the step's top ops).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,7 +41,7 @@ fi
 
 python scripts/benchmark.py --preset "$preset" --sides "$SIDES" --methods "$METHODS" --steps "$STEPS" \
   --rounds 1 --dtype bfloat16 --peak_tflops "$PEAK_TFLOPS" --batch "$BATCH" --attention "$ATTENTION" \
-  --remat "$REMAT" --json "$JSON"
+  --remat "$REMAT" --json "$JSON" --profile "${PROFILE:-}"
 
 python - "$JSON" <<'PY'
 import json, sys

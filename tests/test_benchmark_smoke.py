@@ -91,3 +91,12 @@ def test_smollm2_preset_is_the_demo_model_shape():
   assert sum(x.size for x in jax.tree.leaves(shapes)) == 134_515_008  # HF's count for SmolLM2-135M
   norms = (2 * p.layers + 1) * p.hidden
   assert benchmark.matmul_params(p) == 134_515_008 - norms  # tied: the head is the embedding, counted once
+
+
+def test_profile_traces_the_first_rounds_jaxtune_rows(tmp_path, capsys):
+  """--profile (gpu_check.sh's PROFILE): 3 extra jaxtune steps traced per row of the first round."""
+  benchmark.main(["--preset", "tiny", "--sides", "jaxtune", "--methods", "lora", "--dtype", "float32",
+                  "--steps", "2", "--rounds", "2", "--peak_tflops", "1", "--profile", str(tmp_path)])
+  report = (tmp_path / "lora_float32" / "top_ops.txt").read_text()
+  assert report.startswith("3 step(s) traced") and "dot_general" in report
+  assert f"jaxtune lora float32, profile in {tmp_path / 'lora_float32'}:\n{report.splitlines()[0]}" in capsys.readouterr().out

@@ -30,6 +30,8 @@ CASES = [
     ("lora_on_lm_head", ["--config.peft.lora.targets=.*"], 1, "error: config.peft.lora.targets: '.*' matches lm_head"),
     ("ia3_on_lm_head", ["--config.peft.method=ia3", "--config.peft.ia3.targets=.*"], 1,
      "error: config.peft.ia3.targets: '.*' matches lm_head"),
+    ("profile_steps_negative", ["--config.train.profile_steps=-1"], 1,
+     "error: config.train.profile_steps: must be >= 0, got -1"),
     ("unknown_remat_policy", ["--config.train.remat_policy=some"], 1,
      "error: config.train.remat_policy: 'some' is not one of nothing | dots"),
     ("unknown_attention", ["--config.model.attention=flash"], 1,

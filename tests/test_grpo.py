@@ -144,8 +144,11 @@ def test_grpo_resume_is_exact(tiny_setup, tmp_path):
   data = os.path.join(DATA, "train.jsonl")
   straight = trainer.run(tiny_config(model, data, **kw), str(tmp_path / "straight"))
   trainer.run(tiny_config(model, data, **kw), str(tmp_path / "resumed"), stop_after=2)
-  second = trainer.run(tiny_config(model, data, **kw), str(tmp_path / "resumed"))
+  profiled = {"train.profile_steps": 2, "train.profile_start_step": 3}  # the resumed steps, traced
+  second = trainer.run(tiny_config(model, data, **kw, **profiled), str(tmp_path / "resumed"))
   assert [r["step"] for r in second] == [3, 4]
+  report = (tmp_path / "resumed" / "profile" / "top_ops.txt").read_text()
+  assert report.startswith("2 step(s) traced") and "models/llama.py" in report, report
   prompts, _ = grpo.load_prompts(tiny_config(model, data, **kw), loading.load_tokenizer(model))
   assert trainer.max_targets_per_row(prompts) == 8  # the LM head runs at grpo.max_new_tokens=4, rounded up
   for key in ("loss", "reward_mean", "kl", "tokens_seen"):

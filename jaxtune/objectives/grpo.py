@@ -321,6 +321,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
     checkpoint.save(manager, at, {"trainable": trainable, "opt_state": opt_state, "rng": rng},
                     {"data": batches.state(), "tokens_seen": tokens_seen})
 
+  profiler = trainer.step_profiler(config, workdir)
   with trainer.StopSignals() as stop:
     try:
       while step < last:
@@ -346,7 +347,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
           step += 1
           window_tokens += round_tokens
           tokens_seen += round_tokens
-          trainable, opt_state, metrics = r.step_fn(trainable, frozen, opt_state, batch, jax.random.fold_in(rng, step))
+          args = (trainable, frozen, opt_state, batch, jax.random.fold_in(rng, step))
+          profiler.before_step(step, lambda: r.step_fn.lower(*args), (trainable, opt_state))
+          trainable, opt_state, metrics = r.step_fn(*args)
+          profiler.after_step(step, metrics)
           if step % config.train.log_every and step != last:
             continue
           m = jax.device_get(metrics)
@@ -375,6 +379,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
         log.write(row)
         rows.append(row)
     finally:  # also on errors and signals: the newest checkpoint is complete before we leave
+      profiler.finish()
       manager.wait_until_finished()
       log.close()
   return rows
