@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax.numpy as jnp
+from etils import epath
 
 from jaxtune.models import llama, loading
 from jaxtune.models.config import ModelConfig
@@ -16,15 +16,16 @@ def load_for_inference(model_path: str, adapter: str | None = None, dtype=jnp.fl
                        ) -> tuple[ModelConfig, llama.Params, llama.PeftRuntime, Any]:
   """(config, params, PEFT knobs, tokenizer) of a HF folder or .gguf, with an adapter applied.
 
-  `adapter` is a PEFT adapter folder (it has adapter_config.json) or a train.py workdir.
+  `adapter` is a PEFT adapter folder (it has adapter_config.json) or a train.py workdir (local or
+  gs://).
   """
   cfg, params = loading.load_model(model_path, dtype)
   tokenizer = loading.load_tokenizer(model_path)
   peft = llama.PeftRuntime()
   if adapter:
-    if not os.path.isdir(adapter):
+    if not epath.Path(adapter).is_dir():
       raise FileNotFoundError(f"--adapter {adapter!r}: no such folder")
-    if os.path.exists(os.path.join(adapter, "adapter_config.json")):
+    if (epath.Path(adapter) / "adapter_config.json").exists():
       from jaxtune import peft_io  # only needed with a PEFT adapter
       params, peft = peft_io.load_peft_adapter(params, cfg, adapter)
     else:

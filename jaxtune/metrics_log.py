@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import json
+import time
 
 from etils import epath
 
 
 class MetricsLog:
-  def __init__(self, workdir: str, enabled: bool = True):
-    self.enabled = enabled
+  """Appends rows to WORKDIR/metrics.jsonl. An object store (gs://) cannot append: there the file is
+  rewritten whole, at most every `upload_every` seconds and at every `flush()` / `close()` (the
+  trainer flushes before each checkpoint, so a killed run never loses rows the checkpoint covers)."""
+
+  def __init__(self, workdir: str, enabled: bool = True, upload_every: float = 10.0):
+    self.enabled, self.upload_every = enabled, upload_every
     self._file = self._writer = None
+    self._path = epath.Path(workdir) / "metrics.jsonl"
+    self._remote = "://" in str(workdir)
+    self._text, self._uploaded, self._pending = "", 0.0, False
     if enabled:
-      self._file = (epath.Path(workdir) / "metrics.jsonl").open("a")  # local or gs://
+      if self._remote:
+        self._text = self._path.read_text() if self._path.exists() else ""
+      else:
+        self._file = self._path.open("a")
       try:
         from tensorboardX import SummaryWriter
         self._writer = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
@@ -22,14 +33,26 @@ class MetricsLog:
   def write(self, row: dict) -> None:
     if not self.enabled:
       return
-    self._file.write(json.dumps(row) + "\n")
-    self._file.flush()
+    line = json.dumps(row) + "\n"
+    if self._remote:
+      self._text, self._pending = self._text + line, True
+      if time.monotonic() - self._uploaded >= self.upload_every:
+        self.flush()
+    else:
+      self._file.write(line)
+      self._file.flush()
     if self._writer is not None:
       for key, value in row.items():
         if key != "step" and isinstance(value, (int, float)):
           self._writer.add_scalar(key, value, row["step"])
 
+  def flush(self) -> None:
+    if self._pending:
+      self._path.write_text(self._text)
+      self._uploaded, self._pending = time.monotonic(), False
+
   def close(self) -> None:
+    self.flush()
     if self._file:
       self._file.close()
     if self._writer is not None:

@@ -15,9 +15,12 @@ import gzip
 import json
 import os
 import re
+import shutil
+import tempfile
 import time
 
 import jax
+from etils import epath
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]*)\"(?: stack_frame_id=(\d+))?", re.M)
 
@@ -111,10 +114,13 @@ def top_ops_report(events: list[dict], hlo_text: str, steps: int, wall_seconds: 
 
 
 class StepProfiler:
-  """Traces steps [start, start + count) of this process (when enabled) into `directory`."""
+  """Traces steps [start, start + count) of this process (when enabled) into `directory`; a gs://
+  one gets the files once the trace is written (to a local folder first: jax.profiler's Perfetto
+  export reads the trace back with local file calls)."""
 
   def __init__(self, directory: str, start: int, count: int, enabled: bool = True):
     self.directory, self.start, self.last = directory, start, start + count - 1
+    self.remote = "://" in directory
     self.enabled = enabled and count > 0
     self.hlo_text, self.began, self.steps = None, 0.0, 0
 
@@ -124,8 +130,9 @@ class StepProfiler:
     if self.enabled and step == self.start:
       self.hlo_text = lowered().compile().as_text()
       jax.block_until_ready(inputs)
-      os.makedirs(self.directory, exist_ok=True)
-      jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+      self.local = tempfile.mkdtemp(prefix="jaxtune_profile_") if self.remote else self.directory
+      os.makedirs(self.local, exist_ok=True)
+      jax.profiler.start_trace(self.local, create_perfetto_trace=True)
       self.began = time.perf_counter()
 
   def after_step(self, step: int, outputs) -> None:
@@ -141,9 +148,16 @@ class StepProfiler:
     jax.block_until_ready(outputs)
     wall = time.perf_counter() - self.began
     jax.profiler.stop_trace()
-    report = top_ops_report(perfetto_events(self.directory), self.hlo_text, max(self.steps, 1), wall)
-    with open(os.path.join(self.directory, "top_ops.txt"), "w") as f:
+    report = top_ops_report(perfetto_events(self.local), self.hlo_text, max(self.steps, 1), wall)
+    with open(os.path.join(self.local, "top_ops.txt"), "w") as f:
       f.write(report)
+    if self.remote:
+      for root, _, files in os.walk(self.local):
+        target = epath.Path(self.directory) / os.path.relpath(root, self.local)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in files:
+          epath.Path(os.path.join(root, name)).copy(target / name, overwrite=True)
+      shutil.rmtree(self.local)
     self.hlo_text = None
     print(f"profile of {self.steps} step(s): {self.directory} (TensorBoard/XProf, or perfetto_trace.json.gz "
           f"in ui.perfetto.dev); top ops:\n" + "".join(report.splitlines(keepends=True)[:12]), flush=True)

@@ -329,6 +329,7 @@ def _train(config, workdir: str, stop: StopSignals, stop_after: int | None, loss
   def save(step):  # pending steps are fetched by now
     nonlocal saved
     saved = step
+    log.flush()  # the rows up to this checkpoint are stored before it (a gs:// log uploads now)
     checkpoint.save(manager, step, {"trainable": trainable, "opt_state": opt_state, "rng": rng},
                     {"data": batches.state(), "skipped_steps": skipped,
                      "tokens_seen": tokens_seen + sum(int(m["input_tokens"]) for _, m in pending)})

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 
 from jaxtune import checkpoint, objectives
 from jaxtune.models import llama, loading
@@ -18,11 +18,10 @@ from jaxtune.peft import methods, partition
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / "config.json"  # local or gs://
+  if not path.exists():
     raise FileNotFoundError(f"{workdir}: no config.json (not a train.py workdir)")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def load_adapter_from_workdir(params: llama.Params, cfg: ModelConfig, workdir: str

@@ -15,6 +15,7 @@ import os
 import sys
 
 from absl import app, flags
+from etils import epath
 
 from jaxtune import cli, export
 
@@ -37,10 +38,9 @@ def main(argv):
     raise ValueError(f"--out {out!r} exists and is not empty (export writes into a new or empty folder)")
   if _MAX_SHARD_MB.value < 1:
     raise ValueError(f"--max_shard_mb={_MAX_SHARD_MB.value} must be >= 1")
-  run_config = os.path.join(_WORKDIR.value, "config.json")
-  if os.path.exists(run_config):  # refuse an impossible format before loading the model
-    with open(run_config) as f:
-      run = json.load(f)
+  run_config = epath.Path(_WORKDIR.value) / "config.json"  # local or gs://
+  if run_config.exists():  # refuse an impossible format before loading the model
+    run = json.loads(run_config.read_text())
     export.check_exportable(run["peft"]["method"], _FORMAT.value, reward_model=run.get("objective") == "reward")
   from jaxtune import workdir  # after the cheap checks: it imports the heavy training stack
   config, cfg, params, runtime, tokenizer = workdir.load_trained(_WORKDIR.value)

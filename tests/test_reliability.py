@@ -8,8 +8,6 @@ import random
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -18,11 +16,9 @@ import pytest
 
 from jaxtune import checkpoint, trainer
 from jaxtune.data import pipeline
-from jaxtune.metrics_log import read_metrics
-from train_helpers import losses, tiny_config
+from train_helpers import finish, losses, series, start, tiny_config, train, train_args
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TRAIN = os.path.join(HERE, "..", "scripts", "train.py")
 STEPS, EVERY = 40, 10
 
 
@@ -32,42 +28,6 @@ def env(tmp_path_factory):
   cache = str(tmp_path_factory.mktemp("jax_cache"))
   return dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONUNBUFFERED="1")
-
-
-def train_args(tiny_setup, workdir, steps=STEPS, **overrides) -> list[str]:
-  model, data = tiny_setup
-  keys = {"model.path": model, "data.train": data, "data.eval": "", "data.seq_len": 64, "data.template": "chat",
-          "peft.method": "full", "train.steps": steps, "train.batch_size": 8, "train.log_every": 1,
-          "train.checkpoint_every": EVERY, "optimizer.learning_rate": 1e-3, "optimizer.schedule": "constant",
-          "optimizer.warmup_steps": 0, **overrides}
-  return ["--config", os.path.join(HERE, "..", "configs", "tiny.py"), "--workdir", str(workdir)] + [
-      f"--config.{k}={v}" for k, v in keys.items()]
-
-
-def start(args, env, devices=None, script=TRAIN):
-  if devices:
-    env = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  return subprocess.Popen([sys.executable, script, *args], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc, timeout=300) -> tuple[int, str, str]:
-  out, err = proc.communicate(timeout=timeout)
-  return proc.returncode, out, err
-
-
-def train(args, env, devices=None) -> str:
-  rc, out, err = finish(start(args, env, devices))
-  assert rc == 0, err[-3000:]
-  return out
-
-
-def series(workdir) -> dict[int, tuple[float, float]]:
-  """step -> (loss, grad_norm) from metrics.jsonl; a step logged twice is an error."""
-  rows = [r for r in read_metrics(str(workdir)) if "loss" in r]
-  steps = [r["step"] for r in rows]
-  assert len(steps) == len(set(steps)), f"duplicated metrics rows: {steps}"
-  return {r["step"]: (r["loss"], r["grad_norm"]) for r in rows}
 
 
 def wait_for_step(proc, workdir, step, timeout=240):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
 import sys
 
 import numpy as np
@@ -12,6 +13,10 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # configs/
 
 from configs.base import get_base_config  # noqa: E402
+from jaxtune.metrics_log import read_metrics  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRAIN = os.path.join(HERE, "..", "scripts", "train.py")
 
 
 def write_instruction_data(path: str, n: int = 64, seed: int = 0) -> str:
@@ -87,3 +92,40 @@ def assert_same_gradients(got, expected):
 def text_reward(prompts, completions) -> list[float]:
   """A GRPO reward that varies with both the prompt and the completion's text (tests only)."""
   return [(sum(map(ord, c)) % 97) / 97 + 0.01 * len(str(p)) for p, c in zip(prompts, completions)]
+
+
+def train_args(tiny_setup, workdir, steps=40, every=10, **overrides) -> list[str]:
+  """scripts/train.py's arguments for full fine-tuning of the tiny model (configs/tiny.py + flags)."""
+  model, data = tiny_setup
+  keys = {"model.path": model, "data.train": data, "data.eval": "", "data.seq_len": 64, "data.template": "chat",
+          "peft.method": "full", "train.steps": steps, "train.batch_size": 8, "train.log_every": 1,
+          "train.checkpoint_every": every, "optimizer.learning_rate": 1e-3, "optimizer.schedule": "constant",
+          "optimizer.warmup_steps": 0, **overrides}
+  return ["--config", os.path.join(HERE, "..", "configs", "tiny.py"), "--workdir", str(workdir)] + [
+      f"--config.{k}={v}" for k, v in keys.items()]
+
+
+def start(args, env, devices=None, script=TRAIN):
+  if devices:
+    env = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return subprocess.Popen([sys.executable, script, *args], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc, timeout=300) -> tuple[int, str, str]:
+  out, err = proc.communicate(timeout=timeout)
+  return proc.returncode, out, err
+
+
+def train(args, env, devices=None, script=TRAIN) -> str:
+  rc, out, err = finish(start(args, env, devices, script))
+  assert rc == 0, err[-3000:]
+  return out
+
+
+def series(workdir) -> dict[int, tuple[float, float]]:
+  """step -> (loss, grad_norm) from metrics.jsonl (local or gs://); a step logged twice is an error."""
+  rows = [r for r in read_metrics(str(workdir)) if "loss" in r]
+  steps = [r["step"] for r in rows]
+  assert len(steps) == len(set(steps)), f"duplicated metrics rows: {steps}"
+  return {r["step"]: (r["loss"], r["grad_norm"]) for r in rows}

@@ -318,6 +318,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   def save(at):
     nonlocal saved
     saved = at
+    log.flush()  # the rows up to this checkpoint are stored before it (a gs:// log uploads now)
     checkpoint.save(manager, at, {"trainable": trainable, "opt_state": opt_state, "rng": rng},
                     {"data": batches.state(), "tokens_seen": tokens_seen})
 
