@@ -121,6 +121,7 @@ class StepProfiler:
   def __init__(self, directory: str, start: int, count: int, enabled: bool = True):
     self.directory, self.start, self.last = directory, start, start + count - 1
     self.remote = "://" in directory
+    self.local = directory  # where jax.profiler writes: a temporary folder for a gs:// directory
     self.enabled = enabled and count > 0
     self.hlo_text, self.began, self.steps = None, 0.0, 0
 
