@@ -110,6 +110,11 @@ def top_ops_report(events: list[dict], hlo_text: str, steps: int, wall_seconds: 
     lines.append(f"{us / steps / 1e3:9.2f} {us / max(total, 1e-9):6.1%} {runs[op] / steps:9.1f}  {op}  {sources[op]}")
   if not own:
     lines.append("(no op of the step in the trace: this backend names its events differently)")
+  by_line = collections.Counter()  # forward and backward ops of one source line together
+  for op, us in own.items():
+    by_line[sources[op].partition("  ")[2] or "(no source line)"] += us
+  lines += ["", "by source line:", f"{'ms/step':>9} {'share':>6}  source"]
+  lines += [f"{us / steps / 1e3:9.2f} {us / max(total, 1e-9):6.1%}  {line}" for line, us in by_line.most_common(n)]
   return "\n".join(lines) + "\n"
 
 

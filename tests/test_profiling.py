@@ -60,10 +60,16 @@ def test_training_writes_a_trace_and_the_steps_top_ops_and_trains_the_same(tiny_
   assert report.startswith("2 step(s) traced") and report.splitlines()[0] in capsys.readouterr().out
   ops_ms = float(re.search(r"ms per step \(wall\), of which the step's ops ([\d.]+) ms", report).group(1))
   assert ops_ms > 0
-  rows = [line.split(None, 3) for line in report.splitlines()[2:]]
+  ops_table, line_table = report.split("\nby source line:\n")
+  rows = [line.split(None, 3) for line in ops_table.splitlines()[2:] if line]
   # The projections' matmuls, forward and backward, once per layer (2 layers) and step.
   dense = [r for r in rows if re.search(r"dot_general.*models/matmul.py:\d+ \(matmul\) < models/llama.py:\d+ \(dense\)",
                                         r[3])]
   assert any("[backward]" in r[3] for r in dense) and any("[backward]" not in r[3] for r in dense), rows
   assert {float(r[2]) for r in dense} == {2.0}, dense
   assert sum(float(r[0]) for r in rows) <= ops_ms + 0.01 * len(rows)
+  # The same time again by source line: the dense matmul line holds every dense row above, and more.
+  by_line = {line.split(None, 2)[2]: float(line.split()[0]) for line in line_table.splitlines()[1:]}
+  dense_line = dense[0][3].split("  ", 2)[2]  # op  primitive  source
+  assert by_line[dense_line] >= sum(float(r[0]) for r in dense if r[3].endswith(dense_line)) - 0.01 * len(dense)
+  assert abs(sum(by_line.values()) - ops_ms) <= 0.01 * len(by_line) + 0.05
