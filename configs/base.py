@@ -66,6 +66,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.remat = False
   # With remat, what each layer keeps: nothing (least memory) | dots (matmul outputs; less recompute)
   c.train.remat_policy = "nothing"
+  # JAX's persistent compilation cache (local or gs://; "" = off): a rerun after a preemption loads
+  # the step programs instead of compiling them (see tpu/README.md)
+  c.train.compilation_cache = ""
   # jax.profiler trace of this many steps (0 = off) from profile_start_step, on process 0, into
   # WORKDIR/profile (TensorBoard/XProf, Perfetto), with the step's top ops in profile/top_ops.txt
   c.train.profile_steps = 0

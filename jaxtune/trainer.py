@@ -173,6 +173,17 @@ class Run:
   tokenizer: Any = None
 
 
+def use_compilation_cache(path: str) -> None:
+  """JAX's persistent compilation cache in `path` (local or gs://): a rerun of the same programs,
+  e.g. after a preemption, loads them instead of compiling (those that took JAX's
+  jax_persistent_cache_min_compile_time_secs, 1 s by default, to compile)."""
+  from jax.experimental.compilation_cache import compilation_cache
+  path = path if "://" in path else os.path.expanduser(path)
+  if jax.config.jax_compilation_cache_dir != path:
+    compilation_cache.reset_cache()  # one set up by an earlier run in this process
+    compilation_cache.set_cache_dir(path)
+
+
 def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=None, load=load_data) -> Run:
   """Validates against the mesh and workdir, loads data (`load(config, tokenizer)`) and model, builds
   the jitted step for `loss_sums` (default: config.objective's)."""
@@ -191,6 +202,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=None, load=
   if config.model.attention == "splash" and jax.default_backend() != "tpu" and is_main:
     print("warning: model.attention=splash off a TPU runs the kernel in Pallas' interpreter (slow)", flush=True)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
+  if config.train.compilation_cache:
+    use_compilation_cache(config.train.compilation_cache)
   tokenizer = loading.load_tokenizer(config.model.tokenizer or config.model.path)
   train_data, eval_data = load(config, tokenizer)
   if is_main:

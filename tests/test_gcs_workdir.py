@@ -14,7 +14,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from jaxtune import checkpoint
-from train_helpers import HERE, series, train, train_args
+from train_helpers import HERE, finish, series, start, train, train_args
 
 STEPS, EVERY = 8, 4
 BUCKET = "bkt"
@@ -57,17 +57,23 @@ def test_gs_workdir_trains_resumes_profiles_and_exports_as_a_local_one(tiny_setu
   remote, local = f"gs://{BUCKET}/runs/lora", tmp_path / "local"
   lora = {"peft.method": "lora", "peft.lora.rank": 4}
   train(train_args(tiny_setup, local, steps=STEPS, every=EVERY, **lora), gcs)
-  # Half the steps, then the same run to the end (as after a preemption), the second half profiled.
-  train(train_args(tiny_setup, remote, steps=EVERY, every=EVERY, **lora), gcs)
-  out = train(train_args(tiny_setup, remote, steps=STEPS, every=EVERY, **lora, **{
-      "train.profile_steps": 2, "train.profile_start_step": EVERY + 2}), gcs)
+  # Half the steps, then the same run to the end (as after a preemption), the second half profiled;
+  # both with the compilation cache in the bucket, so the second one loads the step it compiled.
+  cached = {**lora, "train.compilation_cache": f"gs://{BUCKET}/xla_cache"}
+  train(train_args(tiny_setup, remote, steps=EVERY, every=EVERY, **cached), gcs)
+  rc, out, err = finish(start(train_args(tiny_setup, remote, steps=STEPS, every=EVERY, **cached, **{
+      "train.profile_steps": 2, "train.profile_start_step": EVERY + 2}), dict(gcs, JAX_LOG_COMPILES="1")))
+  assert rc == 0, err[-3000:]
   assert f"resumed from {remote}/checkpoints/{EVERY}\n" in out
+  assert "Persistent compilation cache hit for 'jit_train_step'" in err
   for key, value in gcs.items():  # this process reads the bucket too
     monkeypatch.setenv(key, value)
   from etils import epath
   # metrics.jsonl keeps the first invocation's rows (an object cannot be appended to: it is rewritten).
   assert series(remote) == series(local) and sorted(series(local)) == list(range(1, STEPS + 1))
   assert json.loads((epath.Path(remote) / "config.json").read_text())["peft"]["method"] == "lora"
+  # The cache hit above came from the bucket (not from the local cache this environment also names).
+  assert any(p.name.startswith("jit_train_step-") for p in epath.Path(f"gs://{BUCKET}/xla_cache").iterdir())
   assert (epath.Path(remote) / "profile" / "top_ops.txt").read_text().startswith("2 step(s) traced")
   assert list((epath.Path(remote) / "profile" / "plugins" / "profile").iterdir())
   ours, reference = export(remote, tmp_path / "from_gs", gcs), export(local, tmp_path / "from_local", gcs)
