@@ -84,6 +84,9 @@ def check_config(c: ml_collections.ConfigDict) -> None:
               "train.keep_checkpoints"):
     _positive(c, key)
   _positive(c, "train.profile_start_step")
+  if c.train.profile_steps and c.train.profile_start_step > c.train.steps:
+    raise ConfigError("train.profile_start_step", f"{c.train.profile_start_step} > train.steps={c.train.steps}: "
+                      "no step would be profiled")
   for key in ("train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.profile_steps"):
     _positive(c, key, allow_zero=True)
   if c.train.batch_size % c.train.grad_accum:

@@ -32,6 +32,8 @@ CASES = [
      "error: config.peft.ia3.targets: '.*' matches lm_head"),
     ("profile_steps_negative", ["--config.train.profile_steps=-1"], 1,
      "error: config.train.profile_steps: must be >= 0, got -1"),
+    ("profile_after_the_last_step", ["--config.train.profile_steps=2", "--config.train.profile_start_step=21"], 1,
+     "error: config.train.profile_start_step: 21 > train.steps=20: no step would be profiled"),
     ("unknown_remat_policy", ["--config.train.remat_policy=some"], 1,
      "error: config.train.remat_policy: 'some' is not one of nothing | dots"),
     ("unknown_attention", ["--config.model.attention=flash"], 1,
