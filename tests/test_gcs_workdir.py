@@ -1,5 +1,5 @@
-"""A gs:// workdir (what tpu/ uses, so a re-created VM resumes) against a local Cloud Storage
-emulator: train.py writes, resumes, profiles and export.py reads back, as with a local workdir."""
+"""A gs:// workdir (what tpu/ uses, so a re-created VM resumes) and gs:// data against a local Cloud
+Storage emulator: train.py reads, writes, resumes, profiles and export.py reads back, as locally."""
 
 import json
 import os
@@ -53,10 +53,38 @@ def test_checkpoint_dir_keeps_a_gs_workdir():
   assert checkpoint.checkpoint_dir("runs/a") == os.path.join(os.getcwd(), "runs/a/checkpoints")
 
 
+def use_emulator(gcs, monkeypatch):
+  for key, value in gcs.items():  # this process reads and writes the bucket too
+    monkeypatch.setenv(key, value)
+  from etils import epath
+  return epath
+
+
+def test_gs_data_files_and_their_errors(gcs, monkeypatch):
+  epath = use_emulator(gcs, monkeypatch)
+  from jaxtune.data import sources
+  (epath.Path(f"gs://{BUCKET}/d/a/one.jsonl")).write_text('{"text": "a"}\n{"text": "b"}\n')
+  (epath.Path(f"gs://{BUCKET}/d/two.json")).write_text('[{"text": "c"}]')
+  (epath.Path(f"gs://{BUCKET}/d/notes.txt")).write_text("not data")
+  records = sources.read_records(f"gs://{BUCKET}/d")  # a folder, subfolders included, sorted
+  assert records.records == [{"text": "a"}, {"text": "b"}, {"text": "c"}]
+  assert records.origins == [f"gs://{BUCKET}/d/a/one.jsonl:1", f"gs://{BUCKET}/d/a/one.jsonl:2",
+                             f"gs://{BUCKET}/d/two.json:1"]
+  (epath.Path(f"gs://{BUCKET}/bad.jsonl")).write_text('{"text": "a"}\n{"text": \n')
+  with pytest.raises(sources.DataError, match=f"^gs://{BUCKET}/bad.jsonl:2: invalid JSON"):
+    sources.read_records(f"gs://{BUCKET}/bad.jsonl")
+  with pytest.raises(sources.DataError, match=f"^gs://{BUCKET}/none.jsonl: no such file$"):
+    sources.read_records(f"gs://{BUCKET}/none.jsonl")
+
+
 def test_gs_workdir_trains_resumes_profiles_and_exports_as_a_local_one(tiny_setup, gcs, tmp_path, monkeypatch):
   remote, local = f"gs://{BUCKET}/runs/lora", tmp_path / "local"
+  epath = use_emulator(gcs, monkeypatch)
+  data = f"gs://{BUCKET}/data/instructions"  # a folder holding the local run's file
+  (epath.Path(data) / "part" / "train.jsonl").write_text(open(tiny_setup[1]).read())
   lora = {"peft.method": "lora", "peft.lora.rank": 4}
   train(train_args(tiny_setup, local, steps=STEPS, every=EVERY, **lora), gcs)
+  lora["data.train"] = data
   # Half the steps, then the same run to the end (as after a preemption), the second half profiled;
   # both with the compilation cache in the bucket, so the second one loads the step it compiled.
   cached = {**lora, "train.compilation_cache": f"gs://{BUCKET}/xla_cache"}
@@ -66,9 +94,6 @@ def test_gs_workdir_trains_resumes_profiles_and_exports_as_a_local_one(tiny_setu
   assert rc == 0, err[-3000:]
   assert f"resumed from {remote}/checkpoints/{EVERY}\n" in out
   assert "Persistent compilation cache hit for 'jit_train_step'" in err
-  for key, value in gcs.items():  # this process reads the bucket too
-    monkeypatch.setenv(key, value)
-  from etils import epath
   # metrics.jsonl keeps the first invocation's rows (an object cannot be appended to: it is rewritten).
   assert series(remote) == series(local) and sorted(series(local)) == list(range(1, STEPS + 1))
   assert json.loads((epath.Path(remote) / "config.json").read_text())["peft"]["method"] == "lora"

@@ -1,7 +1,7 @@
 """Data sources -> records with their origin (FILE:LINE or FILE:ROW), field mapping, train/eval split.
 
-A source is a local .jsonl/.json/.csv/.parquet file, a folder of them, or a `datasets` hub name
-(`NAME` or `NAME:SPLIT`). JSONL is parsed here line by line because `datasets`' json loader
+A source is a .jsonl/.json/.csv/.parquet file, a folder of them (local or gs://, read through
+etils.epath), or a `datasets` hub name (`NAME` or `NAME:SPLIT`). JSONL is parsed here line by line because `datasets`' json loader
 loses line numbers and dies on the first bad line; CSV and parquet go through `datasets`.
 """
 
@@ -10,11 +10,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob
+import io
 import json
 import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from etils import epath
 
 JSONL_EXTS = (".jsonl", ".ndjson")
 DATASETS_BUILDERS = {".csv": "csv", ".parquet": "parquet"}
@@ -56,7 +58,7 @@ def _check_unicode(record: Any) -> Any:
 
 def _jsonl(path: str, lenient: bool) -> Records:
   out = Records([], [])
-  with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported (or skipped) by itself
+  with epath.Path(path).open("rb") as f:  # bytes: a line that is not UTF-8 is reported (or skipped) by itself
     for number, raw in enumerate(f, start=1):
       origin = f"{path}:{number}"
       try:
@@ -80,8 +82,7 @@ def _jsonl(path: str, lenient: bool) -> Records:
 
 def _json(path: str, lenient: bool) -> Records:
   """A .json file holding one array of records, or JSON lines under a .json name."""
-  with open(path, "rb") as f:
-    data = f.read()
+  data = epath.Path(path).read_bytes()
   try:
     text = data.decode("utf-8-sig")
   except UnicodeDecodeError as e:
@@ -129,8 +130,8 @@ def _datasets_file(path: str) -> Records:
   builder = DATASETS_BUILDERS[os.path.splitext(path)[1].lower()]
   kwargs = {}
   if builder == "csv":  # every CSV column is text: pandas would make an answer column of "2"s ints
-    with open(path, encoding="utf-8", newline="") as f:
-      header = next(csv.reader(f), [])
+    with epath.Path(path).open("rb") as f:
+      header = next(csv.reader(io.TextIOWrapper(f, encoding="utf-8", newline="")), [])
     kwargs["features"] = datasets.Features({name: datasets.Value("string") for name in header})
   try:
     dataset = datasets.load_dataset(builder, data_files=path, split="train", **kwargs)
@@ -160,8 +161,26 @@ def _file(path: str, lenient: bool) -> Records:
   raise DataError(f"{path}: unsupported data file type (expected one of {', '.join(EXTS)})")
 
 
+def _remote_files(source: str) -> list[str]:
+  """The data files of a gs:// file or folder (sorted, subfolders included)."""
+  def walk(path):
+    for child in path.iterdir():
+      yield from walk(child) if child.is_dir() else (child,)
+  path = epath.Path(source)
+  if path.is_dir():
+    files = sorted(str(p) for p in walk(path) if p.suffix.lower() in EXTS)
+    if not files:
+      raise DataError(f"{source}: folder has no data files ({', '.join(EXTS)})")
+    return files
+  if path.exists():
+    return [source]
+  raise DataError(f"{source}: no such file")
+
+
 def source_files(source: str) -> list[str] | None:
-  """The data files of a local source (sorted for a folder), or None for a datasets hub name."""
+  """The data files of a local or gs:// source (sorted for a folder), or None for a datasets hub name."""
+  if "://" in source:
+    return _remote_files(source)
   if os.path.isdir(source):
     files = sorted(p for p in glob.glob(os.path.join(source, "**", "*"), recursive=True)
                    if os.path.isfile(p) and os.path.splitext(p)[1].lower() in EXTS)
