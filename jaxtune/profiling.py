@@ -22,7 +22,8 @@ import time
 import jax
 from etils import epath
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]*)\"(?: stack_frame_id=(\d+))?", re.M)
+# XLA:GPU writes scheduling_name="..." between the op name and the frame id
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]*)\"(?:[^}]*?stack_frame_id=(\d+))?", re.M)
 
 
 def _table(hlo_text: str, section: str) -> dict[str, str]:
@@ -57,14 +58,29 @@ def op_sources(hlo_text: str) -> dict[str, str]:
   return sources
 
 
+LIBRARY_KERNEL = "(a kernel of no op the step's HLO names: cuBLAS, cuDNN, copies)"
+
+
 def self_times(events: list[dict], names) -> tuple[collections.Counter, collections.Counter]:
   """Microseconds each named op spent outside the ops nested in it, and how often it ran.
 
   Only complete events ("ph": "X") whose name (or args.hlo_op) is in `names` are reported; when the
   trace has device tracks ("/device:..." processes), only theirs, so host-side launches of the same
-  ops do not count twice."""
+  ops do not count twice. On a GPU a fusion's kernel is named after the op with "." and "-" as "_"
+  (`loop_convert_fusion_4` for `loop_convert_fusion.4`), and inside a CUDA graph args.hlo_op names
+  only the graph (`command_buffer_1`): a device kernel that no op matches (cuBLAS's `nvjet_*`,
+  cuDNN's attention) is reported under its own name (see LIBRARY_KERNEL)."""
   processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
   on_device = {pid for pid, name in processes.items() if name.startswith("/device:")}
+  kernel_names = {re.sub(r"[.\-]", "_", name): name for name in names}
+
+  def op_of(e: dict) -> str | None:
+    for candidate in (e["name"], e.get("args", {}).get("hlo_op")):
+      op = candidate if candidate in names else kernel_names.get(candidate)
+      if op is not None:
+        return op
+    return e["name"] if on_device else None
+
   threads = collections.defaultdict(list)
   for e in events:
     if e.get("ph") == "X" and "dur" in e and (not on_device or e["pid"] in on_device):
@@ -76,8 +92,9 @@ def self_times(events: list[dict], names) -> tuple[collections.Counter, collecti
     for e in thread_events:
       while open_events and open_events[-1][1] <= e["ts"]:
         open_events.pop()
-      op = e["name"] if e["name"] in names else e.get("args", {}).get("hlo_op")
-      op = op if op in names else None
+      op = op_of(e)
+      if on_device:  # a stream's kernels run one after another (their ends and starts may overlap by a rounding)
+        open_events.clear()
       if open_events and open_events[-1][0] is not None:
         own[open_events[-1][0]] -= e["dur"]
       if op is not None:
@@ -107,12 +124,17 @@ def top_ops_report(events: list[dict], hlo_text: str, steps: int, wall_seconds: 
            f"ops {total / steps / 1e3:.1f} ms (own time; summed over threads or streams)",
            f"{'ms/step':>9} {'share':>6} {'runs/step':>9}  op  primitive  source"]
   for op, us in own.most_common(n):
-    lines.append(f"{us / steps / 1e3:9.2f} {us / max(total, 1e-9):6.1%} {runs[op] / steps:9.1f}  {op}  {sources[op]}")
+    source = sources.get(op, LIBRARY_KERNEL)
+    lines.append(f"{us / steps / 1e3:9.2f} {us / max(total, 1e-9):6.1%} {runs[op] / steps:9.1f}  {op[:90]}  {source}")
   if not own:
     lines.append("(no op of the step in the trace: this backend names its events differently)")
   by_line = collections.Counter()  # forward and backward ops of one source line together
   for op, us in own.items():
-    by_line[sources[op].partition("  ")[2] or "(no source line)"] += us
+    if op in sources:
+      by_line[sources[op].partition("  ")[2] or "(no source line)"] += us
+    else:  # library kernels by family: nvjet (cuBLAS), cudnn, memcpy32...
+      family = re.match(r"(?:void )?([a-zA-Z]*)", op).group(1)
+      by_line[f"{family}* {LIBRARY_KERNEL}"] += us
   lines += ["", "by source line:", f"{'ms/step':>9} {'share':>6}  source"]
   lines += [f"{us / steps / 1e3:9.2f} {us / max(total, 1e-9):6.1%}  {line}" for line, us in by_line.most_common(n)]
   return "\n".join(lines) + "\n"

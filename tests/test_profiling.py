@@ -28,6 +28,9 @@ def test_op_sources_name_the_primitive_its_line_and_the_caller():
   assert tanh == [f"tanh  tests/{here}:{line(_inner, 'return jnp.tanh(x)')} (_inner) < "
                   f"tests/{here}:{line(_middle, 'return _inner(x) * 2')} (_middle)"], tanh
   assert any(s.startswith("mul [backward]") for s in sources.values()), sources  # tanh's derivative
+  # XLA:GPU's printer puts scheduling_name="..." between the op name and the frame id
+  gpu_form = re.sub(r'(op_name="[^"]*")( stack_frame_id)', r'\1 scheduling_name="x"\2', hlo)
+  assert gpu_form != hlo and profiling.op_sources(gpu_form) == sources
 
 
 def test_self_times_count_each_op_outside_the_ops_nested_in_it_and_device_tracks_only():
@@ -45,6 +48,38 @@ def test_self_times_count_each_op_outside_the_ops_nested_in_it_and_device_tracks
             {"ph": "X", "pid": 2, "tid": 1, "ts": 20, "dur": 4, "name": "fusion.2"}]
   own, runs = profiling.self_times(host + device, ops)  # the host's launches of the same ops drop out
   assert dict(own) == {"dot.3": 9, "fusion.2": 4} and dict(runs) == {"dot.3": 1, "fusion.2": 1}
+
+
+def test_self_times_and_report_read_an_xla_gpu_trace():
+  """Events as XLA:GPU writes them (seen on an H100, jax 0.11.2): a fusion's kernel is named after
+  the op with "_" for ".", inside a CUDA graph whose args.hlo_op names only the graph; cuBLAS,
+  cuDNN and copy kernels match no op and count under their own names, by family in the per-line
+  table; a stream's kernels may overlap by a rounding, which is not nesting."""
+  ops = {"loop_convert_fusion.4", "input_reduce_fusion", "custom-call.3"}
+  graph = {"hlo_op": "command_buffer_1", "hlo_module": "jit_train_step"}
+  events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": 9, "name": "process_name", "args": {"name": "/host:CPU"}},
+            {"ph": "X", "pid": 1, "tid": 14, "ts": 0.0, "dur": 10.0, "name": "loop_convert_fusion_4", "args": graph},
+            {"ph": "X", "pid": 1, "tid": 14, "ts": 9.999, "dur": 5.0, "name": "nvjet_sm90_tst_128x160_NNT", "args": graph},
+            {"ph": "X", "pid": 1, "tid": 14, "ts": 15.0, "dur": 3.0, "name": "input_reduce_fusion", "args": graph},
+            {"ph": "X", "pid": 1, "tid": 14, "ts": 20.0, "dur": 2.0, "name": "nvjet_sm90_tss_256x128_TNT",
+             "args": {"hlo_op": "custom-call.3"}},  # outside a graph the gemm's op is named
+            {"ph": "X", "pid": 1, "tid": 14, "ts": 30.0, "dur": 4.0, "name": "memcpy32_post", "args": graph},
+            {"ph": "X", "pid": 9, "tid": 3, "ts": 0.0, "dur": 50.0, "name": "input_reduce_fusion"}]  # a launch
+  own, runs = profiling.self_times(events, ops)
+  assert dict(own) == {"loop_convert_fusion.4": 10.0, "nvjet_sm90_tst_128x160_NNT": 5.0, "input_reduce_fusion": 3.0,
+                       "custom-call.3": 2.0, "memcpy32_post": 4.0}
+  assert set(runs.values()) == {1}
+  hlo = "\n".join(f'%{op} = f32[2] fusion(%p), metadata={{op_name="jit(f)/{prim}"}}' for op, prim in
+                   (("loop_convert_fusion.4", "convert_element_type"), ("input_reduce_fusion", "reduce_sum"),
+                    ("custom-call.3", "dot_general")))
+  report = profiling.top_ops_report(events, hlo, steps=1, wall_seconds=40e-6)
+  rows = report.splitlines()[2:7]
+  assert [r.split()[1] for r in rows] == ["41.7%", "20.8%", "16.7%", "12.5%", "8.3%"], rows  # of 24 us
+  assert rows[0].endswith("loop_convert_fusion.4  convert_element_type"), rows
+  by_line = report[report.index("by source line:"):]
+  assert f"nvjet* {profiling.LIBRARY_KERNEL}" in by_line and f"memcpy* {profiling.LIBRARY_KERNEL}" in by_line
+  assert "  memcpy32_post  " + profiling.LIBRARY_KERNEL in report
 
 
 def test_training_writes_a_trace_and_the_steps_top_ops_and_trains_the_same(tiny_setup, tmp_path, capsys):
