@@ -16,6 +16,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # blocked (jaxtune's, any device) | xla | cudnn (jax.nn.dot_product_attention's) |
   # splash (Pallas' TPU flash kernel; rows a multiple of 128 tokens, no prefix or sliding window)
   c.model.attention = "auto"
+  # the decoder layers in a training/eval pass: auto (unrolled on a GPU, else scan) | scan (one
+  # compiled layer in a loop: the least compile time, TPU's usual form) | unrolled (straight-line
+  # code: no per-layer copies of the saved activations into stacked buffers; longer compiles)
+  c.model.layer_loop = "auto"
 
   c.objective = "lm"  # lm | dpo | reward | grpo
 

@@ -116,6 +116,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   for key in ("precision.param_dtype", "precision.compute_dtype"):
     _choice(c, key, DTYPES)
   _choice(c, "model.attention", attention.IMPLEMENTATIONS)
+  _choice(c, "model.layer_loop", llama.LAYER_LOOPS)
   if c.model.attention == "cudnn" and c.precision.compute_dtype == "float32":
     raise ConfigError("model.attention", "cudnn needs precision.compute_dtype=bfloat16 or float16")
   if c.objective in ("dpo", "reward") and c.data.format != "preference":

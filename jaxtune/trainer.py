@@ -62,7 +62,8 @@ def instruction_template(config: ml_collections.ConfigDict, tokenizer) -> str:
 def build_model(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
   """Loads the base (into its shardings), adds PEFT leaves, splits trainable/frozen."""
   param_dtype = jnp.dtype(config.precision.param_dtype)
-  model_cfg = dataclasses.replace(loading.model_config_of(config.model.path), attention=config.model.attention)
+  model_cfg = dataclasses.replace(loading.model_config_of(config.model.path), attention=config.model.attention,
+                                  layer_loop=config.model.layer_loop)
   base_shapes = loading.flatten(llama.param_shapes(model_cfg), is_leaf=lambda x: isinstance(x, tuple))
   params = loading.load_model(config.model.path, param_dtype,
                               shardings=sharding.param_shardings(base_shapes, mesh))[1]

@@ -59,12 +59,12 @@ PRESETS = {
 }
 
 
-def model_config(p: Preset, attention: str = "auto"):
+def model_config(p: Preset, attention: str = "auto", layer_loop: str = "auto"):
   from jaxtune.models.config import ModelConfig
   return ModelConfig(vocab_size=p.vocab, hidden_size=p.hidden, intermediate_size=p.inter, num_layers=p.layers,
                      num_heads=p.heads, num_kv_heads=p.kv_heads, head_dim=p.hidden // p.heads,
                      rms_norm_eps=1e-5, tie_word_embeddings=p.tied, max_position_embeddings=max(2048, p.seq),
-                     attention=attention)
+                     attention=attention, layer_loop=layer_loop)
 
 
 def matmul_params(p: Preset) -> int:
@@ -142,10 +142,12 @@ def measure_matmul_peak(n: int = 2048, dtype: str = "float32", repeats: int = 10
 
 
 def run_jaxtune(p: Preset, method: str, steps: int, dtype: str = "float32", rank: int = 8,
-                model_dir: str = "", remat: str = "dots", attention: str = "auto", profile: str = "") -> dict:
+                model_dir: str = "", remat: str = "dots", attention: str = "auto", profile: str = "",
+                layer_loop: str = "auto") -> dict:
   """jaxtune's jitted, donated train_step (the one train.py runs) on the fixed batch.
 
   `remat` is train.remat_policy with train.remat on ("" = off); "dots" is the fastest on CPU.
+  `attention` and `layer_loop` are model.attention and model.layer_loop.
 
   Weights come from `model_dir` (the HF folder the peer loads, read as train.py reads it) or, with
   none, from `base_params` on the default device (the GPU check). With `profile`, 3 more steps after
@@ -162,7 +164,7 @@ def run_jaxtune(p: Preset, method: str, steps: int, dtype: str = "float32", rank
   sys.path.insert(0, ROOT)
   from configs.base import get_base_config
 
-  cfg = model_config(p, attention)
+  cfg = model_config(p, attention, layer_loop)
   from jaxtune.models import loading
   # float32 master weights; `dtype` is the compute dtype
   params = loading.load_model(model_dir)[1] if model_dir else base_params(p)
@@ -204,6 +206,7 @@ def run_jaxtune(p: Preset, method: str, steps: int, dtype: str = "float32", rank
   from jaxtune.models import attention as attention_lib
   q = jax.ShapeDtypeStruct((p.batch, p.seq, p.heads, p.hidden // p.heads), jax.numpy.dtype(dtype))
   return {"side": "jaxtune", "method": method, "dtype": dtype, "remat": remat,
+          "layer_loop": "unrolled" if llama.layers_unrolled(cfg) else "scan",
           "attention": attention_lib.resolve(attention, q, 0, segments=True), "batch": p.batch,  # no sliding window
           "tokens_per_sec": steps * p.batch * p.seq / elapsed,
           "step_s": elapsed / steps, "compile_s": compile_s, "first_step_s": first_step_s,
@@ -274,14 +277,15 @@ def run_worker(args) -> dict:
     return {"model_dir": write_peer_model(p, args.model_dir)}
   if args.worker == "jaxtune":
     return run_jaxtune(p, args.method, args.steps, args.dtype, model_dir=args.model_dir, remat=args.remat,
-                       attention=args.attention, profile=args.profile)
+                       attention=args.attention, profile=args.profile, layer_loop=args.layer_loop)
   return run_peer(p, args.method, args.steps, args.model_dir, args.threads, dtype=args.dtype)
 
 
 def spawn(args, side: str, method: str, dtype: str, model_dir: str, profile: str = "") -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--method", method, "--preset", args.preset,
          "--steps", str(args.steps), "--dtype", dtype, "--model_dir", model_dir, "--threads", str(args.threads),
-         "--remat", args.remat, "--attention", args.attention, "--batch", str(args.batch), "--profile", profile]
+         "--remat", args.remat, "--attention", args.attention, "--layer_loop", args.layer_loop,
+         "--batch", str(args.batch), "--profile", profile]
   out = subprocess.run(cmd, capture_output=True, text=True)
   if out.returncode:
     raise RuntimeError(f"{side} {method} failed:\n{out.stderr[-3000:]}")
@@ -333,6 +337,7 @@ def main(argv=None):
   parser.add_argument("--remat", default="dots",
                       help="jaxtune's train.remat_policy ('' = train.remat off); dots is the fastest on CPU")
   parser.add_argument("--attention", default="auto", help="jaxtune's model.attention (auto: cuDNN on a GPU in bf16)")
+  parser.add_argument("--layer_loop", default="auto", help="jaxtune's model.layer_loop (auto: unrolled on a GPU)")
   parser.add_argument("--batch", type=int, default=0, help="rows per batch instead of the preset's")
   parser.add_argument("--peak_tflops", type=float, default=0.0, help="MFU against this instead of a measured peak")
   parser.add_argument("--rounds", type=int, default=3,

@@ -38,6 +38,8 @@ CASES = [
      "error: config.train.remat_policy: 'some' is not one of nothing | dots"),
     ("unknown_attention", ["--config.model.attention=flash"], 1,
      "error: config.model.attention: 'flash' is not one of auto | blocked | xla | cudnn | splash"),
+    ("unknown_layer_loop", ["--config.model.layer_loop=remat"], 1,
+     "error: config.model.layer_loop: 'remat' is not one of auto | scan | unrolled"),
     ("cudnn_in_float32", ["--config.model.attention=cudnn"], 1,
      "error: config.model.attention: cudnn needs precision.compute_dtype=bfloat16 or float16"),
     ("cudnn_without_gpu", ["--config.model.attention=cudnn", "--config.precision.compute_dtype=bfloat16"], 1,

@@ -45,6 +45,8 @@ class ModelConfig:
   pad_token_id: int | None = None
   # attention kernel, not read from config.json: one of attention.IMPLEMENTATIONS (model.attention)
   attention: str = "auto"
+  # the layers in a pass without a cache: "auto" | "scan" | "unrolled" (model.layer_loop, llama.LAYER_LOOPS)
+  layer_loop: str = "auto"
 
   @property
   def q_size(self) -> int:
