@@ -100,3 +100,23 @@ def test_profile_traces_the_first_rounds_jaxtune_rows(tmp_path, capsys):
   report = (tmp_path / "lora_float32" / "top_ops.txt").read_text()
   assert report.startswith("3 step(s) traced") and "dot_general" in report
   assert f"jaxtune lora float32, profile in {tmp_path / 'lora_float32'}:\n{report.splitlines()[0]}" in capsys.readouterr().out
+
+
+def test_gpu_check_dry_run_measures_alone_then_side_by_side(tmp_path):
+  """gpu_check.sh --tiny: the GPU script's path on CPU. jaxtune alone at BATCH (the MFU rows, with a
+  verdict), then both sides at PEER_BATCH, with the tokens/s ratio per method."""
+  import json
+  import subprocess
+  root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+  out = subprocess.run(["bash", "scripts/gpu_check.sh", "--tiny"], cwd=root, capture_output=True, text=True,
+                       env=dict(os.environ, JSON=str(tmp_path / "rows.json"), METHODS="full"), timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  alone = json.loads((tmp_path / "rows.json").read_text())["rows"]
+  both = json.loads((tmp_path / "rows.json.peer.json").read_text())["rows"]
+  assert [(r["side"], r["method"]) for r in alone] == [("jaxtune", "full")]
+  assert sorted(r["side"] for r in both) == ["jaxtune", "peer"]
+  assert alone[0]["layer_loop"] == "scan"  # auto off a GPU
+  lines = out.stdout.splitlines()
+  assert any(l.startswith("jaxtune full:") and "layers scan" in l and "(target >= 50%:" in l for l in lines), lines
+  assert sum("target >= 50%" in l for l in lines) == 1  # the side-by-side rows get no verdict
+  assert any(l.startswith("full: jaxtune / peer tokens/s ") for l in lines), lines
