@@ -1,5 +1,4 @@
-"""model.layer_loop: the decoder layers scanned or unrolled make the same step; auto unrolls on a GPU,
-and so does the fused loss's chunk loop."""
+"""model.layer_loop: the decoder layers scanned or unrolled make the same step; auto unrolls on a GPU."""
 
 import dataclasses
 import re
@@ -10,7 +9,7 @@ import optax
 import pytest
 
 from jaxtune import train_step
-from jaxtune.models import fused_loss, llama
+from jaxtune.models import llama
 from jaxtune.models.config import ModelConfig
 from jaxtune.peft import lora, partition
 from train_helpers import random_lm_batch
@@ -79,22 +78,3 @@ def test_decoding_with_a_cache_keeps_the_scan():
 
   assert unrolls(None) == [cfg.num_layers]
   assert unrolls(llama.init_cache(cfg, 1, 8)) == [1]
-
-
-@pytest.mark.parametrize("backend,unrolled", [("gpu", True), ("cpu", False)])
-def test_the_loss_chunk_loop_unrolls_on_a_gpu_only(monkeypatch, backend, unrolled):
-  """On a GPU the fused loss's chunks run as straight-line code too (the H100 rows of
-  docs/benchmark.md were measured so); the loss and its gradients do not change."""
-  rng = np.random.default_rng(0)
-  hidden, w = rng.normal(size=(2, 512, 16)).astype(np.float32), rng.normal(size=(16, 64)).astype(np.float32)
-  targets, weights = rng.integers(0, 64, (2, 512)), np.ones((2, 512), np.float32)
-  value_and_grads = jax.value_and_grad(fused_loss.weighted_nll_sum, (0, 1))
-  expected = value_and_grads(hidden, w, targets, weights)
-  monkeypatch.setattr(jax, "default_backend", lambda: backend)
-  jaxpr = jax.make_jaxpr(value_and_grads)(hidden, w, targets, weights)
-  (scan,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
-  chunks = 512 // fused_loss.chunk_positions(512, head_gradient=True)
-  assert scan.params["length"] == chunks > 1
-  assert scan.params["unroll"] == (chunks if unrolled else 1)
-  for got, want in zip(jax.tree.leaves(value_and_grads(hidden, w, targets, weights)), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(got, want, rtol=1e-6)

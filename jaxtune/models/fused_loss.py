@@ -28,12 +28,6 @@ CHUNK_POSITIONS = 128
 MAX_CHUNKS_WITH_HEAD_GRADIENT = 4
 
 
-def chunk_loop_unroll(n_chunks: int) -> int:
-  """Chunks per iteration of the chunk loop: all of them (straight-line code) on a GPU, where the
-  decoder layers are unrolled too (llama.LAYER_LOOPS; the two were measured together), else 1."""
-  return n_chunks if jax.default_backend() == "gpu" else 1
-
-
 def chunk_positions(T: int, head_gradient: bool) -> int:
   """Positions per row in one chunk."""
   if head_gradient:
@@ -97,7 +91,7 @@ def _loss_and_grads(hidden, w, targets, weights, tc: int, grad_h: bool, grad_w: 
 
   chunks = (_chunked(hidden, tc), _chunked(targets, tc), _chunked(weights, tc))
   dw0 = jnp.zeros((D, V), jnp.float32) if grad_w else None
-  dw, (losses, dh) = jax.lax.scan(body, dw0, chunks, unroll=chunk_loop_unroll(chunks[0].shape[0]))
+  dw, (losses, dh) = jax.lax.scan(body, dw0, chunks)
   if grad_h:
     dh = _unchunked(dh, T)
   return jnp.sum(losses), dh, dw
