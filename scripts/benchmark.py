@@ -337,7 +337,7 @@ def main(argv=None):
   parser.add_argument("--remat", default="dots",
                       help="jaxtune's train.remat_policy ('' = train.remat off); dots is the fastest on CPU")
   parser.add_argument("--attention", default="auto", help="jaxtune's model.attention (auto: cuDNN on a GPU in bf16)")
-  parser.add_argument("--layer_loop", default="auto", help="jaxtune's model.layer_loop (auto: unrolled on a GPU)")
+  parser.add_argument("--layer_loop", default="auto", choices=("auto", "scan", "unrolled"), help="jaxtune's model.layer_loop (auto: unrolled on a GPU)")
   parser.add_argument("--batch", type=int, default=0, help="rows per batch instead of the preset's")
   parser.add_argument("--peak_tflops", type=float, default=0.0, help="MFU against this instead of a measured peak")
   parser.add_argument("--rounds", type=int, default=3,

@@ -299,7 +299,7 @@ REMAT_POLICIES = {
 
 # model.layer_loop. A scanned layer's saved activations are copied into L-stacked buffers in the
 # forward pass and out of them in the backward pass (cuBLAS cannot write into a slice): on an H100,
-# 44 ms of a 545 ms Llama-1B step (batch 32 x 1024); unrolled, that step took 494 ms.
+# 44 ms of a 545 ms Llama-1B step (batch 32 x 1024); unrolled, 494 ms (docs/benchmark.md).
 LAYER_LOOPS = ("auto", "scan", "unrolled")
 
 
