@@ -84,9 +84,10 @@ def test_self_times_and_report_read_an_xla_gpu_trace():
 
 def test_training_writes_a_trace_and_the_steps_top_ops_and_trains_the_same(tiny_setup, tmp_path, capsys):
   model, data = tiny_setup
-  plain = losses(trainer.run(tiny_config(model, data), str(tmp_path / "plain")))
+  scan = {"model.layer_loop": "scan"}  # one op per layer loop, counted below (GPUs unroll it)
+  plain = losses(trainer.run(tiny_config(model, data, **scan), str(tmp_path / "plain")))
   # A window running past train.steps (6) ends with the run: steps 5 and 6.
-  config = tiny_config(model, data, **{"train.profile_steps": 4, "train.profile_start_step": 5})
+  config = tiny_config(model, data, **{"train.profile_steps": 4, "train.profile_start_step": 5}, **scan)
   profiled = losses(trainer.run(config, str(tmp_path / "run")))
   assert profiled == plain
   files = [f for _, _, fs in os.walk(tmp_path / "run" / "profile") for f in fs]
