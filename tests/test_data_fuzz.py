@@ -3,11 +3,9 @@ typed JSON lines, odd unicode, empty strings, huge records, broken bytes. build_
 succeeds with well-formed rows or raises DataError naming FILE:LINE (or the file); nothing else."""
 
 import json
-import os
 import random
 import re
 
-import numpy as np
 import pytest
 
 from jaxtune.data import pipeline

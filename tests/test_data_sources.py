@@ -1,7 +1,6 @@
 """Data sources and bad data: every bad record is one DataError line FILE:LINE naming the field."""
 
 import json
-import os
 
 import pandas as pd
 import pytest

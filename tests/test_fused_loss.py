@@ -10,7 +10,7 @@ import torch
 
 import hf_tiny
 from jaxtune import train_step
-from jaxtune.models import fused_loss, llama, loading
+from jaxtune.models import fused_loss, loading
 from jaxtune.peft import partition
 
 

@@ -1,7 +1,5 @@
 """LoRA's step does no weight-gradient matmuls for frozen weights: ~4N FLOPs/token instead of ~6N."""
 
-import jax
-import numpy as np
 
 from jaxtune import sharding, trainer
 from jaxtune.data import pipeline
