@@ -1,6 +1,5 @@
 """LoRA's step does no weight-gradient matmuls for frozen weights: ~4N FLOPs/token instead of ~6N."""
 
-
 from jaxtune import sharding, trainer
 from jaxtune.data import pipeline
 from train_helpers import tiny_config
