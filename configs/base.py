@@ -1,6 +1,9 @@
 """The shared base config: every key of the contract, with defaults. Other configs start from it.
 
-Not meant to be run by itself (model.path is empty); see tiny.py, llama_lora.py, forkme.py.
+Runs only with a model and data given (both are empty here); see tiny.py, llama_lora.py, forkme.py:
+
+  python scripts/train.py --config configs/base.py --workdir DIR \
+      --config.model.path=/path/to/hf_folder --config.data.train=data.jsonl
 """
 
 import ml_collections
@@ -117,3 +120,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.precision.param_dtype = "float32"
   c.precision.compute_dtype = "float32"
   return c
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The base config itself, so that every configs/*.py has get_config()."""
+  return get_base_config()

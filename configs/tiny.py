@@ -9,7 +9,7 @@ import os
 
 from configs.base import get_base_config
 
-_DATA = os.path.join(os.path.dirname(__file__), "..", "jaxtune", "data", "demo")
+_DATA = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "jaxtune", "data", "demo"))
 
 
 def get_config():
