@@ -101,6 +101,10 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     raise ConfigError("optimizer.warmup_steps", f"{c.optimizer.warmup_steps} >= train.steps={c.train.steps}")
   _positive(c, "optimizer.weight_decay", allow_zero=True)
   _positive(c, "optimizer.grad_clip", allow_zero=True)
+  for key in ("optimizer.b1", "optimizer.b2"):  # torch's AdamW bounds
+    if not 0 <= _get(c, key) < 1:
+      raise ConfigError(key, f"must be in [0, 1), got {_get(c, key)}")
+  _positive(c, "optimizer.eps", allow_zero=True)
   _positive(c, "dpo.beta")
   _choice(c, "dpo.loss_type", ("sigmoid", "ipo"))
   if not 0 <= c.dpo.label_smoothing < 0.5:

@@ -49,8 +49,19 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   new = json.loads(config.to_json())
   for key in RUN_IDENTITY_KEYS:
     if _get(old, key) != _get(new, key):
+      key = _first_difference(old, new, key)
       raise ConfigError(key, f"the workdir {workdir} holds a run with {key}={_get(old, key)!r}, "
                         f"this config has {_get(new, key)!r}; use a new --workdir")
+
+
+def _first_difference(old: dict, new: dict, key: str) -> str:
+  """The dotted key of the first leaf under `key` (a differing key of two configs) that differs."""
+  a, b = _get(old, key), _get(new, key)
+  if isinstance(a, dict) and isinstance(b, dict):
+    for part in [*b, *(k for k in a if k not in b)]:
+      if a.get(part) != b.get(part):
+        return _first_difference(old, new, f"{key}.{part}")
+  return key
 
 
 def instruction_template(config: ml_collections.ConfigDict, tokenizer) -> str:
@@ -198,6 +209,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=None, load=
     raise ConfigError("train.grad_accum", "each micro-batch must still divide over mesh.data*mesh.fsdp")
   if config.model.attention == "cudnn" and jax.default_backend() != "gpu":
     raise ConfigError("model.attention", f"cudnn needs a GPU; this run's devices are {jax.default_backend()}")
+  if loading.model_path_problem(config.model.path):
+    raise ConfigError("model.path", loading.model_path_problem(config.model.path))
   check_workdir(workdir, config)  # the config errors come before anything touches the workdir
   jax.set_mesh(mesh)  # the run's mesh, seen while tracing (model.attention=splash shards its kernel by it)
   if config.model.attention == "splash" and jax.default_backend() != "tpu" and is_main:

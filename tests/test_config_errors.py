@@ -49,6 +49,9 @@ CASES = [
     ("unknown_objective", ["--config.objective=ppo2"], 1, "error: config.objective: 'ppo2' is not one of"),
     ("bad_learning_rate", ["--config.optimizer.learning_rate=-1e-3"], 1,
      "error: config.optimizer.learning_rate: must be > 0"),
+    ("adam_beta_too_big", ["--config.optimizer.b1=1.5"], 1, "error: config.optimizer.b1: must be in [0, 1), got 1.5"),
+    ("adam_beta_negative", ["--config.optimizer.b2=-3"], 1, "error: config.optimizer.b2: must be in [0, 1), got -3.0"),
+    ("adam_eps_negative", ["--config.optimizer.eps=-1"], 1, "error: config.optimizer.eps: must be >= 0, got -1.0"),
     ("mesh_not_devices", ["--config.mesh.data=3"], 1, "error: config.mesh: data*fsdp*tensor = 3*1*1 = 3 != 1 devices"),
     ("mesh_cannot_fill", ["--config.mesh.fsdp=3"], 8,
      "error: config.mesh.data: cannot fill: 8 devices are not divisible by the other mesh axes' product 3"),
@@ -121,8 +124,11 @@ def test_workdir_of_an_incompatible_run_is_refused_untouched(tiny_setup, tmp_pat
   old.peft.method = "full"
   fill_workdir(tmp_path, json.loads(old.to_json()))
   before = snapshot(tmp_path)
-  last = assert_one_line_error(*train(tmp_path, [], model, data), "error: config.peft: the workdir")
-  assert "peft={'method': 'full'" in last and "use a new --workdir" in last
+  last = assert_one_line_error(*train(tmp_path, [], model, data), "error: config.peft.method: the workdir")
+  assert "peft.method='full', this config has 'lora'; use a new --workdir" in last
+  assert_one_line_error(*train(tmp_path, ["--config.peft.method=full", "--config.peft.lora.rank=8"], model, data),
+                        f"error: config.peft.lora.rank: the workdir {tmp_path} holds a run with peft.lora.rank=4, "
+                        "this config has 8; use a new --workdir")
   assert snapshot(tmp_path) == before
 
 
@@ -149,4 +155,13 @@ def test_bad_data_and_model_paths_are_one_line(tiny_setup, tmp_path):
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": \n')
   assert_one_line_error(*train(tmp_path / "a", [], model, str(bad)), f"error: {bad}:3: invalid JSON")
-  assert_one_line_error(*train(tmp_path / "b", [], str(tmp_path / "no_model"), data), "error: ")
+  assert_one_line_error(*train(tmp_path / "b", [], str(tmp_path / "no_model"), data),
+                        f"error: config.model.path: model path '{tmp_path / 'no_model'}' is neither")
+  assert not os.path.exists(tmp_path / "b"), "the workdir was created"
+  assert_one_line_error(*train(tmp_path / "c", [], str(tmp_path), data),
+                        f"error: config.model.path: model folder '{tmp_path}' has no config.json")
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("")
+  assert_one_line_error(*train(tmp_path / "d", [], model, str(empty)), f"error: {empty}: no records")
+  assert_one_line_error(*train(tmp_path / "e", [f"--config.data.eval={empty}"], model, data),
+                        f"error: {empty}: no records")

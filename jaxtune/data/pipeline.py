@@ -171,15 +171,23 @@ def _describe(source) -> str:
   return source if isinstance(source, str) else ", ".join(source)
 
 
+def _not_empty(records: Records, source) -> Records:
+  """`records`, or a DataError naming the source (an empty file, or every line skipped as malformed)."""
+  if not len(records):
+    skipped = f" ({len(records.errors)} malformed skipped)" if records.errors else ""
+    raise DataError(f"{_describe(source)}: no records{skipped}")
+  return records
+
+
 def load_splits(train: str | Sequence[str], evaluation: str | Sequence[str] | None = None, *,
                 eval_fraction: float = 0.0, seed: int = 0, field_map: Mapping[str, str] | None = None,
                 lenient: bool = False) -> tuple[Records, Records | None]:
   """(train, eval) records: eval from its own source, or a seeded held-out fraction, or None."""
-  records = read_records(train, field_map=field_map, lenient=lenient)
+  records = _not_empty(read_records(train, field_map=field_map, lenient=lenient), train)
   if evaluation:
     if eval_fraction:
       raise DataError("give data.eval or data.eval_fraction, not both")
-    return records, read_records(evaluation, field_map=field_map, lenient=lenient)
+    return records, _not_empty(read_records(evaluation, field_map=field_map, lenient=lenient), evaluation)
   if eval_fraction:
     return split_records(records, eval_fraction, seed)
   return records, None

@@ -131,15 +131,26 @@ def load_hf_folder(folder: str, dtype=jnp.float32, shardings=None) -> tuple[Mode
   return cfg, params_from_tensors(cfg, get, dtype, shardings)
 
 
+def model_path_problem(path: str) -> str:
+  """Why `path` is no model to load ("" when it is one: a .gguf file or a folder with config.json)."""
+  if path.endswith(".gguf"):
+    return "" if os.path.isfile(path) else f"GGUF file {path!r} not found"
+  if not os.path.isdir(path):
+    return f"model path {path!r} is neither a Hugging Face folder nor a .gguf file"
+  if not os.path.isfile(os.path.join(path, "config.json")):
+    return f"model folder {path!r} has no config.json"
+  return ""
+
+
 def load_model(path: str, dtype=jnp.float32, shardings=None) -> tuple[ModelConfig, llama.Params]:
   """A Hugging Face folder or a .gguf file -> (config, params)."""
+  if model_path_problem(path):
+    raise FileNotFoundError(model_path_problem(path))
   if path.endswith(".gguf"):
     from jaxtune.models import gguf_loading  # gguf reading is only needed for .gguf files
     hf_config, get = gguf_loading.gguf_tensors(path)
     cfg = config_from_hf(hf_config)
     return cfg, params_from_tensors(cfg, get, dtype, shardings)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"model path {path!r} is neither a Hugging Face folder nor a .gguf file")
   return load_hf_folder(path, dtype, shardings)
 
 
