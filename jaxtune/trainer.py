@@ -293,6 +293,18 @@ def step_profiler(config: ml_collections.ConfigDict, workdir: str) -> profiling.
                                 config.train.profile_steps, enabled=jax.process_index() == 0)
 
 
+def is_eval_step(step: int, steps: int, eval_every: int) -> bool:
+  """Eval after every `eval_every`-th step and after the run's last step (eval_every=0: only then)."""
+  return step == steps or bool(eval_every) and step % eval_every == 0
+
+
+def check_start(start: int, steps: int, workdir: str) -> None:
+  """A workdir whose newest checkpoint is past train.steps cannot be trained to train.steps."""
+  if start > steps:
+    raise ConfigError("train.steps", f"{steps} < {start}, the step of the newest checkpoint in {workdir}: "
+                      "raise train.steps or use a new --workdir")
+
+
 def trim_metrics(workdir: str, step: int) -> None:
   """Drops metrics rows after `step` (and a line torn by a kill): the resumed run logs them again."""
   path = epath.Path(workdir) / "metrics.jsonl"
@@ -336,6 +348,7 @@ def _train(config, workdir: str, stop: StopSignals, stop_after: int | None, loss
                                    jax.process_index(), jax.process_count())
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
   start = manager.latest_step() or 0  # only complete checkpoints: Orbax renames a save when done
+  check_start(start, steps, workdir)
   skipped = 0  # non-finite steps skipped (train.skip_nonfinite), over the whole run
   tokens_seen = 0  # non-padding input tokens of every process, over the whole run (logged steps)
   if start:
@@ -384,7 +397,8 @@ def _train(config, workdir: str, stop: StopSignals, stop_after: int | None, loss
       if window_start is None:  # the first step compiles: time from its end
         jax.block_until_ready(metrics)
         window_start = time.perf_counter()
-      is_log = step % config.train.log_every == 0 or step == last
+      is_eval = eval_data is not None and is_eval_step(step, steps, config.train.eval_every)
+      is_log = step % config.train.log_every == 0 or step == last or is_eval
       is_save = step == last or (config.train.checkpoint_every and step % config.train.checkpoint_every == 0)
       if is_log or is_save:
         pending, skipped = _check_finite(pending, checked, skipped, config, manager)
@@ -401,22 +415,16 @@ def _train(config, workdir: str, stop: StopSignals, stop_after: int | None, loss
                     if k not in ("loss", "grad_norm", "finite", "tokens", "input_tokens")})
         if config.train.skip_nonfinite:
           row["skipped_steps"] = skipped
-        pending, window_start = [], time.perf_counter()
-        if eval_data is not None and config.train.eval_every and step % config.train.eval_every == 0:
+        if is_eval:
           row.update(evaluate_dataset(eval_fn, trainable, frozen, eval_data, config.train.batch_size, mesh,
                                       config.train.eval_batches))
+        pending, window_start = [], time.perf_counter()  # after the eval: the next window times steps only
         log.write(row)
         rows.append(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:.0f}")
       bar.update(1)
       if is_save:
         save(step)
-    evaluated_last = config.train.eval_every and last % config.train.eval_every == 0
-    if eval_data is not None and last == steps and not evaluated_last:
-      row = {"step": last, **evaluate_dataset(eval_fn, trainable, frozen, eval_data, config.train.batch_size,
-                                              mesh, config.train.eval_batches)}
-      log.write(row)
-      rows.append(row)
   finally:  # also on errors and signals: the newest checkpoint is complete before we leave
     profiler.finish()
     bar.close()

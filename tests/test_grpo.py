@@ -9,6 +9,7 @@ import pytest
 
 from jaxtune import trainer
 from jaxtune.data import pipeline
+from jaxtune.metrics_log import read_metrics
 from jaxtune.models import loading
 from jaxtune.objectives import grpo, reward
 from jaxtune.train_step import StepSpec
@@ -153,6 +154,18 @@ def test_grpo_resume_is_exact(tiny_setup, tmp_path):
   assert trainer.max_targets_per_row(prompts) == 8  # the LM head runs at grpo.max_new_tokens=4, rounded up
   for key in ("loss", "reward_mean", "kl", "tokens_seen"):
     assert [r[key] for r in second] == [r[key] for r in straight[2:]], key
+
+
+def test_grpo_final_eval_is_in_the_last_row_once(tiny_setup, tmp_path):
+  model, _ = tiny_setup
+  data = os.path.join(DATA, "train.jsonl")
+  kw = {"objective": "grpo", "data.format": "preference", "data.seq_len": 48, "data.eval": data, "train.steps": 3,
+        "train.log_every": 2, "train.eval_batches": 1, "train.batch_size": 8, "grpo.group_size": 4,
+        "grpo.max_new_tokens": 4, "grpo.reward_fn": DIGITS}
+  rows = trainer.run(tiny_config(model, data, **kw), str(tmp_path))
+  assert [r["step"] for r in rows] == [2, 3] and "loss" in rows[-1] and "eval_reward_mean" in rows[-1]
+  assert trainer.run(tiny_config(model, data, **kw), str(tmp_path)) == []
+  assert read_metrics(str(tmp_path)) == rows
 
 
 def test_eval_reward_is_the_mean_over_real_prompts_only(peaked_model):

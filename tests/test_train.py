@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from jaxtune import trainer, workdir
+from jaxtune.config_checks import ConfigError
 from jaxtune.data import pipeline
 from jaxtune.metrics_log import read_metrics
 from jaxtune.models import loading
@@ -62,6 +63,22 @@ def test_outputs_follow_the_contract(tiny_setup, tmp_path):
   assert counts["trainable_params"] == 2 * per_layer
   assert counts["total_params"] > counts["trainable_params"]
   assert json.load(open(tmp_path / "config.json"))["peft"]["method"] == "lora"
+
+
+def test_eval_rows_follow_eval_every_and_a_rerun_logs_nothing(tiny_setup, tmp_path):
+  """An eval after every eval_every-th step (log step or not) and after the last, in that step's row;
+  rerunning the finished run logs nothing, and asking for fewer steps than its checkpoint is refused."""
+  model, data = tiny_setup
+  kw = {"data.eval": data, "train.steps": 5, "train.log_every": 3, "train.eval_every": 2, "train.eval_batches": 1}
+  trainer.run(tiny_config(model, data, **kw), str(tmp_path))
+  rows = read_metrics(str(tmp_path))
+  assert [r["step"] for r in rows] == [2, 3, 4, 5]
+  assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4, 5]
+  assert all({"loss", "learning_rate", "tokens_per_sec"} <= set(r) for r in rows)
+  assert trainer.run(tiny_config(model, data, **kw), str(tmp_path)) == []
+  with pytest.raises(ConfigError, match=r"config.train.steps: 4 < 5"):
+    trainer.run(tiny_config(model, data, **{**kw, "train.steps": 4}), str(tmp_path))
+  assert read_metrics(str(tmp_path)) == rows
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

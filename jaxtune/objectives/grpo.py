@@ -298,6 +298,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   batches = pipeline.BatchIterator(r.train_data, prompts_per_round, config.train.seed, jax.process_index(), P)
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
   step = manager.latest_step() or 0
+  trainer.check_start(step, config.train.steps, workdir)
   tokens_seen = 0  # non-padding input tokens over the whole run
   if step:
     state, meta = checkpoint.restore(manager, step, {"trainable": trainable, "opt_state": opt_state, "rng": rng})
@@ -352,7 +353,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
           profiler.before_step(step, lambda: r.step_fn.lower(*args), (trainable, opt_state))
           trainable, opt_state, metrics = r.step_fn(*args)
           profiler.after_step(step, metrics)
-          if step % config.train.log_every and step != last:
+          is_eval = r.eval_data is not None and trainer.is_eval_step(step, config.train.steps, config.train.eval_every)
+          if step % config.train.log_every and step != last and not is_eval:
             continue
           m = jax.device_get(metrics)
           if not m["finite"]:
@@ -362,7 +364,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
                  "tokens_per_sec": window_tokens / max(elapsed, 1e-9),
                  "tokens_seen": tokens_seen, "grad_norm": float(m["grad_norm"]), "kl": float(m["kl"]),
                  "clip_fraction": float(m["clip_fraction"]), **sampled}
-          if r.eval_data is not None and config.train.eval_every and step % config.train.eval_every == 0:
+          if is_eval:
             row.update(evaluate_rewards(partition.merge(trainable, frozen), spec, tokenizer, r.eval_data, config, fn,
                                         mesh))
           log.write(row)
@@ -373,12 +375,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
         every = config.train.checkpoint_every
         if step == last or (every and step % every < g.updates_per_batch):
           save(step)
-      evaluated_last = config.train.eval_every and last % config.train.eval_every == 0
-      if r.eval_data is not None and last == config.train.steps and not evaluated_last:
-        row = {"step": last, **evaluate_rewards(partition.merge(trainable, frozen), spec, tokenizer, r.eval_data,
-                                                config, fn, mesh)}
-        log.write(row)
-        rows.append(row)
     finally:  # also on errors and signals: the newest checkpoint is complete before we leave
       profiler.finish()
       manager.wait_until_finished()
