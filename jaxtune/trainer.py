@@ -40,12 +40,41 @@ def _get(tree: dict, dotted: str):
   return tree
 
 
+def _set(tree: dict, dotted: str, value) -> None:
+  *parents, leaf = dotted.split(".")
+  for part in parents:
+    tree = tree.setdefault(part, {})
+  tree[leaf] = value
+
+
+PATH_KEYS = ("model.path", "model.tokenizer", "data.train", "data.eval")
+
+
+def absolute_if_local(path: str) -> str:
+  """A relative path that exists here, made absolute; anything else (a gs:// path, a datasets name) as is."""
+  local = os.path.expanduser(path)
+  if path and "://" not in path and not os.path.isabs(local) and os.path.exists(local):
+    return os.path.abspath(local)
+  return path
+
+
+def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with its local model and data paths absolute, so that the config.json a run writes
+  (which export.py, evaluate.py --adapter and a resumed run read) works from any directory."""
+  config = config.copy_and_resolve_references()
+  config.update_from_flattened_dict({key: absolute_if_local(_get(config.to_dict(), key)) for key in PATH_KEYS})
+  return config
+
+
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   """A workdir already holding a run with another identity is an error (nothing is touched)."""
   path = epath.Path(workdir) / "config.json"
   if not path.exists():
     return
   old = json.loads(path.read_text())
+  for key in PATH_KEYS:  # a run from before paths were stored absolute
+    if isinstance(_get(old, key), str):
+      _set(old, key, absolute_if_local(_get(old, key)))
   new = json.loads(config.to_json())
   for key in RUN_IDENTITY_KEYS:
     if _get(old, key) != _get(new, key):
@@ -215,11 +244,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=None, load=
   jax.set_mesh(mesh)  # the run's mesh, seen while tracing (model.attention=splash shards its kernel by it)
   if config.model.attention == "splash" and jax.default_backend() != "tpu" and is_main:
     print("warning: model.attention=splash off a TPU runs the kernel in Pallas' interpreter (slow)", flush=True)
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
   if config.train.compilation_cache:
     use_compilation_cache(config.train.compilation_cache)
   tokenizer = loading.load_tokenizer(config.model.tokenizer or config.model.path)
   train_data, eval_data = load(config, tokenizer)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://; after the data's errors
   if is_main:
     print(f"data: train {train_data.stats.summary()}", flush=True)
   model = build_model(config, mesh)

@@ -35,7 +35,7 @@ def main(argv):
   check_config(config)  # before anything starts: no devices, no files
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
-    trainer.run(config, _WORKDIR.value)
+    trainer.run(trainer.with_absolute_paths(config), _WORKDIR.value)
   except trainer.TrainingInterrupted as e:
     print(e, file=sys.stderr, flush=True)
     sys.exit(e.exit_code)

@@ -75,12 +75,12 @@ def snapshot(folder) -> dict[str, tuple[int, str]]:
   return out
 
 
-def train(workdir, extra, model, data, devices=1, wait=True):
+def train(workdir, extra, model, data, devices=1, wait=True, cwd=None):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   args = [sys.executable, TRAIN, "--config", TINY, "--workdir", str(workdir), f"--config.model.path={model}",
           "--config.optimizer.warmup_steps=0",
           f"--config.data.train={data}", "--config.data.eval=", "--config.data.seq_len=64", *extra]
-  proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
   return proc.communicate(timeout=300) + (proc.returncode,) if wait else proc
 
 
@@ -165,3 +165,31 @@ def test_bad_data_and_model_paths_are_one_line(tiny_setup, tmp_path):
   assert_one_line_error(*train(tmp_path / "d", [], model, str(empty)), f"error: {empty}: no records")
   assert_one_line_error(*train(tmp_path / "e", [f"--config.data.eval={empty}"], model, data),
                         f"error: {empty}: no records")
+  assert not any(os.path.exists(tmp_path / name) for name in "abcde"), "a workdir was created"
+
+
+def test_relative_paths_are_stored_absolute(tiny_setup, tmp_path, monkeypatch):
+  """Relative model and data paths go into config.json absolute: export.py works from any directory,
+  and the same relative command resumes; a workdir written with relative paths still matches."""
+  model, data = tiny_setup
+  os.symlink(model, tmp_path / "model")
+  shutil.copy(data, tmp_path / "train.jsonl")
+  flags = ["--config.train.steps=1", "--config.train.batch_size=2"]
+  out, err, rc = train("run", flags, "model", "train.jsonl", cwd=tmp_path)
+  assert rc == 0, err[-2000:]
+  stored = json.load(open(tmp_path / "run" / "config.json"))
+  assert (stored["model"]["path"], stored["data"]["train"]) == (str(tmp_path / "model"), str(tmp_path / "train.jsonl"))
+  export = subprocess.run([sys.executable, os.path.join(HERE, "..", "scripts", "export.py"), "--workdir",
+                           str(tmp_path / "run"), "--out", str(tmp_path / "adapter"), "--format", "peft"],
+                          capture_output=True, text=True, cwd=HERE, timeout=300)
+  assert export.returncode == 0, export.stderr[-2000:]
+  out, err, rc = train("run", ["--config.train.steps=2", "--config.train.batch_size=2"], "model", "train.jsonl",
+                       cwd=tmp_path)
+  assert rc == 0, err[-2000:]
+  assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+  stored["model"]["path"], stored["data"]["train"] = "model", "train.jsonl"  # as an older version wrote them
+  (tmp_path / "run" / "config.json").write_text(json.dumps(stored))
+  import ml_collections
+  from jaxtune import trainer
+  monkeypatch.chdir(tmp_path)
+  trainer.check_workdir(str(tmp_path / "run"), trainer.with_absolute_paths(ml_collections.ConfigDict(stored)))
