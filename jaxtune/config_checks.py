@@ -37,6 +37,11 @@ def _positive(c, key, allow_zero=False):
     raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def _fraction(c, key):
+  if not 0 <= _get(c, key) < 1:
+    raise ConfigError(key, f"must be in [0, 1), got {_get(c, key)}")
+
+
 def _get(c, key):
   node = c
   for part in key.split("."):
@@ -52,8 +57,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   _choice(c, "peft.method", METHODS)
   _positive(c, "peft.lora.rank")
   _positive(c, "peft.lora.alpha")
-  if not 0 <= c.peft.lora.dropout < 1:
-    raise ConfigError("peft.lora.dropout", f"must be in [0, 1), got {c.peft.lora.dropout}")
+  _fraction(c, "peft.lora.dropout")
   for key in ("peft.lora.targets", "peft.ia3.targets", "peft.ia3.feedforward"):
     try:
       re.compile(_get(c, key))
@@ -78,8 +82,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   _positive(c, "data.seq_len")
   if c.data.seq_len < 2:
     raise ConfigError("data.seq_len", "must be >= 2")
-  if not 0 <= c.data.eval_fraction < 1:
-    raise ConfigError("data.eval_fraction", f"must be in [0, 1), got {c.data.eval_fraction}")
+  _fraction(c, "data.eval_fraction")
   for key in ("train.steps", "train.batch_size", "train.grad_accum", "train.log_every",
               "train.keep_checkpoints"):
     _positive(c, key)
@@ -101,9 +104,8 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     raise ConfigError("optimizer.warmup_steps", f"{c.optimizer.warmup_steps} >= train.steps={c.train.steps}")
   _positive(c, "optimizer.weight_decay", allow_zero=True)
   _positive(c, "optimizer.grad_clip", allow_zero=True)
-  for key in ("optimizer.b1", "optimizer.b2"):  # torch's AdamW bounds
-    if not 0 <= _get(c, key) < 1:
-      raise ConfigError(key, f"must be in [0, 1), got {_get(c, key)}")
+  _fraction(c, "optimizer.b1")  # torch's AdamW bounds
+  _fraction(c, "optimizer.b2")
   _positive(c, "optimizer.eps", allow_zero=True)
   _positive(c, "dpo.beta")
   _choice(c, "dpo.loss_type", ("sigmoid", "ipo"))

@@ -58,11 +58,16 @@ def absolute_if_local(path: str) -> str:
   return path
 
 
+def _absolute_paths(tree: dict) -> dict:
+  """{dotted key: value made absolute} for the PATH_KEYS a config tree holds."""
+  return {key: absolute_if_local(_get(tree, key)) for key in PATH_KEYS if isinstance(_get(tree, key), str)}
+
+
 def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config` with its local model and data paths absolute, so that the config.json a run writes
   (which export.py, evaluate.py --adapter and a resumed run read) works from any directory."""
   config = config.copy_and_resolve_references()
-  config.update_from_flattened_dict({key: absolute_if_local(_get(config.to_dict(), key)) for key in PATH_KEYS})
+  config.update_from_flattened_dict(_absolute_paths(config.to_dict()))
   return config
 
 
@@ -72,9 +77,8 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   if not path.exists():
     return
   old = json.loads(path.read_text())
-  for key in PATH_KEYS:  # a run from before paths were stored absolute
-    if isinstance(_get(old, key), str):
-      _set(old, key, absolute_if_local(_get(old, key)))
+  for key, path in _absolute_paths(old).items():  # a run from before paths were stored absolute
+    _set(old, key, path)
   new = json.loads(config.to_json())
   for key in RUN_IDENTITY_KEYS:
     if _get(old, key) != _get(new, key):
@@ -238,8 +242,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=None, load=
     raise ConfigError("train.grad_accum", "each micro-batch must still divide over mesh.data*mesh.fsdp")
   if config.model.attention == "cudnn" and jax.default_backend() != "gpu":
     raise ConfigError("model.attention", f"cudnn needs a GPU; this run's devices are {jax.default_backend()}")
-  if loading.model_path_problem(config.model.path):
-    raise ConfigError("model.path", loading.model_path_problem(config.model.path))
+  if problem := loading.model_path_problem(config.model.path):
+    raise ConfigError("model.path", problem)
   check_workdir(workdir, config)  # the config errors come before anything touches the workdir
   jax.set_mesh(mesh)  # the run's mesh, seen while tracing (model.attention=splash shards its kernel by it)
   if config.model.attention == "splash" and jax.default_backend() != "tpu" and is_main:

@@ -144,8 +144,8 @@ def model_path_problem(path: str) -> str:
 
 def load_model(path: str, dtype=jnp.float32, shardings=None) -> tuple[ModelConfig, llama.Params]:
   """A Hugging Face folder or a .gguf file -> (config, params)."""
-  if model_path_problem(path):
-    raise FileNotFoundError(model_path_problem(path))
+  if problem := model_path_problem(path):
+    raise FileNotFoundError(problem)
   if path.endswith(".gguf"):
     from jaxtune.models import gguf_loading  # gguf reading is only needed for .gguf files
     hf_config, get = gguf_loading.gguf_tensors(path)
