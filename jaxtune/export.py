@@ -22,13 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtune.models import llama
-from jaxtune.models.config import ModelConfig
+from jaxtune.models.config import CAUSAL_LM_CLASSES, ModelConfig
 from jaxtune.models.loading import flatten, hf_name_of
 from jaxtune.peft import ia3, lora, partition
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
 _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 class ExportError(ValueError):
@@ -168,7 +167,7 @@ def hf_config_of(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
                 original_max_position_embeddings=cfg.rope_original_max_positions)
   eos = list(cfg.eos_token_ids)
   hf = {
-      "architectures": [_ARCHITECTURES[cfg.model_type]],
+      "architectures": [CAUSAL_LM_CLASSES[cfg.model_type]],
       "model_type": cfg.model_type,
       "vocab_size": cfg.vocab_size,
       "hidden_size": cfg.hidden_size,
@@ -196,6 +195,8 @@ def hf_config_of(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
     hf["mlp_bias"] = cfg.mlp_bias
   if cfg.model_type == "mistral":
     hf["sliding_window"] = cfg.sliding_window
+  if cfg.model_type == "qwen3":
+    hf["use_sliding_window"] = False
   return hf
 
 
@@ -280,7 +281,7 @@ def sequence_classification_config(hf: dict[str, Any], tokenizer) -> dict[str, A
   HF scores the last token that is not pad_token_id, so one must be set: the model's, else the
   tokenizer's pad or eos token.
   """
-  out = dict(hf, architectures=[_ARCHITECTURES[hf["model_type"]].replace("CausalLM", "SequenceClassification")],
+  out = dict(hf, architectures=[CAUSAL_LM_CLASSES[hf["model_type"]].replace("CausalLM", "SequenceClassification")],
              id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
   if out.get("pad_token_id") is None and tokenizer is not None:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

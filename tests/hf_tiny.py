@@ -19,6 +19,8 @@ FAMILIES = {
     "mistral": ("mistral", dict(sliding_window=4096, tie_word_embeddings=False)),
     "mistral_window": ("mistral", dict(sliding_window=8, tie_word_embeddings=False)),
     "qwen2": ("qwen2", dict(tie_word_embeddings=True)),
+    # q_norm/k_norm, and heads wider than hidden / heads (q is 128 wide on a 64-wide model)
+    "qwen3": ("qwen3", dict(tie_word_embeddings=True, head_dim=32)),
     "smollm2": ("llama", dict(tie_word_embeddings=True, num_attention_heads=8,
                               num_key_value_heads=2, rope_parameters={"rope_type": "default",
                                                                       "rope_theta": 100000.0})),
@@ -31,7 +33,7 @@ def build_hf_model(family: str, seed: int = 0):
   import transformers
   model_type, extra = FAMILIES[family]
   config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                "qwen2": transformers.Qwen2Config}[model_type]
+                "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[model_type]
   kwargs = dict(TINY, **extra)
   config = config_cls(**kwargs)
   torch.manual_seed(seed)

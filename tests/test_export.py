@@ -221,6 +221,29 @@ def test_lora_on_smollm2_gguf_exports_a_working_hf_model(data_file, tmp_path):
   assert abs(ours - theirs) < TOL
 
 
+def test_qwen3_exports_match_peft_and_transformers(tmp_path_factory, data_file, tmp_path):
+  """Qwen3's q_norm/k_norm survive both exports: LoRA as a PEFT adapter, and a merged folder (config
+  rebuilt from the ModelConfig) after the norms themselves were trained."""
+  folder = hf_tiny.tiny_folder(tmp_path_factory, "qwen3")
+  cfg, params = trained_lora(folder)
+  assert cfg.qk_norm and params["layers"]["self_attn"]["q_norm"].shape == (cfg.num_layers, cfg.head_dim)
+  runtime = llama.PeftRuntime(lora_scale=lora.lora_scale(4, 8.0))
+  tokenizer = loading.load_tokenizer(folder)
+  export.write_peft(str(tmp_path / "peft"), cfg, params, "lora", lora_settings(8.0, False), folder)
+  adapted = peft.PeftModel.from_pretrained(hf_model(folder), str(tmp_path / "peft")).eval()
+  assert abs(jax_loss(params, cfg, runtime, data_file, tokenizer) - torch_loss(adapted, tokenizer)) < TOL
+
+  attn = params["layers"]["self_attn"]
+  attn["q_norm"], attn["k_norm"] = attn["q_norm"] * 1.5, attn["k_norm"] * 0.5
+  ours = jax_loss(params, cfg, runtime, data_file, tokenizer)
+  export.write_hf(str(tmp_path / "hf"), cfg, params, runtime, tokenizer, None)
+  merged = hf_model(str(tmp_path / "hf"))
+  assert type(merged).__name__ == "Qwen3ForCausalLM"
+  theirs = torch_loss(merged, tokenizer)
+  print(f"qwen3 merged export: jaxtune {ours:.6f} transformers {theirs:.6f}")
+  assert abs(ours - theirs) < TOL and abs(theirs - torch_loss(adapted, tokenizer)) > 1e-3
+
+
 def test_hf_config_round_trips_for_every_family():
   for family in hf_tiny.FAMILIES:
     cfg = config_from_hf(hf_tiny.build_hf_model(family).config.to_dict())

@@ -120,7 +120,8 @@ def llama31_model():
 
 
 TINY_CASES = [("llama_untied", "llama"), ("smollm2", "llama"), ("llama_bias", "llama"),
-              ("llama_linear_rope", "llama"), ("llama31", "llama"), ("qwen2", "qwen2")]
+              ("llama_linear_rope", "llama"), ("llama31", "llama"), ("qwen2", "qwen2"),
+              ("qwen3", "qwen3")]
 
 
 @pytest.mark.parametrize("family,arch", TINY_CASES)

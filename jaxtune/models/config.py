@@ -7,7 +7,10 @@ import json
 import os
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# transformers' causal-LM class of each model type (config.json's "architectures")
+CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -38,6 +41,7 @@ class ModelConfig:
   qkv_bias: bool = False
   o_bias: bool = False
   mlp_bias: bool = False
+  qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
   sliding_window: int | None = None
   model_type: str = "llama"
   bos_token_id: int | None = None
@@ -104,8 +108,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
   sliding_window = None
   if model_type == "mistral":
     sliding_window = hf.get("sliding_window")
-  elif model_type == "qwen2" and hf.get("use_sliding_window"):
-    raise UnsupportedModelError("qwen2 use_sliding_window=True (per-layer windows) is not supported")
+  elif model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+    raise UnsupportedModelError(f"{model_type} use_sliding_window=True (per-layer windows) is not supported")
   attention_bias = bool(hf.get("attention_bias", False))
   return ModelConfig(
       vocab_size=int(hf["vocab_size"]),
@@ -121,6 +125,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
       qkv_bias=attention_bias or model_type == "qwen2",
       o_bias=attention_bias,
       mlp_bias=bool(hf.get("mlp_bias", False)),
+      qk_norm=model_type == "qwen3",
       sliding_window=int(sliding_window) if sliding_window else None,
       model_type=model_type,
       bos_token_id=hf.get("bos_token_id"),

@@ -14,11 +14,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jaxtune.models.config import UnsupportedModelError
+from jaxtune.models.config import CAUSAL_LM_CLASSES, UnsupportedModelError
 
 # llama.cpp architectures whose tensors map onto jaxtune's decoder. "llama" covers Llama 1-3,
 # Mistral and SmolLM2 (llama.cpp writes them all as llama).
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # llama.cpp's converter permutes the rows of Q and K (and their biases) for these architectures only.
 _PERMUTED_QK = ("llama",)
 
@@ -105,7 +105,7 @@ def hf_config_of(reader, path: str) -> dict[str, Any]:
     vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
   hf_config = {
       "model_type": arch,
-      "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"],
+      "architectures": [CAUSAL_LM_CLASSES[arch]],
       "vocab_size": int(vocab),
       "hidden_size": hidden,
       "intermediate_size": int(key("feed_forward_length")),

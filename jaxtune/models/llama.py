@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) as pure functions over a param pytree.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) as pure functions over a param
+pytree.
 
 The params are a nested dict whose keys keep Hugging Face's module names, with the layers stacked
 on a leading axis (scanned), e.g. `layers/self_attn/q_proj/kernel` has shape L x D x (H*hd).
@@ -66,6 +67,8 @@ def param_shapes(cfg: ModelConfig) -> Params:
       },
       "norm": (D,),
   }
+  if cfg.qk_norm:
+    tree["layers"]["self_attn"].update(q_norm=(L, cfg.head_dim), k_norm=(L, cfg.head_dim))
   if not cfg.tie_word_embeddings:
     tree["lm_head"] = {"kernel": (D, V)}
   return tree
@@ -81,7 +84,7 @@ def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32, std: float 
   keys = jax.random.split(rng, len(leaves))
   out = []
   for path, shape, key in zip(paths, leaves, keys):
-    if path.endswith("layernorm") or path == "norm":
+    if path.endswith("norm"):
       out.append(jnp.ones(shape, dtype))
     elif path.endswith("bias"):
       out.append(jnp.zeros(shape, dtype))
@@ -114,6 +117,8 @@ def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
     axes = ("embed", "vocab")
   elif name in ("input_layernorm", "post_attention_layernorm", "norm"):
     axes = lead + ("norm",)
+  elif name in ("q_norm", "k_norm"):
+    axes = lead + ("head_dim",)
   elif len(parts) >= 2 and parts[-2] in _KERNEL_AXES:
     n_in, n_out = _KERNEL_AXES[parts[-2]]
     axes = {"kernel": lead + (n_in, n_out), "bias": lead + (n_out,),
@@ -252,6 +257,8 @@ def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs, seg
   q = dense(attn["q_proj"], h, peft, rngs[0]).reshape(B, T, cfg.num_heads, cfg.head_dim)
   k = dense(attn["k_proj"], h, peft, rngs[1]).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
   v = dense(attn["v_proj"], h, peft, rngs[2]).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+  if "q_norm" in attn:  # Qwen3
+    q, k = rms_norm(q, attn["q_norm"], cfg.rms_norm_eps), rms_norm(k, attn["k_norm"], cfg.rms_norm_eps)
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
   new_kv = None
   if cache_kv is not None:
