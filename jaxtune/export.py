@@ -176,7 +176,7 @@ def hf_config_of(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
       "num_attention_heads": cfg.num_heads,
       "num_key_value_heads": cfg.num_kv_heads,
       "head_dim": cfg.head_dim,
-      "hidden_act": "silu",
+      "hidden_act": cfg.hidden_act,
       "rms_norm_eps": cfg.rms_norm_eps,
       "max_position_embeddings": cfg.max_position_embeddings,
       "rope_parameters": rope,
@@ -197,7 +197,21 @@ def hf_config_of(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
     hf["sliding_window"] = cfg.sliding_window
   if cfg.model_type == "qwen3":
     hf["use_sliding_window"] = False
+  if cfg.model_type == "gemma3_text":
+    hf.update(_gemma3_config(cfg, rope))
   return hf
+
+
+def _gemma3_config(cfg: ModelConfig, rope: dict[str, Any]) -> dict[str, Any]:
+  """Gemma 3's own config.json keys (see config._gemma3_fields)."""
+  return {
+      "hidden_activation": cfg.hidden_act,
+      "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
+      "sliding_window": cfg.sliding_window,
+      "layer_types": ["sliding_attention" if s else "full_attention" for s in cfg.sliding_layers],
+      "rope_parameters": {"full_attention": rope,
+                          "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_rope_theta}},
+  }
 
 
 def _eos_ids(cfg: ModelConfig, tokenizer, source: dict[str, Any]) -> list[int]:
@@ -281,7 +295,8 @@ def sequence_classification_config(hf: dict[str, Any], tokenizer) -> dict[str, A
   HF scores the last token that is not pad_token_id, so one must be set: the model's, else the
   tokenizer's pad or eos token.
   """
-  out = dict(hf, architectures=[CAUSAL_LM_CLASSES[hf["model_type"]].replace("CausalLM", "SequenceClassification")],
+  causal_lm = CAUSAL_LM_CLASSES[hf["model_type"]].replace("Gemma3For", "Gemma3TextFor")  # text-only head
+  out = dict(hf, architectures=[causal_lm.replace("CausalLM", "SequenceClassification")],
              id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
   if out.get("pad_token_id") is None and tokenizer is not None:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

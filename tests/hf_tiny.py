@@ -21,6 +21,10 @@ FAMILIES = {
     "qwen2": ("qwen2", dict(tie_word_embeddings=True)),
     # q_norm/k_norm, and heads wider than hidden / heads (q is 128 wide on a 64-wide model)
     "qwen3": ("qwen3", dict(tie_word_embeddings=True, head_dim=32)),
+    # Gemma 3 (text): sandwich norms scaling by 1 + w, GeGLU, scaled embeddings, q/k norms, scores
+    # scaled by 1/sqrt(24), a windowed layer (own rope base) before a global one
+    "gemma3": ("gemma3_text", dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
+                                   layer_types=["sliding_attention", "full_attention"])),
     "smollm2": ("llama", dict(tie_word_embeddings=True, num_attention_heads=8,
                               num_key_value_heads=2, rope_parameters={"rope_type": "default",
                                                                       "rope_theta": 100000.0})),
@@ -33,7 +37,8 @@ def build_hf_model(family: str, seed: int = 0):
   import transformers
   model_type, extra = FAMILIES[family]
   config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[model_type]
+                "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+                "gemma3_text": transformers.Gemma3TextConfig}[model_type]
   kwargs = dict(TINY, **extra)
   config = config_cls(**kwargs)
   torch.manual_seed(seed)

@@ -17,7 +17,7 @@ import transformers
 import hf_tiny
 from jaxtune import evaluation, export, peft_io
 from jaxtune.models import llama, loading
-from jaxtune.models.config import config_from_hf
+from jaxtune.models.config import CAUSAL_LM_CLASSES, config_from_hf
 from jaxtune.peft import adapter, ia3, lora, prefix
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "jaxtune exports to peft and transformers",
@@ -221,10 +221,11 @@ def test_lora_on_smollm2_gguf_exports_a_working_hf_model(data_file, tmp_path):
   assert abs(ours - theirs) < TOL
 
 
-def test_qwen3_exports_match_peft_and_transformers(tmp_path_factory, data_file, tmp_path):
-  """Qwen3's q_norm/k_norm survive both exports: LoRA as a PEFT adapter, and a merged folder (config
-  rebuilt from the ModelConfig) after the norms themselves were trained."""
-  folder = hf_tiny.tiny_folder(tmp_path_factory, "qwen3")
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_qk_norm_families_export_to_peft_and_transformers(tmp_path_factory, data_file, tmp_path, family):
+  """Qwen3's and Gemma 3's q_norm/k_norm survive both exports: LoRA as a PEFT adapter, and a merged
+  folder (config.json rebuilt from the ModelConfig) after the norms themselves were trained."""
+  folder = hf_tiny.tiny_folder(tmp_path_factory, family)
   cfg, params = trained_lora(folder)
   assert cfg.qk_norm and params["layers"]["self_attn"]["q_norm"].shape == (cfg.num_layers, cfg.head_dim)
   runtime = llama.PeftRuntime(lora_scale=lora.lora_scale(4, 8.0))
@@ -234,13 +235,13 @@ def test_qwen3_exports_match_peft_and_transformers(tmp_path_factory, data_file, 
   assert abs(jax_loss(params, cfg, runtime, data_file, tokenizer) - torch_loss(adapted, tokenizer)) < TOL
 
   attn = params["layers"]["self_attn"]
-  attn["q_norm"], attn["k_norm"] = attn["q_norm"] * 1.5, attn["k_norm"] * 0.5
+  attn["q_norm"], attn["k_norm"] = attn["q_norm"] * 1.5 + 0.5, attn["k_norm"] * 0.5 - 0.5
   ours = jax_loss(params, cfg, runtime, data_file, tokenizer)
   export.write_hf(str(tmp_path / "hf"), cfg, params, runtime, tokenizer, None)
   merged = hf_model(str(tmp_path / "hf"))
-  assert type(merged).__name__ == "Qwen3ForCausalLM"
+  assert type(merged).__name__ == CAUSAL_LM_CLASSES[cfg.model_type]
   theirs = torch_loss(merged, tokenizer)
-  print(f"qwen3 merged export: jaxtune {ours:.6f} transformers {theirs:.6f}")
+  print(f"{family} merged export: jaxtune {ours:.6f} transformers {theirs:.6f}")
   assert abs(ours - theirs) < TOL and abs(theirs - torch_loss(adapted, tokenizer)) > 1e-3
 
 

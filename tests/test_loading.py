@@ -4,11 +4,13 @@ import os
 
 import jax
 import numpy as np
+import pytest
+import transformers
 
 from configs.demo import smollm2_gguf
 from jaxtune import export
 from jaxtune.models import gguf_loading, llama, loading
-from jaxtune.models.config import ModelConfig
+from jaxtune.models.config import ModelConfig, UnsupportedModelError, config_from_hf
 
 # ~80 MB of float32 weights: large next to what a leaf's transient host copy costs
 CONFIG = ModelConfig(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_layers=4, num_heads=8,
@@ -64,3 +66,19 @@ def test_gguf_pages_are_released_as_tensors_are_read():
   params = loading.params_from_tensors(cfg, get, progress=lambda leaf: seen.append(resident_mb_of(path)))
   assert len(seen) == len(jax.tree.leaves(params))
   assert max(seen) < file_mb / 4, (seen, file_mb)
+
+
+def test_unimplemented_architecture_features_are_refused_by_name():
+  gemma3 = transformers.Gemma3TextConfig(num_hidden_layers=2).to_dict()
+  cases = {
+      "final_logit_softcapping=30.0": dict(gemma3, final_logit_softcapping=30.0),
+      "attn_logit_softcapping=50.0": dict(gemma3, attn_logit_softcapping=50.0),
+      "use_bidirectional_attention=True": dict(gemma3, use_bidirectional_attention=True),
+      "model_type 'gemma2' is not supported": dict(gemma3, model_type="gemma2"),
+      "hidden_act 'relu' is not supported": dict(transformers.LlamaConfig().to_dict(), hidden_act="relu"),
+      "qwen3 use_sliding_window=True": dict(transformers.Qwen3Config().to_dict(), use_sliding_window=True),
+  }
+  for message, hf in cases.items():
+    with pytest.raises(UnsupportedModelError, match=message):
+      config_from_hf(hf)
+  assert config_from_hf(gemma3).sliding_layers == (True, True)

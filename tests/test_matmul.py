@@ -190,8 +190,8 @@ def test_rope_and_swiglu_compute_in_float32_in_both_passes():
   cos, sin = (jnp.asarray(f(rng.normal(size=(2, 8, 16))), jnp.float32) for f in (np.cos, np.sin))
   assert _bfloat16_arithmetic(llama.apply_rope, x, cos, sin) == set()
   gate, up = (jnp.asarray(rng.normal(size=(16, 24)), jnp.bfloat16) for _ in range(2))
-  assert _bfloat16_arithmetic(llama.swiglu, gate, up) == set()
-  assert llama.apply_rope(x, cos, sin).dtype == llama.swiglu(gate, up).dtype == jnp.bfloat16
+  assert _bfloat16_arithmetic(llama.gated_activation, gate, up) == set()
+  assert llama.apply_rope(x, cos, sin).dtype == llama.gated_activation(gate, up).dtype == jnp.bfloat16
   # What the check catches: the same ops written in bfloat16.
   assert "mul" in _bfloat16_arithmetic(lambda g, u: jax.nn.silu(g) * u, gate, up)
 

@@ -7,11 +7,13 @@ import json
 import os
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 # transformers' causal-LM class of each model type (config.json's "architectures")
 CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+                     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                     "gemma3_text": "Gemma3ForCausalLM"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # the gate's activation in the gated MLP
 
 
 class UnsupportedModelError(ValueError):
@@ -41,7 +43,18 @@ class ModelConfig:
   qkv_bias: bool = False
   o_bias: bool = False
   mlp_bias: bool = False
-  qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
+  qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k before RoPE
+  hidden_act: str = "silu"  # one of SUPPORTED_ACTIVATIONS
+  # Gemma 3: norms scale by (1 + weight); embeddings by sqrt(hidden_size); the attention and MLP
+  # outputs are normed too ("sandwich"); scores scale by 1/sqrt(query_pre_attn_scalar)
+  norm_weight_offset: float = 0.0
+  embed_scale: float = 1.0
+  sandwich_norms: bool = False
+  query_pre_attn_scalar: int | None = None
+  # per layer, whether it attends within sliding_window with rope base local_rope_theta (Gemma 3);
+  # () = every layer alike, windowed when sliding_window is set (Mistral)
+  sliding_layers: tuple[bool, ...] = ()
+  local_rope_theta: float | None = None
   sliding_window: int | None = None
   model_type: str = "llama"
   bos_token_id: int | None = None
@@ -70,9 +83,18 @@ def _as_tuple(value: Any) -> tuple[int, ...]:
 
 
 def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
-  """Reads `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (transformers 4)."""
+  """Reads `rope_parameters` (transformers 5; Gemma 3: one per layer type) or `rope_theta` +
+  `rope_scaling` (+ Gemma 3's `rope_local_base_freq`, transformers 4)."""
   params = dict(hf.get("rope_scaling") or {})
-  params.update(hf.get("rope_parameters") or {})
+  given = dict(hf.get("rope_parameters") or {})
+  local_theta = hf.get("rope_local_base_freq")
+  if "full_attention" in given:
+    local = given.get("sliding_attention") or {}
+    if local.get("rope_type", "default") != "default":
+      raise UnsupportedModelError(f"sliding-attention rope type {local['rope_type']!r} is not supported")
+    local_theta = local.get("rope_theta", local_theta)
+    given = given["full_attention"]
+  params.update(given)
   theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
   rope_type = params.get("rope_type", params.get("type", "default"))
   if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -86,7 +108,26 @@ def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
       rope_high_freq_factor=float(params.get("high_freq_factor", 4.0)),
       rope_original_max_positions=int(params.get(
           "original_max_position_embeddings", hf.get("max_position_embeddings", 8192))),
+      local_rope_theta=None if local_theta is None else float(local_theta),
   )
+
+
+def _gemma3_fields(hf: dict[str, Any]) -> dict[str, Any]:
+  """Gemma 3's departures from Llama (see ModelConfig); soft-capping and bidirectional attention
+  (Gemma 2, Gemma 3's vision tower) are not implemented."""
+  for key in ("attn_logit_softcapping", "final_logit_softcapping", "use_bidirectional_attention"):
+    if hf.get(key):
+      raise UnsupportedModelError(f"gemma3_text {key}={hf[key]!r} is not supported")
+  layers = int(hf["num_hidden_layers"])
+  pattern = int(hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6)))
+  layer_types = hf.get("layer_types") or [
+      "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+  return dict(qk_norm=True, norm_weight_offset=1.0, embed_scale=float(hf["hidden_size"]) ** 0.5,
+              sandwich_norms=True, query_pre_attn_scalar=int(hf.get("query_pre_attn_scalar", 256)),
+              sliding_layers=tuple(t == "sliding_attention" for t in layer_types),
+              sliding_window=int(hf["sliding_window"]),
+              local_rope_theta=_rope_fields(hf)["local_rope_theta"] or 10000.0,
+              tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)))
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -95,9 +136,10 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise UnsupportedModelError(
         f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-  act = hf.get("hidden_act", "silu")
-  if act != "silu":
-    raise UnsupportedModelError(f"hidden_act {act!r} is not supported (only silu)")
+  act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")  # Gemma: hidden_activation
+  if act not in SUPPORTED_ACTIVATIONS:
+    raise UnsupportedModelError(
+        f"hidden_act {act!r} is not supported (supported: {', '.join(SUPPORTED_ACTIVATIONS)})")
   if float(hf.get("partial_rotary_factor", 1.0)) != 1.0:
     raise UnsupportedModelError("partial_rotary_factor != 1 is not supported")
   if int(hf.get("pretraining_tp", 1)) != 1:
@@ -111,7 +153,11 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
   elif model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
     raise UnsupportedModelError(f"{model_type} use_sliding_window=True (per-layer windows) is not supported")
   attention_bias = bool(hf.get("attention_bias", False))
-  return ModelConfig(
+  family: dict[str, Any] = dict(qk_norm=model_type == "qwen3",
+                                sliding_window=int(sliding_window) if sliding_window else None)
+  if model_type == "gemma3_text":
+    family = _gemma3_fields(hf)
+  fields = dict(
       vocab_size=int(hf["vocab_size"]),
       hidden_size=hidden,
       intermediate_size=int(hf["intermediate_size"]),
@@ -125,14 +171,14 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
       qkv_bias=attention_bias or model_type == "qwen2",
       o_bias=attention_bias,
       mlp_bias=bool(hf.get("mlp_bias", False)),
-      qk_norm=model_type == "qwen3",
-      sliding_window=int(sliding_window) if sliding_window else None,
+      hidden_act=act,
       model_type=model_type,
       bos_token_id=hf.get("bos_token_id"),
       eos_token_ids=_as_tuple(hf.get("eos_token_id")),
       pad_token_id=hf.get("pad_token_id"),
       **_rope_fields(hf),
   )
+  return ModelConfig(**{**fields, **family})
 
 
 def read_hf_config(folder: str) -> dict[str, Any]:

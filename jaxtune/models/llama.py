@@ -1,5 +1,5 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) as pure functions over a param
-pytree.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 3 text, SmolLM2) as pure functions
+over a param pytree.
 
 The params are a nested dict whose keys keep Hugging Face's module names, with the layers stacked
 on a leading axis (scanned), e.g. `layers/self_attn/q_proj/kernel` has shape L x D x (H*hd).
@@ -69,6 +69,8 @@ def param_shapes(cfg: ModelConfig) -> Params:
   }
   if cfg.qk_norm:
     tree["layers"]["self_attn"].update(q_norm=(L, cfg.head_dim), k_norm=(L, cfg.head_dim))
+  if cfg.sandwich_norms:  # Gemma 3: post_attention_layernorm norms the attention output instead
+    tree["layers"].update(pre_feedforward_layernorm=(L, D), post_feedforward_layernorm=(L, D))
   if not cfg.tie_word_embeddings:
     tree["lm_head"] = {"kernel": (D, V)}
   return tree
@@ -76,6 +78,7 @@ def param_shapes(cfg: ModelConfig) -> Params:
 
 def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
   """Random base params (normal(std) weights, unit norms, zero biases), for tests and from-scratch runs."""
+  unit_norm = 1.0 - cfg.norm_weight_offset  # a norm scales by offset + weight
   shapes = param_shapes(cfg)
   leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
   paths = [jax.tree_util.keystr(p, simple=True, separator="/")
@@ -85,7 +88,7 @@ def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32, std: float 
   out = []
   for path, shape, key in zip(paths, leaves, keys):
     if path.endswith("norm"):
-      out.append(jnp.ones(shape, dtype))
+      out.append(jnp.full(shape, unit_norm, dtype))
     elif path.endswith("bias"):
       out.append(jnp.zeros(shape, dtype))
     else:
@@ -115,7 +118,8 @@ def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
     axes = ("vocab", "embed")
   elif path == "lm_head/kernel":
     axes = ("embed", "vocab")
-  elif name in ("input_layernorm", "post_attention_layernorm", "norm"):
+  elif name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                "post_feedforward_layernorm", "norm"):
     axes = lead + ("norm",)
   elif name in ("q_norm", "k_norm"):
     axes = lead + ("head_dim",)
@@ -135,10 +139,16 @@ def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
 # ----------------------------------------------------------------------------- building blocks
 
 
-def rms_norm(x, weight, eps):
+def rms_norm(x, weight, eps, weight_offset: float = 0.0):
+  """x / rms(x) * (weight_offset + weight), in float32, the result in x's dtype."""
   x32 = x.astype(jnp.float32)
   x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return (weight.astype(jnp.float32) * x32).astype(x.dtype)
+  return ((weight.astype(jnp.float32) + weight_offset) * x32).astype(x.dtype)
+
+
+def model_norm(x, weight, cfg: ModelConfig):
+  """The model's RMSNorm (Gemma's scales by 1 + weight)."""
+  return rms_norm(x, weight, cfg.rms_norm_eps, cfg.norm_weight_offset)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
@@ -169,13 +179,19 @@ def apply_rope(x_BxTxNxH, cos_BxTxH, sin_BxTxH):
   return (x * cos + rotated * sin).astype(x_BxTxNxH.dtype)
 
 
-def swiglu(gate, up):
-  """silu(gate) * up in float32, the result in gate's dtype: in bfloat16 on a backend without bf16
-  arithmetic (CPU) every op would round-trip through float32 and back."""
-  return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gate.dtype)
+def gated_activation(gate, up, hidden_act: str = "silu"):
+  """act(gate) * up (SwiGLU; GeGLU with tanh-approximated gelu) in float32, the result in gate's
+  dtype: in bfloat16 on a backend without bf16 arithmetic (CPU) every op would round-trip through
+  float32 and back."""
+  g = gate.astype(jnp.float32)
+  activated = jax.nn.silu(g) if hidden_act == "silu" else jax.nn.gelu(g, approximate=True)
+  return (activated * up.astype(jnp.float32)).astype(gate.dtype)
 
 
-def rope_cos_sin(cfg: ModelConfig, positions_BxT):
+def rope_cos_sin(cfg: ModelConfig, positions_BxT, local: bool = False):
+  """cos, sin (B x T x head_dim); `local`: those of the sliding-window layers (their own base)."""
+  if local:
+    cfg = dataclasses.replace(cfg, rope_theta=cfg.local_rope_theta, rope_type="default")
   freqs = positions_BxT.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
@@ -253,12 +269,14 @@ def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs, seg
   """
   B, T = cos.shape[:2]
   attn = layer["self_attn"]
-  h = rms_norm(x, layer["input_layernorm"], cfg.rms_norm_eps)
+  h = model_norm(x, layer["input_layernorm"], cfg)
   q = dense(attn["q_proj"], h, peft, rngs[0]).reshape(B, T, cfg.num_heads, cfg.head_dim)
   k = dense(attn["k_proj"], h, peft, rngs[1]).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
   v = dense(attn["v_proj"], h, peft, rngs[2]).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-  if "q_norm" in attn:  # Qwen3
-    q, k = rms_norm(q, attn["q_norm"], cfg.rms_norm_eps), rms_norm(k, attn["k_norm"], cfg.rms_norm_eps)
+  if "q_norm" in attn:  # Qwen3, Gemma 3
+    q, k = model_norm(q, attn["q_norm"], cfg), model_norm(k, attn["k_norm"], cfg)
+  if cfg.query_pre_attn_scalar and cfg.query_pre_attn_scalar != cfg.head_dim:
+    q = q * math.sqrt(cfg.head_dim / cfg.query_pre_attn_scalar)  # attention divides by sqrt(head_dim)
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
   new_kv = None
   if cache_kv is not None:
@@ -278,13 +296,18 @@ def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs, seg
   out = dense(attn["o_proj"], attended.reshape(B * T, -1), peft, rngs[3])
   if "attn_adapter" in layer:
     out = bottleneck_adapter(layer["attn_adapter"], out)
+  if cfg.sandwich_norms:
+    out = model_norm(out, layer["post_attention_layernorm"], cfg)
   x = x + out
   mlp = layer["mlp"]
-  h = rms_norm(x, layer["post_attention_layernorm"], cfg.rms_norm_eps)
-  h = swiglu(dense(mlp["gate_proj"], h, peft, rngs[4]), dense(mlp["up_proj"], h, peft, rngs[5]))
+  h = model_norm(x, layer["pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"], cfg)
+  h = gated_activation(dense(mlp["gate_proj"], h, peft, rngs[4]), dense(mlp["up_proj"], h, peft, rngs[5]),
+                       cfg.hidden_act)
   out = dense(mlp["down_proj"], h, peft, rngs[6])
   if "mlp_adapter" in layer:
     out = bottleneck_adapter(layer["mlp_adapter"], out)
+  if cfg.sandwich_norms:
+    out = model_norm(out, layer["post_feedforward_layernorm"], cfg)
   return x + out, new_kv
 
 
@@ -351,32 +374,48 @@ def forward(
     start = 0 if cache is None else cache["index"]
     positions_BxT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
   rope_positions = positions_BxT + prefix_length(params)
-  cos, sin = rope_cos_sin(cfg, rope_positions)
+  # Gemma 3: the sliding-window layers get their own mask and rope; Mistral windows every layer
+  per_layer = bool(cfg.sliding_layers)
+  every_layer_window = None if per_layer else cfg.sliding_window
   if cache is None:
-    mask = attention.in_token_order(attention.attention_mask(
-        positions_BxT, segment_ids_BxT, positions_BxT, segment_ids_BxT, cfg.sliding_window))
+    key_pos, key_seg = positions_BxT, segment_ids_BxT
     new_pos = new_seg = None
   else:
     idx = cache["index"]
     new_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions_BxT.astype(jnp.int32), idx, 1)
     new_seg = jax.lax.dynamic_update_slice_in_dim(cache["seg"], segment_ids_BxT.astype(jnp.int32), idx, 1)
-    mask = attention.attention_mask(positions_BxT, segment_ids_BxT, new_pos, new_seg, cfg.sliding_window)
+    key_pos, key_seg = new_pos, new_seg
+
+  def mask_with(window):
+    mask = attention.attention_mask(positions_BxT, segment_ids_BxT, key_pos, key_seg, window)
+    return attention.in_token_order(mask) if cache is None else mask
+
+  masks = (mask_with(every_layer_window),) + ((mask_with(cfg.sliding_window),) if per_layer else ())
+  cos_sin = (rope_cos_sin(cfg, rope_positions),) + ((rope_cos_sin(cfg, rope_positions, local=True),)
+                                                     if per_layer else ())
 
   if input_embeds_BxTxD is None:
     x = params["embed_tokens"].astype(compute_dtype)[tokens_BxT.reshape(B * T)]
+    if cfg.embed_scale != 1.0:
+      x = x * jnp.asarray(cfg.embed_scale, compute_dtype)
   else:
     x = input_embeds_BxTxD.reshape(B * T, -1).astype(compute_dtype)
   if rng is None:
     layer_rngs = jnp.zeros((cfg.num_layers,), jnp.uint32)  # placeholder, unused
   else:
     layer_rngs = jax.random.split(rng, cfg.num_layers)
+  sliding_L = jnp.asarray(cfg.sliding_layers if per_layer else (False,) * cfg.num_layers)
 
   # without a cache or sliding window, the mask is "causal within segments" (positions rise in a segment)
   causal_segments = segment_ids_BxT if cache is None and not cfg.sliding_window else None
 
   def body(x, xs):
-    layer, kv, lrng = xs
+    layer, kv, lrng, sliding = xs
     rngs = [None] * 7 if rng is None else list(jax.random.split(lrng, 7))
+    mask, (cos, sin) = masks[0], cos_sin[0]
+    if per_layer:
+      pick = lambda local, full: jnp.where(sliding, local, full)  # noqa: E731
+      mask, cos, sin = pick(masks[1], mask), pick(cos_sin[1][0], cos), pick(cos_sin[1][1], sin)
     y, new_kv = _layer(cfg, peft, x, layer, cos, sin, mask, kv,
                        None if cache is None else cache["index"], rngs, causal_segments)
     return y, new_kv
@@ -385,8 +424,8 @@ def forward(
     body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
   kv_in = None if cache is None else (cache["k"], cache["v"])
   unroll = cfg.num_layers if cache is None and layers_unrolled(cfg) else 1
-  x, kv_out = jax.lax.scan(body, x, (params["layers"], kv_in, layer_rngs), unroll=unroll)
-  x = rms_norm(x.reshape(B, T, -1), params["norm"], cfg.rms_norm_eps)
+  x, kv_out = jax.lax.scan(body, x, (params["layers"], kv_in, layer_rngs, sliding_L), unroll=unroll)
+  x = model_norm(x.reshape(B, T, -1), params["norm"], cfg)
   new_cache = None
   if cache is not None:
     new_cache = {"k": kv_out[0], "v": kv_out[1], "pos": new_pos, "seg": new_seg,

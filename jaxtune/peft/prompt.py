@@ -35,7 +35,8 @@ def add_prompt(params: Params, cfg: ModelConfig, rng: jax.Array, length: int, dt
   if "prompt_embeddings" in params:
     raise ValueError("the model already has a soft prompt")
   tokens = jax.random.randint(rng, (length,), 0, cfg.vocab_size, jnp.int32)
-  return {**params, "prompt_embeddings": params["embed_tokens"][tokens].astype(dtype)}
+  embeddings = params["embed_tokens"][tokens] * cfg.embed_scale  # as the model scales them (Gemma)
+  return {**params, "prompt_embeddings": embeddings.astype(dtype)}
 
 
 def prompt_as_prefix(params: Params, cfg: ModelConfig) -> Params:
