@@ -197,21 +197,25 @@ def hf_config_of(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
     hf["sliding_window"] = cfg.sliding_window
   if cfg.model_type == "qwen3":
     hf["use_sliding_window"] = False
-  if cfg.model_type == "gemma3_text":
-    hf.update(_gemma3_config(cfg, rope))
+  if cfg.model_type in ("gemma2", "gemma3_text"):
+    hf.update(_gemma_config(cfg, rope))
   return hf
 
 
-def _gemma3_config(cfg: ModelConfig, rope: dict[str, Any]) -> dict[str, Any]:
-  """Gemma 3's own config.json keys (see config._gemma3_fields)."""
-  return {
+def _gemma_config(cfg: ModelConfig, rope: dict[str, Any]) -> dict[str, Any]:
+  """Gemma 2's and 3's own config.json keys (see config._gemma_fields)."""
+  out = {
       "hidden_activation": cfg.hidden_act,
       "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
       "sliding_window": cfg.sliding_window,
       "layer_types": ["sliding_attention" if s else "full_attention" for s in cfg.sliding_layers],
-      "rope_parameters": {"full_attention": rope,
-                          "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_rope_theta}},
+      "attn_logit_softcapping": cfg.attn_logit_softcap,
+      "final_logit_softcapping": cfg.final_logit_softcap,
   }
+  if cfg.local_rope_theta is not None:  # Gemma 3
+    out["rope_parameters"] = {"full_attention": rope,
+                              "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_rope_theta}}
+  return out
 
 
 def _eos_ids(cfg: ModelConfig, tokenizer, source: dict[str, Any]) -> list[int]:

@@ -23,6 +23,12 @@ FAMILIES = {
     "qwen3": ("qwen3", dict(tie_word_embeddings=True, head_dim=32)),
     # Gemma 3 (text): sandwich norms scaling by 1 + w, GeGLU, scaled embeddings, q/k norms, scores
     # scaled by 1/sqrt(24), a windowed layer (own rope base) before a global one
+    # Gemma: norms scaling by 1 + w, scaled embeddings, exact-gelu GeGLU (as old Gemma 1 configs)
+    "gemma": ("gemma", dict(head_dim=32, hidden_act="gelu")),
+    # Gemma 2: + sandwich norms, soft-capped scores and logits (caps low enough to bite), windows
+    "gemma2": ("gemma2", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+                              attn_logit_softcapping=2.0, final_logit_softcapping=0.5,
+                              layer_types=["sliding_attention", "full_attention"])),
     "gemma3": ("gemma3_text", dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
                                    layer_types=["sliding_attention", "full_attention"])),
     "smollm2": ("llama", dict(tie_word_embeddings=True, num_attention_heads=8,
@@ -38,6 +44,7 @@ def build_hf_model(family: str, seed: int = 0):
   model_type, extra = FAMILIES[family]
   config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                 "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+                "gemma": transformers.GemmaConfig, "gemma2": transformers.Gemma2Config,
                 "gemma3_text": transformers.Gemma3TextConfig}[model_type]
   kwargs = dict(TINY, **extra)
   config = config_cls(**kwargs)
@@ -50,8 +57,22 @@ def build_hf_model(family: str, seed: int = 0):
   return model.eval()
 
 
-def save_hf_model(family: str, folder: str, seed: int = 0, with_tokenizer: bool = True):
+def sharpen(model, scale: float = 8.0):
+  """The model with its layer weights (not norms) scaled up, in place: at the default init (std 0.02)
+  the layers barely move the logits (tied models just repeat the last token), and soft-caps never
+  bite; scaled weights make attention, masking, positions and caps matter."""
+  import torch
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if ".layers." in name and "norm" not in name:
+        p.mul_(scale)
+  return model
+
+
+def save_hf_model(family: str, folder: str, seed: int = 0, with_tokenizer: bool = True, sharp: bool = False):
   model = build_hf_model(family, seed)
+  if sharp:
+    sharpen(model)
   model.save_pretrained(folder)
   if with_tokenizer:
     save_byte_tokenizer(folder)

@@ -67,12 +67,13 @@ def test_a_frozen_head_costs_no_head_gradient():
   np.testing.assert_allclose(jax.grad(loss, 0)(hidden, w), jax.grad(loss, (0, 1))(hidden, w)[0])
 
 
-@pytest.mark.parametrize("family", ["llama_untied", "llama_tied"])
-@pytest.mark.parametrize("max_targets", [0, 6])
+@pytest.mark.parametrize("family,max_targets", [("llama_untied", 0), ("llama_untied", 6), ("llama_tied", 0),
+                                                ("llama_tied", 6), ("gemma2", 0), ("gemma3", 6)])
 def test_training_gradients_equal_transformers(family, max_targets, tmp_path):
-  """lm_loss_sums' loss and gradient of every weight equal torch's backward of the same weighted CE."""
+  """lm_loss_sums' loss and gradient of every weight equal torch's backward of the same weighted CE.
+  The Gemmas are sharpened so that Gemma 2's soft-caps (scores and logits) bite."""
   folder = str(tmp_path / family)
-  model = hf_tiny.save_hf_model(family, folder, with_tokenizer=False)
+  model = hf_tiny.save_hf_model(family, folder, with_tokenizer=False, sharp=family.startswith("gemma"))
   cfg, params = loading.load_model(folder)
   rng = np.random.default_rng(1)
   B, T = 2, 40

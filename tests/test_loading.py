@@ -71,10 +71,8 @@ def test_gguf_pages_are_released_as_tensors_are_read():
 def test_unimplemented_architecture_features_are_refused_by_name():
   gemma3 = transformers.Gemma3TextConfig(num_hidden_layers=2).to_dict()
   cases = {
-      "final_logit_softcapping=30.0": dict(gemma3, final_logit_softcapping=30.0),
-      "attn_logit_softcapping=50.0": dict(gemma3, attn_logit_softcapping=50.0),
       "use_bidirectional_attention=True": dict(gemma3, use_bidirectional_attention=True),
-      "model_type 'gemma2' is not supported": dict(gemma3, model_type="gemma2"),
+      "model_type 'gemma3' is not supported": dict(gemma3, model_type="gemma3"),  # the vision-language one
       "hidden_act 'relu' is not supported": dict(transformers.LlamaConfig().to_dict(), hidden_act="relu"),
       "qwen3 use_sliding_window=True": dict(transformers.Qwen3Config().to_dict(), use_sliding_window=True),
   }
@@ -82,3 +80,6 @@ def test_unimplemented_architecture_features_are_refused_by_name():
     with pytest.raises(UnsupportedModelError, match=message):
       config_from_hf(hf)
   assert config_from_hf(gemma3).sliding_layers == (True, True)
+  # as transformers: Gemma 3 soft-caps its logits when asked, never its attention scores
+  capped = config_from_hf(dict(gemma3, final_logit_softcapping=30.0, attn_logit_softcapping=50.0))
+  assert (capped.final_logit_softcap, capped.attn_logit_softcap) == (30.0, None)

@@ -29,21 +29,9 @@ INSTRUCTIONS = [
 ]
 
 
-def save_sharp_model(family, folder, scale=8.0):
-  """hf_tiny's random model with its layer weights scaled up, saved with the byte tokenizer.
-
-  At the default init (std 0.02) the layers barely move the logits (tied models just repeat the
-  last token); scaled weights make attention, masking and positions matter to the loss and the
-  greedy tokens.
-  """
-  model = hf_tiny.build_hf_model(family)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if ".layers." in name and "norm" not in name:
-        p.mul_(scale)
-  model.save_pretrained(folder)
-  hf_tiny.save_byte_tokenizer(folder)
-  return model
+def save_sharp_model(family, folder):
+  """hf_tiny's random model with its layer weights scaled up (`hf_tiny.sharpen`), with the byte tokenizer."""
+  return hf_tiny.save_hf_model(family, folder, sharp=True)
 
 
 def write_jsonl(path, records):

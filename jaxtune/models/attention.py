@@ -57,13 +57,15 @@ def query_blocks(T: int) -> tuple[tuple[int, int], ...]:
   return tuple(zip(bounds[:-1], bounds[1:]))
 
 
-def resolve(implementation: str, q_BxTxNxH, causal_prefix: int | None, segments: bool = False) -> str:
+def resolve(implementation: str, q_BxTxNxH, causal_prefix: int | None, segments: bool = False,
+            softcap: float | None = None) -> str:
   """The implementation "auto" stands for: cuDNN for a bf16/fp16 pass without a cache on a GPU
   where cuDNN takes the shapes (head size a multiple of 8, at most 128; with a mask, even query and
   key lengths), else jaxtune's blocked attention. Decoding with a cache (causal_prefix None: a few
   queries against the cache) always takes the blocked path; so does "splash" wherever the kernel
-  does not apply (a prefix, no `segments` given, a row length it does not tile)."""
-  if causal_prefix is None:
+  does not apply (a prefix, no `segments` given, a row length it does not tile). Soft-capped scores
+  (Gemma 2) are only implemented in the blocked path."""
+  if causal_prefix is None or softcap:
     return "blocked"
   if implementation == "splash":
     usable = segments and causal_prefix == 0 and splash.supports(q_BxTxNxH.shape[1])
@@ -77,7 +79,7 @@ def resolve(implementation: str, q_BxTxNxH, causal_prefix: int | None, segments:
 
 
 def grouped_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, causal_prefix: int | None = None,
-                      implementation: str = "auto", segment_ids_BxT=None):
+                      implementation: str = "auto", segment_ids_BxT=None, softcap: float | None = None):
   """Softmax attention with grouped-query heads; returns B x T x (N*H).
 
   causal_prefix None: every query may see any of the S keys the mask allows (decoding with a cache).
@@ -87,8 +89,9 @@ def grouped_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, causal_prefix
   implementation: one of IMPLEMENTATIONS (see `resolve`); "xla" and "cudnn" are
   `jax.nn.dot_product_attention`'s. segment_ids_BxT: given when the mask is exactly "causal within
   segments" (no sliding window), for "splash", which takes segment ids instead of the mask.
+  softcap: scores become softcap * tanh(scores / softcap) before the mask (Gemma 2).
   """
-  implementation = resolve(implementation, q_BxTxNxH, causal_prefix, segment_ids_BxT is not None)
+  implementation = resolve(implementation, q_BxTxNxH, causal_prefix, segment_ids_BxT is not None, softcap)
   if implementation == "splash":
     return splash.splash_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT)
   if implementation != "blocked":
@@ -104,7 +107,7 @@ def grouped_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, causal_prefix
     blocks = ((0, T, S),)
   else:
     blocks = tuple((a, b, causal_prefix + b) for a, b in query_blocks(T))
-  out = _blocked_attention(q, k, v, mask_BxTxS, blocks)
+  out = _blocked_attention(q, k, v, mask_BxTxS, blocks, softcap)
   return out.transpose(0, 2, 1, 3, 4).reshape(B, T, N * H)
 
 
@@ -120,22 +123,27 @@ def dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, causal: b
   return out.reshape(B, T, N * H)
 
 
-def _masked_scores(q_blk, k_slab, mask_blk):
+def capped(scores, softcap: float | None):
+  """softcap * tanh(scores / softcap), or the scores themselves without a cap."""
+  return scores if not softcap else softcap * jnp.tanh(scores / softcap)
+
+
+def _masked_scores(q_blk, k_slab, mask_blk, softcap):
   scores = jnp.einsum("bktgh,bksh->bktgs", q_blk, k_slab, preferred_element_type=jnp.float32)
-  return jnp.where(mask_blk[:, None, :, None, :], scores, _MASKED)
+  return jnp.where(mask_blk[:, None, :, None, :], capped(scores, softcap), _MASKED)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _blocked_attention(q, k, v, mask, blocks):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blocked_attention(q, k, v, mask, blocks, softcap):
   """q: B x K x T x G x H (pre-scaled), k/v: B x K x S x H, mask: B x T x S;
-  blocks: (query start, query end, key end) per block row."""
-  return _blocked_attention_fwd(q, k, v, mask, blocks)[0]
+  blocks: (query start, query end, key end) per block row; softcap: see `grouped_attention`."""
+  return _blocked_attention_fwd(q, k, v, mask, blocks, softcap)[0]
 
 
-def _blocked_attention_fwd(q, k, v, mask, blocks):
+def _blocked_attention_fwd(q, k, v, mask, blocks, softcap):
   outs, lses = [], []
   for a, b, e in blocks:
-    scores = _masked_scores(q[:, :, a:b], k[:, :, :e], mask[:, a:b, :e])
+    scores = _masked_scores(q[:, :, a:b], k[:, :, :e], mask[:, a:b, :e], softcap)
     row_max = jnp.max(scores, axis=-1, keepdims=True)
     unnormalized = jnp.exp(scores - row_max)
     row_sum = jnp.sum(unnormalized, axis=-1, keepdims=True)
@@ -151,7 +159,7 @@ def _blocked_attention_fwd(q, k, v, mask, blocks):
   return out.astype(q.dtype), (q, k, v, mask, out, lse)
 
 
-def _blocked_attention_bwd(blocks, residuals, d_out):
+def _blocked_attention_bwd(blocks, softcap, residuals, d_out):
   q, k, v, mask, out, lse = residuals
   B, K, _, G, H = q.shape
   # sum_s p * dp = d_out . out per query row (flash attention's "delta"): no reduction over keys.
@@ -168,12 +176,16 @@ def _blocked_attention_bwd(blocks, residuals, d_out):
     q_blk, d_out_blk = q[:, :, a:b].reshape(B, K, rows, H), d_out[:, :, a:b].reshape(B, K, rows, H)
     mask_t = jnp.swapaxes(mask[:, a:b, :e], 1, 2)[:, None, :, :, None]
     mask_t = jnp.broadcast_to(mask_t, (B, K, e, b - a, G)).reshape(B, K, e, rows)
-    scores_t = jnp.einsum("bksh,bkqh->bksq", k[:, :, :e], q_blk, preferred_element_type=jnp.float32)
+    scores_t = capped(jnp.einsum("bksh,bkqh->bksq", k[:, :, :e], q_blk, preferred_element_type=jnp.float32),
+                      softcap)
     # fully masked (padding) rows: uniform probabilities in the forward pass, no gradient (their
     # outputs feed no weighted loss in a model)
     probs_t = jnp.where(mask_t, jnp.exp(scores_t - lse[:, :, a:b].reshape(B, K, 1, rows)), 0.0)
     d_probs_t = jnp.einsum("bksh,bkqh->bksq", v[:, :, :e], d_out_blk, preferred_element_type=jnp.float32)
-    d_scores_t = (probs_t * (d_probs_t - delta[:, :, a:b].reshape(B, K, 1, rows))).astype(q.dtype)
+    d_scores_t = probs_t * (d_probs_t - delta[:, :, a:b].reshape(B, K, 1, rows))
+    if softcap:  # through the cap: d tanh = 1 - tanh^2
+      d_scores_t = d_scores_t * (1.0 - jnp.square(scores_t / softcap))
+    d_scores_t = d_scores_t.astype(q.dtype)
     d_k = d_k.at[:, :, :e].add(jnp.einsum("bksq,bkqh->bksh", d_scores_t, q_blk,
                                           preferred_element_type=jnp.float32))
     d_v = d_v.at[:, :, :e].add(jnp.einsum("bksq,bkqh->bksh", probs_t.astype(d_out.dtype), d_out_blk,

@@ -7,13 +7,14 @@ import json
 import os
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 # transformers' causal-LM class of each model type (config.json's "architectures")
 CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                      "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                     "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
                      "gemma3_text": "Gemma3ForCausalLM"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # the gate's activation in the gated MLP
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")  # the gate's activation in the gated MLP
 
 
 class UnsupportedModelError(ValueError):
@@ -45,14 +46,17 @@ class ModelConfig:
   mlp_bias: bool = False
   qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k before RoPE
   hidden_act: str = "silu"  # one of SUPPORTED_ACTIVATIONS
-  # Gemma 3: norms scale by (1 + weight); embeddings by sqrt(hidden_size); the attention and MLP
-  # outputs are normed too ("sandwich"); scores scale by 1/sqrt(query_pre_attn_scalar)
+  # Gemma: norms scale by (1 + weight); embeddings by sqrt(hidden_size). Gemma 2 and 3: the attention
+  # and MLP outputs are normed too ("sandwich"); scores scale by 1/sqrt(query_pre_attn_scalar);
+  # scores (Gemma 2) and logits are soft-capped: cap * tanh(x / cap)
   norm_weight_offset: float = 0.0
   embed_scale: float = 1.0
   sandwich_norms: bool = False
   query_pre_attn_scalar: int | None = None
-  # per layer, whether it attends within sliding_window with rope base local_rope_theta (Gemma 3);
-  # () = every layer alike, windowed when sliding_window is set (Mistral)
+  attn_logit_softcap: float | None = None
+  final_logit_softcap: float | None = None
+  # per layer, whether it attends within sliding_window (Gemma 2, 3), with rope base local_rope_theta
+  # when set (Gemma 3); () = every layer alike, windowed when sliding_window is set (Mistral)
   sliding_layers: tuple[bool, ...] = ()
   local_rope_theta: float | None = None
   sliding_window: int | None = None
@@ -112,22 +116,30 @@ def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
   )
 
 
-def _gemma3_fields(hf: dict[str, Any]) -> dict[str, Any]:
-  """Gemma 3's departures from Llama (see ModelConfig); soft-capping and bidirectional attention
-  (Gemma 2, Gemma 3's vision tower) are not implemented."""
-  for key in ("attn_logit_softcapping", "final_logit_softcapping", "use_bidirectional_attention"):
-    if hf.get(key):
-      raise UnsupportedModelError(f"gemma3_text {key}={hf[key]!r} is not supported")
+def _gemma_fields(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
+  """Gemma 1-3's departures from Llama (see ModelConfig). Gemma 3 applies no attention soft-capping
+  whatever its config says (as transformers); bidirectional attention (Gemma 3's vision tower) is not
+  implemented."""
+  if hf.get("use_bidirectional_attention"):
+    raise UnsupportedModelError(f"{model_type} use_bidirectional_attention=True is not supported")
+  fields: dict[str, Any] = dict(norm_weight_offset=1.0, embed_scale=float(hf["hidden_size"]) ** 0.5,
+                                tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)))
+  if model_type == "gemma":
+    return fields
   layers = int(hf["num_hidden_layers"])
-  pattern = int(hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6)))
+  pattern = int(hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern",
+                                                        2 if model_type == "gemma2" else 6)))
   layer_types = hf.get("layer_types") or [
       "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
-  return dict(qk_norm=True, norm_weight_offset=1.0, embed_scale=float(hf["hidden_size"]) ** 0.5,
-              sandwich_norms=True, query_pre_attn_scalar=int(hf.get("query_pre_attn_scalar", 256)),
-              sliding_layers=tuple(t == "sliding_attention" for t in layer_types),
-              sliding_window=int(hf["sliding_window"]),
-              local_rope_theta=_rope_fields(hf)["local_rope_theta"] or 10000.0,
-              tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)))
+  cap = lambda key: float(hf[key]) if hf.get(key) else None  # noqa: E731
+  fields.update(sandwich_norms=True, query_pre_attn_scalar=int(hf.get("query_pre_attn_scalar", 256)),
+                sliding_layers=tuple(t == "sliding_attention" for t in layer_types),
+                sliding_window=int(hf["sliding_window"]), final_logit_softcap=cap("final_logit_softcapping"))
+  if model_type == "gemma2":
+    fields.update(attn_logit_softcap=cap("attn_logit_softcapping"))
+  else:
+    fields.update(qk_norm=True, local_rope_theta=_rope_fields(hf)["local_rope_theta"] or 10000.0)
+  return fields
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -155,8 +167,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
   attention_bias = bool(hf.get("attention_bias", False))
   family: dict[str, Any] = dict(qk_norm=model_type == "qwen3",
                                 sliding_window=int(sliding_window) if sliding_window else None)
-  if model_type == "gemma3_text":
-    family = _gemma3_fields(hf)
+  if model_type.startswith("gemma"):
+    family = _gemma_fields(hf, model_type)
   fields = dict(
       vocab_size=int(hf["vocab_size"]),
       hidden_size=hidden,

@@ -15,12 +15,14 @@ a D x V array per chunk: when the head trains, the rows are cut into at most
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
 from jaxtune.models import matmul
+from jaxtune.models.attention import capped
 
 # Positions (per row) per chunk. Along T, so a device's chunk is its own rows x 128 tokens whatever
 # the mesh: 8 rows x 128 x vocab 8192 is 32 MB of float32 logits; 64 to 1024 measured alike on CPU.
@@ -35,13 +37,14 @@ def chunk_positions(T: int, head_gradient: bool) -> int:
   return min(T, CHUNK_POSITIONS)
 
 
-def weighted_nll_sum(hidden_BxTxD, w_DxV, targets_BxT, weights_BxT):
-  """sum over positions of weight * (logsumexp(h @ W) - (h @ W)[target]), in float32.
+def weighted_nll_sum(hidden_BxTxD, w_DxV, targets_BxT, weights_BxT, softcap: float | None = None):
+  """sum over positions of weight * (logsumexp(z) - z[target]) for the logits z = h @ W, in float32.
 
   `w_DxV` is the head in the hidden states' dtype (the transposed embedding when tied); the matmuls
-  accumulate in float32. `weights_BxT` gets no gradient.
+  accumulate in float32. `weights_BxT` gets no gradient. With `softcap` the logits are
+  softcap * tanh(h @ W / softcap) (Gemma 2's final soft-capping).
   """
-  return _fused_nll(hidden_BxTxD, w_DxV, targets_BxT, weights_BxT.astype(jnp.float32))
+  return _fused_nll(hidden_BxTxD, w_DxV, targets_BxT, weights_BxT.astype(jnp.float32), softcap)
 
 
 def _chunked(x_BxT_, tc: int):
@@ -59,28 +62,31 @@ def _unchunked(x_nxBxtc_, T: int):
   return x[:, :T]
 
 
-def _chunk_logits(h_BxtxD, w_DxV, targets_Bxt):
+def _chunk_logits(h_BxtxD, w_DxV, targets_Bxt, softcap):
   h_NxD = h_BxtxD.reshape(-1, h_BxtxD.shape[-1])
-  logits_NxV = jnp.einsum("nd,dv->nv", h_NxD, w_DxV, preferred_element_type=jnp.float32)
+  logits_NxV = capped(jnp.einsum("nd,dv->nv", h_NxD, w_DxV, preferred_element_type=jnp.float32), softcap)
   lse_N = jax.nn.logsumexp(logits_NxV, axis=-1)
   target_logit_N = jnp.take_along_axis(logits_NxV, targets_Bxt.reshape(-1, 1), axis=-1)[:, 0]
   return h_NxD, logits_NxV, lse_N, target_logit_N
 
 
-def _loss_and_grads(hidden, w, targets, weights, tc: int, grad_h: bool, grad_w: bool):
+def _loss_and_grads(hidden, w, targets, weights, softcap, tc: int, grad_h: bool, grad_w: bool):
   """The weighted NLL sum and, as asked, its gradients w.r.t. hidden (B x T x D) and W (f32)."""
   B, T, D = hidden.shape
   V = w.shape[1]
 
   def body(dw_DxV, chunk):
     h, t, wt = chunk
-    h_NxD, logits, lse, target_logit = _chunk_logits(h, w, t)
+    h_NxD, logits, lse, target_logit = _chunk_logits(h, w, t, softcap)
     wt_N = wt.reshape(-1)
     loss = jnp.sum((lse - target_logit) * wt_N)
     if not (grad_h or grad_w):
       return dw_DxV, (loss, None)
     one_hot = t.reshape(-1, 1) == jnp.arange(V, dtype=t.dtype)
-    d_logits = ((jnp.exp(logits - lse[:, None]) - one_hot) * wt_N[:, None]).astype(hidden.dtype)
+    d_logits = (jnp.exp(logits - lse[:, None]) - one_hot) * wt_N[:, None]
+    if softcap:  # through the cap: d tanh = 1 - tanh^2
+      d_logits = d_logits * (1.0 - jnp.square(logits / softcap))
+    d_logits = d_logits.astype(hidden.dtype)
     dh = None
     if grad_h:
       dh = jnp.einsum("nv,dv->nd", d_logits, w, preferred_element_type=jnp.float32)
@@ -97,20 +103,20 @@ def _loss_and_grads(hidden, w, targets, weights, tc: int, grad_h: bool, grad_w: 
   return jnp.sum(losses), dh, dw
 
 
-@jax.custom_vjp
-def _fused_nll(hidden, w, targets, weights):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused_nll(hidden, w, targets, weights, softcap):
   tc = chunk_positions(hidden.shape[1], head_gradient=False)
-  return _loss_and_grads(hidden, w, targets, weights, tc, grad_h=False, grad_w=False)[0]
+  return _loss_and_grads(hidden, w, targets, weights, softcap, tc, grad_h=False, grad_w=False)[0]
 
 
-def _fused_nll_fwd(hidden, w, targets, weights):
+def _fused_nll_fwd(hidden, w, targets, weights, softcap):
   tc = chunk_positions(hidden.value.shape[1], head_gradient=w.perturbed)
-  loss, dh, dw = _loss_and_grads(hidden.value, w.value, targets.value, weights.value, tc,
+  loss, dh, dw = _loss_and_grads(hidden.value, w.value, targets.value, weights.value, softcap, tc,
                                  grad_h=hidden.perturbed, grad_w=w.perturbed)
   return loss, (dh, None if dw is None else dw.astype(w.value.dtype))
 
 
-def _fused_nll_bwd(residuals, g):
+def _fused_nll_bwd(softcap, residuals, g):
   """Scale the gradients the forward pass computed; None marks an input nothing differentiates."""
   dh, dw = residuals
   g = jnp.asarray(g, jnp.float32)

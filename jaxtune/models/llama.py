@@ -1,5 +1,5 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 3 text, SmolLM2) as pure functions
-over a param pytree.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 1/2/3 text, SmolLM2) as pure
+functions over a param pytree.
 
 The params are a nested dict whose keys keep Hugging Face's module names, with the layers stacked
 on a leading axis (scanned), e.g. `layers/self_attn/q_proj/kernel` has shape L x D x (H*hd).
@@ -180,16 +180,19 @@ def apply_rope(x_BxTxNxH, cos_BxTxH, sin_BxTxH):
 
 
 def gated_activation(gate, up, hidden_act: str = "silu"):
-  """act(gate) * up (SwiGLU; GeGLU with tanh-approximated gelu) in float32, the result in gate's
+  """act(gate) * up (SwiGLU; GeGLU, gelu exact or tanh-approximated) in float32, the result in gate's
   dtype: in bfloat16 on a backend without bf16 arithmetic (CPU) every op would round-trip through
   float32 and back."""
   g = gate.astype(jnp.float32)
-  activated = jax.nn.silu(g) if hidden_act == "silu" else jax.nn.gelu(g, approximate=True)
+  if hidden_act == "silu":
+    activated = jax.nn.silu(g)
+  else:
+    activated = jax.nn.gelu(g, approximate=hidden_act == "gelu_pytorch_tanh")
   return (activated * up.astype(jnp.float32)).astype(gate.dtype)
 
 
 def rope_cos_sin(cfg: ModelConfig, positions_BxT, local: bool = False):
-  """cos, sin (B x T x head_dim); `local`: those of the sliding-window layers (their own base)."""
+  """cos, sin (B x T x head_dim); `local`: those of the sliding-window layers (Gemma 3's own base)."""
   if local:
     cfg = dataclasses.replace(cfg, rope_theta=cfg.local_rope_theta, rope_type="default")
   freqs = positions_BxT.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)
@@ -292,7 +295,8 @@ def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs, seg
     k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
     mask = jnp.concatenate([jnp.ones((B, T, P), bool), mask], axis=-1)
   causal_prefix = None if cache_kv is not None else k.shape[1] - T  # no cache: keys in token order
-  attended = attention.grouped_attention(q, k, v, mask, causal_prefix, cfg.attention, segment_ids)
+  attended = attention.grouped_attention(q, k, v, mask, causal_prefix, cfg.attention, segment_ids,
+                                         cfg.attn_logit_softcap)
   out = dense(attn["o_proj"], attended.reshape(B * T, -1), peft, rngs[3])
   if "attn_adapter" in layer:
     out = bottleneck_adapter(layer["attn_adapter"], out)
@@ -391,8 +395,9 @@ def forward(
     return attention.in_token_order(mask) if cache is None else mask
 
   masks = (mask_with(every_layer_window),) + ((mask_with(cfg.sliding_window),) if per_layer else ())
+  local_rope = per_layer and cfg.local_rope_theta is not None
   cos_sin = (rope_cos_sin(cfg, rope_positions),) + ((rope_cos_sin(cfg, rope_positions, local=True),)
-                                                     if per_layer else ())
+                                                     if local_rope else ())
 
   if input_embeds_BxTxD is None:
     x = params["embed_tokens"].astype(compute_dtype)[tokens_BxT.reshape(B * T)]
@@ -414,8 +419,9 @@ def forward(
     rngs = [None] * 7 if rng is None else list(jax.random.split(lrng, 7))
     mask, (cos, sin) = masks[0], cos_sin[0]
     if per_layer:
-      pick = lambda local, full: jnp.where(sliding, local, full)  # noqa: E731
-      mask, cos, sin = pick(masks[1], mask), pick(cos_sin[1][0], cos), pick(cos_sin[1][1], sin)
+      mask = jnp.where(sliding, masks[1], mask)
+    if local_rope:
+      cos, sin = jnp.where(sliding, cos_sin[1][0], cos), jnp.where(sliding, cos_sin[1][1], sin)
     y, new_kv = _layer(cfg, peft, x, layer, cos, sin, mask, kv,
                        None if cache is None else cache["index"], rngs, causal_segments)
     return y, new_kv
@@ -432,7 +438,7 @@ def forward(
                  "index": cache["index"] + T}
   if return_hidden:
     return x, new_cache
-  return lm_logits(params, x), new_cache
+  return lm_logits(params, x, cfg.final_logit_softcap), new_cache
 
 
 def head_kernel(params: Params, dtype) -> jax.Array:
@@ -442,11 +448,12 @@ def head_kernel(params: Params, dtype) -> jax.Array:
   return params["embed_tokens"].astype(dtype).T
 
 
-def lm_logits(params: Params, hidden_BxTxD):
-  """float32 logits (... x V); tokens are flattened for a 2-d matmul (see `_layer`)."""
+def lm_logits(params: Params, hidden_BxTxD, softcap: float | None = None):
+  """float32 logits (... x V), soft-capped when asked (Gemma 2); tokens are flattened for a 2-d
+  matmul (see `_layer`)."""
   h_NxD = hidden_BxTxD.reshape(-1, hidden_BxTxD.shape[-1])
   w_DxV = head_kernel(params, h_NxD.dtype)
-  logits = jnp.einsum("nd,dv->nv", h_NxD, w_DxV, preferred_element_type=jnp.float32)
+  logits = attention.capped(jnp.einsum("nd,dv->nv", h_NxD, w_DxV, preferred_element_type=jnp.float32), softcap)
   return logits.reshape(*hidden_BxTxD.shape[:-1], logits.shape[-1])
 
 
