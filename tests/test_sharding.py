@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxtune import sharding, trainer
-from train_helpers import losses, tiny_config
+from train_helpers import losses, make_tiny_setup, tiny_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -42,7 +42,16 @@ def test_fake_cpu_meshes_compile_with_the_default_scheduler(env, scheduler_flags
 @pytest.mark.parametrize("method,meshes", [("full", ["1,4,2", "8,1,1"]), ("lora", ["1,4,2", "8,1,1"]),
                                            ("dora", ["2,2,2"]), ("prompt", ["2,2,2"])])
 def test_eight_device_mesh_matches_one_device(tiny_setup, tmp_path, method, meshes):
-  model, data = tiny_setup
+  assert_meshes_match_one_device(*tiny_setup, tmp_path, method, meshes)
+
+
+def test_gemma2_on_an_fsdp_tensor_mesh_matches_one_device(tmp_path):
+  """Gemma 2's own parts (sandwich norms, windowed layers picked inside the scan, soft-capped scores
+  and logits) under fsdp x tensor sharding."""
+  assert_meshes_match_one_device(*make_tiny_setup(str(tmp_path), "gemma2"), tmp_path, "full", ["1,4,2"])
+
+
+def assert_meshes_match_one_device(model, data, tmp_path, method, meshes):
   assert jax.device_count() == 1
   reference = losses(trainer.run(tiny_config(model, data, **{"peft.method": method,
                                                              "optimizer.learning_rate": 1e-3}),
