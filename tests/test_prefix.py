@@ -21,9 +21,10 @@ TINY = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_laye
 forward = jax.jit(llama.forward, static_argnums=1)  # un-jitted, every call re-traces the layer scan
 
 
-@pytest.fixture(scope="module", params=["llama_untied", "qwen2"])
+@pytest.fixture(scope="module", params=["llama_untied", "qwen2", "gemma2"])
 def hf_folder(request, tmp_path_factory):
-  """A tiny grouped-query model (4 heads / 2 kv heads) saved as a HF folder; qwen2 adds q/k/v biases."""
+  """A tiny grouped-query model (4 heads / 2 kv heads) saved as a HF folder; qwen2 adds q/k/v biases;
+  gemma2's windowed layer (8 positions) hides the prefix from the later tokens, as peft's past keys."""
   return request.param, hf_tiny.tiny_folder(tmp_path_factory, request.param)
 
 

@@ -292,8 +292,7 @@ def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs, seg
     P = attn["prefix_k"].shape[0]
     pk = jnp.broadcast_to(attn["prefix_k"].astype(x.dtype), (B,) + attn["prefix_k"].shape)
     pv = jnp.broadcast_to(attn["prefix_v"].astype(x.dtype), (B,) + attn["prefix_v"].shape)
-    k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
-    mask = jnp.concatenate([jnp.ones((B, T, P), bool), mask], axis=-1)
+    k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)  # `mask` covers them
   causal_prefix = None if cache_kv is not None else k.shape[1] - T  # no cache: keys in token order
   attended = attention.grouped_attention(q, k, v, mask, causal_prefix, cfg.attention, segment_ids,
                                          cfg.attn_logit_softcap)
@@ -377,7 +376,8 @@ def forward(
   if positions_BxT is None:
     start = 0 if cache is None else cache["index"]
     positions_BxT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
-  rope_positions = positions_BxT + prefix_length(params)
+  P = prefix_length(params)
+  rope_positions = positions_BxT + P
   # Gemma 3: the sliding-window layers get their own mask and rope; Mistral windows every layer
   per_layer = bool(cfg.sliding_layers)
   every_layer_window = None if per_layer else cfg.sliding_window
@@ -392,7 +392,11 @@ def forward(
 
   def mask_with(window):
     mask = attention.attention_mask(positions_BxT, segment_ids_BxT, key_pos, key_seg, window)
-    return attention.in_token_order(mask) if cache is None else mask
+    mask = attention.in_token_order(mask) if cache is None else mask
+    if P:  # a prefix's P slots come first, at positions 0..P-1 (peft's past key/values): a window hides them too
+      seen = (rope_positions[:, :, None] - jnp.arange(P)) < window if window else jnp.ones((B, T, P), bool)
+      mask = jnp.concatenate([seen, mask], axis=-1)
+    return mask
 
   masks = (mask_with(every_layer_window),) + ((mask_with(cfg.sliding_window),) if per_layer else ())
   local_rope = per_layer and cfg.local_rope_theta is not None
