@@ -6,6 +6,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from jaxtune import trainer
 from jaxtune.data import pipeline
@@ -57,21 +58,24 @@ def test_reward_model_heldout_accuracy_well_above_chance(tiny_setup, tmp_path):
   assert train[-1]["reward_margin"] > 0
 
 
-def test_reward_model_exports_as_a_transformers_sequence_classifier(tiny_setup, tmp_path):
+@pytest.mark.parametrize("family,classifier", [("llama_untied", "LlamaForSequenceClassification"),
+                                               ("gemma3", "Gemma3TextForSequenceClassification")])
+def test_reward_model_exports_as_a_transformers_sequence_classifier(tiny_setup, tmp_path, family, classifier):
   """scripts/export.py --format hf of a LoRA reward model: transformers' *ForSequenceClassification
   scores as jaxtune; --format peft is refused in one line before anything is written."""
   import torch
   import transformers
   from jaxtune import workdir
   from test_export import run_export
-  model, _ = tiny_setup
+  from train_helpers import make_tiny_setup
+  model, _ = tiny_setup if family == "llama_untied" else make_tiny_setup(str(tmp_path / "setup"), family)
   config = tiny_config(model, os.path.join(DATA, "train.jsonl"), **{
       "objective": "reward", "data.format": "preference", "data.seq_len": 96, "train.steps": 4})
   trainer.run(config, str(tmp_path / "run"))
   export = lambda fmt: run_export(str(tmp_path / "run"), str(tmp_path / fmt), fmt)
   assert export("hf").returncode == 0
   hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf"))
-  assert type(hf).__name__ == "LlamaForSequenceClassification" and hf.config.num_labels == 1
+  assert type(hf).__name__ == classifier and hf.config.num_labels == 1
   assert not os.path.exists(tmp_path / "hf" / "generation_config.json")
 
   _, cfg, params, peft, tokenizer = workdir.load_trained(str(tmp_path / "run"))
