@@ -37,8 +37,8 @@ FAMILIES = {
 }
 
 
-def build_hf_model(family: str, seed: int = 0):
-  """A random tiny transformers model of `family` (fp32, eval mode)."""
+def build_hf_model(family: str, seed: int = 0, **overrides):
+  """A random tiny transformers model of `family` (fp32, eval mode); `overrides` change its config."""
   import torch
   import transformers
   model_type, extra = FAMILIES[family]
@@ -46,7 +46,7 @@ def build_hf_model(family: str, seed: int = 0):
                 "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
                 "gemma": transformers.GemmaConfig, "gemma2": transformers.Gemma2Config,
                 "gemma3_text": transformers.Gemma3TextConfig}[model_type]
-  kwargs = dict(TINY, **extra)
+  kwargs = {**TINY, **extra, **overrides}
   config = config_cls(**kwargs)
   torch.manual_seed(seed)
   model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

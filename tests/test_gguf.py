@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import hf_tiny
-from jaxtune.models import llama, loading
+from jaxtune.models import gguf_loading, llama, loading
 from jaxtune.models.config import UnsupportedModelError
 
 
@@ -43,6 +43,11 @@ def llama_cpp_rope_factors(cfg) -> np.ndarray:
   return np.asarray(out, np.float32)
 
 
+def global_rope(config) -> dict:
+  """The rope parameters of the full-attention layers (Gemma 3 keeps one set per layer type)."""
+  return config.rope_parameters.get("full_attention", config.rope_parameters)
+
+
 def write_gguf(model, path: str, arch: str, tokenizer=None) -> str:
   """Writes a transformers model as llama.cpp's converter would (F32 tensors)."""
   cfg = model.config
@@ -54,7 +59,7 @@ def write_gguf(model, path: str, arch: str, tokenizer=None) -> str:
   w.add_head_count(cfg.num_attention_heads)
   w.add_head_count_kv(cfg.num_key_value_heads)
   w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-  w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+  w.add_rope_freq_base(global_rope(cfg)["rope_theta"])
   head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
   w.add_rope_dimension_count(head_dim)
   if head_dim != cfg.hidden_size // cfg.num_attention_heads:
@@ -66,6 +71,12 @@ def write_gguf(model, path: str, arch: str, tokenizer=None) -> str:
     w.add_rope_scaling_factor(cfg.rope_parameters["factor"])
   if cfg.rope_parameters.get("rope_type") == "llama3":
     w.add_tensor("rope_freqs.weight", llama_cpp_rope_factors(cfg))
+  if getattr(cfg, "sliding_window", None) and arch.startswith("gemma"):
+    w.add_sliding_window(cfg.sliding_window)
+    w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
+  for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+    if getattr(cfg, cap, None):
+      w.add_float32(f"{arch}.{cap}", getattr(cfg, cap))
   if tokenizer is not None:
     add_tokenizer(w, tokenizer)
   arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
@@ -78,6 +89,8 @@ def write_gguf(model, path: str, arch: str, tokenizer=None) -> str:
       a = llama_cpp_permute(a, cfg.num_attention_heads)
     elif arch == "llama" and ".k_proj." in name:
       a = llama_cpp_permute(a, cfg.num_key_value_heads)
+    elif arch.startswith("gemma") and name.endswith("norm.weight"):
+      a = a + 1.0  # llama.cpp stores Gemma's norms as the 1 + w they scale by
     w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), a)
   return close(w, path)
 
@@ -121,18 +134,30 @@ def llama31_model():
 
 TINY_CASES = [("llama_untied", "llama"), ("smollm2", "llama"), ("llama_bias", "llama"),
               ("llama_linear_rope", "llama"), ("llama31", "llama"), ("qwen2", "qwen2"),
-              ("qwen3", "qwen3")]
+              ("qwen3", "qwen3"), ("gemma", "gemma"), ("gemma2", "gemma2"), ("gemma3", "gemma3")]
+
+
+def tiny_model(family):
+  """hf_tiny's model, or for the test's own cases one built here. Gemma 2/3 score with 1/sqrt(head
+  size) (as every Gemma but the 27B ones, which a GGUF cannot tell apart otherwise), sharpened so the
+  soft-caps bite."""
+  if family == "llama31":
+    return llama31_model()
+  if family in ("gemma2", "gemma3"):
+    head_dim = hf_tiny.FAMILIES[family][1]["head_dim"]
+    return hf_tiny.sharpen(hf_tiny.build_hf_model(family, query_pre_attn_scalar=head_dim))
+  return hf_tiny.build_hf_model(family)
 
 
 @pytest.mark.parametrize("family,arch", TINY_CASES)
 def test_tiny_gguf_logits_match_torch(tmp_path, family, arch):
   import torch
-  model = llama31_model() if family == "llama31" else hf_tiny.build_hf_model(family)
+  model = tiny_model(family)
   path = write_gguf(model, str(tmp_path / f"{family}.gguf"), arch)
   cfg, params = loading.load_model(path)
   assert cfg.tie_word_embeddings == model.config.tie_word_embeddings
   assert ("lm_head" in params) != cfg.tie_word_embeddings
-  assert cfg.rope_type == model.config.rope_parameters["rope_type"]
+  assert cfg.rope_type == global_rope(model.config)["rope_type"]
   assert loading.model_config_of(path) == cfg
   ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24))
   positions = 3000 + np.broadcast_to(np.arange(24), ids.shape)  # far out, where rope scaling matters
@@ -143,13 +168,18 @@ def test_tiny_gguf_logits_match_torch(tmp_path, family, arch):
   np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5, rtol=0)
 
 
-def test_tiny_gguf_writer_agrees_with_transformers(tmp_path):
+@pytest.mark.parametrize("family,arch,overrides", [
+    ("smollm2", "llama", {}),
+    # what transformers assumes where the file is silent: scores by 1/sqrt(256), windows on 5 of 6 layers
+    ("gemma3", "gemma3", dict(head_dim=256, query_pre_attn_scalar=256, layer_types=["sliding_attention"] * 2))])
+def test_tiny_gguf_writer_agrees_with_transformers(tmp_path, family, arch, overrides):
   """transformers' own GGUF loader reads the tiny file back into the same model: the test writer
-  permutes Q/K as llama.cpp does, so the match above is not a permutation cancelling itself."""
+  permutes Q/K (Llama) and stores Gemma's norms as 1 + w as llama.cpp does, so the matches above
+  are not a convention cancelling itself."""
   import torch
   import transformers
-  model = hf_tiny.build_hf_model("smollm2")
-  write_gguf(model, str(tmp_path / "m.gguf"), "llama")
+  model = hf_tiny.build_hf_model(family, **overrides)
+  write_gguf(model, str(tmp_path / "m.gguf"), arch)
   back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf",
                                                            dtype=torch.float32).eval()
   ids = torch.tensor(np.random.default_rng(1).integers(0, 256, (1, 16)))
@@ -294,3 +324,20 @@ def test_smollm2_greedy_answer(smollm2, smollm2_torch):
     ref = smollm2_torch[0].generate(torch.tensor([prompt]), max_new_tokens=len(answer), do_sample=False,
                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
   assert answer == ref[0, len(prompt):].tolist()
+
+
+def test_gemma_gguf_settings_llama_cpp_implies():
+  """A Gemma GGUF states no score scale and (older files) no window pattern: llama.cpp's own rules."""
+  def config(arch, layers, **stated):
+    values = {"attention.sliding_window": 4096, **stated}
+    hf = {"num_hidden_layers": layers, "hidden_size": 4608, "num_attention_heads": 32, "head_dim": 128,
+          "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}
+    return gguf_loading._gemma_config(arch, lambda name, default=None: values.get(name, default), hf)
+  assert config("gemma2", 46)["query_pre_attn_scalar"] == 144  # the 27B: hidden / heads
+  assert config("gemma2", 42)["query_pre_attn_scalar"] == 128  # the others: head size
+  assert config("gemma2", 4)["layer_types"] == ["sliding_attention", "full_attention"] * 2
+  assert config("gemma3", 7)["layer_types"] == ["sliding_attention"] * 5 + ["full_attention", "sliding_attention"]
+  assert config("gemma3", 2, **{"attention.sliding_window_pattern": [False, True]})["layer_types"] == [
+      "full_attention", "sliding_attention"]
+  assert config("gemma3", 62)["rope_parameters"]["sliding_attention"]["rope_theta"] == 10000.0
+  assert config("gemma", 18) == {"hidden_act": "gelu_pytorch_tanh"}

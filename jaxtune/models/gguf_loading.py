@@ -18,7 +18,9 @@ from jaxtune.models.config import CAUSAL_LM_CLASSES, UnsupportedModelError
 
 # llama.cpp architectures whose tensors map onto jaxtune's decoder. "llama" covers Llama 1-3,
 # Mistral and SmolLM2 (llama.cpp writes them all as llama).
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+_GEMMA = ("gemma", "gemma2", "gemma3")  # norms stored as 1 + weight (llama.cpp adds the 1 when converting)
+_MODEL_TYPES = {"gemma3": "gemma3_text"}  # llama.cpp architecture -> transformers model_type, where they differ
 # llama.cpp's converter permutes the rows of Q and K (and their biases) for these architectures only.
 _PERMUTED_QK = ("llama",)
 
@@ -103,9 +105,10 @@ def hf_config_of(reader, path: str) -> dict[str, Any]:
   vocab = key("vocab_size")
   if vocab is None:  # older files only state it through the vocabulary's length
     vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+  model_type = _MODEL_TYPES.get(arch, arch)
   hf_config = {
-      "model_type": arch,
-      "architectures": [CAUSAL_LM_CLASSES[arch]],
+      "model_type": model_type,
+      "architectures": [CAUSAL_LM_CLASSES[model_type]],
       "vocab_size": int(vocab),
       "hidden_size": hidden,
       "intermediate_size": int(key("feed_forward_length")),
@@ -133,7 +136,36 @@ def hf_config_of(reader, path: str) -> dict[str, Any]:
       raise UnsupportedModelError(f"{path}: both rope_freqs and a rope scaling type")
     factors = np.asarray(_dequantize(rope_freqs), np.float32)
     hf_config["rope_parameters"] = _llama3_rope(hf_config, factors, path)
+  if arch in _GEMMA:
+    hf_config.update(_gemma_config(arch, key, hf_config))
   return hf_config
+
+
+def _gemma_config(arch: str, key: Callable[..., Any], hf_config: dict[str, Any]) -> dict[str, Any]:
+  """What llama.cpp states, or implies, about a Gemma: tanh-gelu GeGLU; for Gemma 2/3 the windowed
+  layers (every 2nd / 6 of 6 layers attend within `attention.sliding_window`, the last of each group
+  globally), the soft-caps, Gemma 3's rope base 10000 for windowed layers, and the score scale,
+  which llama.cpp derives from the model size: 1/sqrt(hidden / heads) for the 27B models (46 and 62
+  layers), 1/sqrt(head size) otherwise."""
+  out: dict[str, Any] = {"hidden_act": "gelu_pytorch_tanh"}
+  if arch == "gemma":
+    return out
+  layers = hf_config["num_hidden_layers"]
+  is_27b = layers == {"gemma2": 46, "gemma3": 62}[arch]
+  pattern = key("attention.sliding_window_pattern", 2 if arch == "gemma2" else 6)
+  sliding = list(pattern) if isinstance(pattern, (list, tuple, np.ndarray)) else [
+      (i + 1) % int(pattern) != 0 for i in range(layers)]
+  out.update(
+      query_pre_attn_scalar=(hf_config["hidden_size"] // hf_config["num_attention_heads"] if is_27b
+                             else hf_config["head_dim"]),
+      sliding_window=int(key("attention.sliding_window")),
+      layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
+      final_logit_softcapping=key("final_logit_softcapping"),
+      attn_logit_softcapping=key("attn_logit_softcapping") if arch == "gemma2" else None)
+  if arch == "gemma3":
+    out["rope_parameters"] = {"full_attention": hf_config["rope_parameters"],
+                              "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+  return out
 
 
 def _dequantize(t) -> np.ndarray:
@@ -165,7 +197,7 @@ def gguf_tensors(path: str) -> tuple[dict[str, Any], Callable[[str], np.ndarray]
   import gguf
   reader = _reader(path)
   hf_config = hf_config_of(reader, path)
-  arch = hf_config["model_type"]
+  arch = _architecture(reader, path)
   name_map = gguf.get_tensor_name_map(
       next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), hf_config["num_hidden_layers"])
   tensors = {t.name: t for t in reader.tensors}
@@ -180,6 +212,8 @@ def gguf_tensors(path: str) -> tuple[dict[str, Any], Callable[[str], np.ndarray]
     kind = gguf_name.split(".")[-2]
     if arch in _PERMUTED_QK and kind in heads_of:
       w = unpermute_qk(w, heads_of[kind])
+    if arch in _GEMMA and gguf_name.endswith("norm.weight"):
+      w = w - 1.0
     if np.may_share_memory(w, reader.data):  # a float32 tensor is a view of the file's pages
       w = w.copy()
     release_pages(reader.data, tensor.data_offset, tensor.n_bytes)

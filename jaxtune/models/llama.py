@@ -289,7 +289,6 @@ def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs, seg
     new_kv = (k, v)
     k, v = k.astype(x.dtype), v.astype(x.dtype)
   if "prefix_k" in attn:
-    P = attn["prefix_k"].shape[0]
     pk = jnp.broadcast_to(attn["prefix_k"].astype(x.dtype), (B,) + attn["prefix_k"].shape)
     pv = jnp.broadcast_to(attn["prefix_v"].astype(x.dtype), (B,) + attn["prefix_v"].shape)
     k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)  # `mask` covers them
