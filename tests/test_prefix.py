@@ -1,5 +1,6 @@
 """Prefix tuning: numerics against Hugging Face peft's PREFIX_TUNING, masks, packing and the KV cache."""
 
+import dataclasses
 import json
 
 import jax
@@ -136,21 +137,29 @@ def test_init_is_the_base_model_after_a_prompt():
     prefix.add_prefix(params, TINY, jax.random.key(1), 0)
 
 
-@pytest.fixture(scope="module", params=[0, 16], ids=["direct", "reparam"])
+# Gemma 2's shape of model: a windowed first layer (the prefix leaves its window), soft-capped scores
+WINDOWED = dataclasses.replace(TINY, sliding_window=4, sliding_layers=(True, False), attn_logit_softcap=5.0,
+                               norm_weight_offset=1.0, sandwich_norms=True, model_type="gemma2")
+
+
+@pytest.fixture(scope="module", params=[(TINY, 0), (TINY, 16), (WINDOWED, 0)], ids=["direct", "reparam", "windowed"])
 def prefixed(request):
-  params = llama.init_params(TINY, jax.random.key(0), std=0.2)
-  return prefix.add_prefix(params, TINY, jax.random.key(1), P, reparam_hidden=request.param)
+  """(config, params with a prefix)."""
+  cfg, reparam_hidden = request.param
+  params = llama.init_params(cfg, jax.random.key(0), std=0.2)
+  return cfg, prefix.add_prefix(params, cfg, jax.random.key(1), P, reparam_hidden=reparam_hidden)
 
 
 def test_padding_and_packing_with_a_prefix(prefixed):
   """Each packed record sees the prefix and only itself; padding changes nothing real."""
+  cfg, prefixed = prefixed
   a, b = [3, 14, 15, 92, 65], [35, 89, 79, 32]
   row = np.array([a + b + [0, 0, 0]], np.int32)
   positions = np.array([list(range(5)) + list(range(4)) + [0, 0, 0]], np.int32)
   segments = np.array([[1] * 5 + [2] * 4 + [0] * 3], np.int32)
-  packed, _ = forward(prefixed, TINY, row, positions, segments)
-  alone_a, _ = forward(prefixed, TINY, np.array([a], np.int32))
-  alone_b, _ = forward(prefixed, TINY, np.array([b], np.int32))
+  packed, _ = forward(prefixed, cfg, row, positions, segments)
+  alone_a, _ = forward(prefixed, cfg, np.array([a], np.int32))
+  alone_b, _ = forward(prefixed, cfg, np.array([b], np.int32))
   np.testing.assert_allclose(np.asarray(packed[0, :5]), np.asarray(alone_a[0]), atol=1e-5)
   np.testing.assert_allclose(np.asarray(packed[0, 5:9]), np.asarray(alone_b[0]), atol=1e-5)
 
@@ -177,21 +186,23 @@ def greedy(params, cfg, prompt, steps, use_cache, max_len=16):
 
 
 def test_kv_cache_generation_equals_full_forward(prefixed):
+  cfg, prefixed = prefixed
   prompt = [11, 22, 33, 44]
-  with_cache = greedy(prefixed, TINY, prompt, 8, use_cache=True)
-  assert with_cache == greedy(prefixed, TINY, prompt, 8, use_cache=False)
+  with_cache = greedy(prefixed, cfg, prompt, 8, use_cache=True)
+  assert with_cache == greedy(prefixed, cfg, prompt, 8, use_cache=False)
   # The cached step logits themselves, not just the argmax, agree with one full forward.
   tokens = np.array([prompt + with_cache + [0] * 4], np.int32)
-  full, _ = forward(prefixed, TINY, tokens)
-  cache = llama.init_cache(TINY, 1, 16)
+  full, _ = forward(prefixed, cfg, tokens)
+  cache = llama.init_cache(cfg, 1, 16)
   steps = []
   for t in range(tokens.shape[1]):
-    logits, cache = forward(prefixed, TINY, tokens[:, t:t + 1], cache=cache)
+    logits, cache = forward(prefixed, cfg, tokens[:, t:t + 1], cache=cache)
     steps.append(logits)
   np.testing.assert_allclose(np.concatenate(steps, axis=1), np.asarray(full), atol=1e-5)
 
 
 def test_only_prefix_leaves_get_gradients(prefixed):
+  cfg, prefixed = prefixed
   trainable, frozen = partition.split(prefixed, "prefix")
   expected = ({"prefix_encoder/embedding", "prefix_encoder/hidden/kernel", "prefix_encoder/hidden/bias",
                "prefix_encoder/output/kernel", "prefix_encoder/output/bias"} if "prefix_encoder" in prefixed
@@ -200,7 +211,7 @@ def test_only_prefix_leaves_get_gradients(prefixed):
   tokens = np.array([[3, 1, 4, 1, 5, 9, 2, 6]], np.int32)
 
   def loss(trainable):
-    logits, _ = forward(partition.merge(trainable, frozen), TINY, tokens[:, :-1])
+    logits, _ = forward(partition.merge(trainable, frozen), cfg, tokens[:, :-1])
     return llama.token_nll(logits, tokens[:, 1:]).mean()
 
   grads = jax.grad(loss)(trainable)
