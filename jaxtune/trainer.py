@@ -244,6 +244,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=None, load=
     raise ConfigError("model.attention", f"cudnn needs a GPU; this run's devices are {jax.default_backend()}")
   if problem := loading.model_path_problem(config.model.path):
     raise ConfigError("model.path", problem)
+  uncapped_kernel = config.model.attention in ("xla", "cudnn", "splash")
+  if uncapped_kernel and loading.model_config_of(config.model.path).attn_logit_softcap:
+    raise ConfigError("model.attention", f"{config.model.attention} cannot soft-cap attention scores, which this "
+                      "model does (Gemma 2): use auto or blocked")
   check_workdir(workdir, config)  # the config errors come before anything touches the workdir
   jax.set_mesh(mesh)  # the run's mesh, seen while tracing (model.attention=splash shards its kernel by it)
   if config.model.attention == "splash" and jax.default_backend() != "tpu" and is_main:

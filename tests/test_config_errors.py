@@ -168,6 +168,15 @@ def test_bad_data_and_model_paths_are_one_line(tiny_setup, tmp_path):
   assert not any(os.path.exists(tmp_path / name) for name in "abcde"), "a workdir was created"
 
 
+def test_attention_without_soft_caps_is_refused_for_gemma2(tmp_path):
+  """Only the blocked attention soft-caps scores: asking a Gemma 2 run for another is one line."""
+  from train_helpers import make_tiny_setup
+  model, data = make_tiny_setup(str(tmp_path / "setup"), "gemma2")
+  assert_one_line_error(*train(tmp_path / "run", ["--config.model.attention=xla"], model, data),
+                        "error: config.model.attention: xla cannot soft-cap attention scores")
+  assert not os.path.exists(tmp_path / "run"), "the workdir was created"
+
+
 def test_relative_paths_are_stored_absolute(tiny_setup, tmp_path, monkeypatch):
   """Relative model and data paths go into config.json absolute: export.py works from any directory,
   and the same relative command resumes; a workdir written with relative paths still matches."""
