@@ -21,14 +21,14 @@ FAMILIES = {
     "qwen2": ("qwen2", dict(tie_word_embeddings=True)),
     # q_norm/k_norm, and heads wider than hidden / heads (q is 128 wide on a 64-wide model)
     "qwen3": ("qwen3", dict(tie_word_embeddings=True, head_dim=32)),
-    # Gemma 3 (text): sandwich norms scaling by 1 + w, GeGLU, scaled embeddings, q/k norms, scores
-    # scaled by 1/sqrt(24), a windowed layer (own rope base) before a global one
     # Gemma: norms scaling by 1 + w, scaled embeddings, exact-gelu GeGLU (as old Gemma 1 configs)
     "gemma": ("gemma", dict(head_dim=32, hidden_act="gelu")),
     # Gemma 2: + sandwich norms, soft-capped scores and logits (caps low enough to bite), windows
     "gemma2": ("gemma2", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
                               attn_logit_softcapping=2.0, final_logit_softcapping=0.5,
                               layer_types=["sliding_attention", "full_attention"])),
+    # Gemma 3 (text): sandwich norms scaling by 1 + w, GeGLU, scaled embeddings, q/k norms, scores
+    # scaled by 1/sqrt(24), a windowed layer (own rope base) before a global one
     "gemma3": ("gemma3_text", dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
                                    layer_types=["sliding_attention", "full_attention"])),
     "smollm2": ("llama", dict(tie_word_embeddings=True, num_attention_heads=8,

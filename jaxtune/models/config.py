@@ -116,7 +116,7 @@ def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
   )
 
 
-def _gemma_fields(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
+def _gemma_fields(hf: dict[str, Any], model_type: str, rope: dict[str, Any]) -> dict[str, Any]:
   """Gemma 1-3's departures from Llama (see ModelConfig). Gemma 3 applies no attention soft-capping
   whatever its config says (as transformers); bidirectional attention (Gemma 3's vision tower) is not
   implemented."""
@@ -138,7 +138,7 @@ def _gemma_fields(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
   if model_type == "gemma2":
     fields.update(attn_logit_softcap=cap("attn_logit_softcapping"))
   else:
-    fields.update(qk_norm=True, local_rope_theta=_rope_fields(hf)["local_rope_theta"] or 10000.0)
+    fields.update(qk_norm=True, local_rope_theta=rope["local_rope_theta"] or 10000.0)
   return fields
 
 
@@ -167,8 +167,9 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
   attention_bias = bool(hf.get("attention_bias", False))
   family: dict[str, Any] = dict(qk_norm=model_type == "qwen3",
                                 sliding_window=int(sliding_window) if sliding_window else None)
+  rope = _rope_fields(hf)
   if model_type.startswith("gemma"):
-    family = _gemma_fields(hf, model_type)
+    family = _gemma_fields(hf, model_type, rope)
   fields = dict(
       vocab_size=int(hf["vocab_size"]),
       hidden_size=hidden,
@@ -188,7 +189,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
       bos_token_id=hf.get("bos_token_id"),
       eos_token_ids=_as_tuple(hf.get("eos_token_id")),
       pad_token_id=hf.get("pad_token_id"),
-      **_rope_fields(hf),
+      **rope,
   )
   return ModelConfig(**{**fields, **family})
 

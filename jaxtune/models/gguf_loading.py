@@ -161,7 +161,7 @@ def _gemma_config(arch: str, key: Callable[..., Any], hf_config: dict[str, Any])
       sliding_window=int(key("attention.sliding_window")),
       layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
       final_logit_softcapping=key("final_logit_softcapping"),
-      attn_logit_softcapping=key("attn_logit_softcapping") if arch == "gemma2" else None)
+      attn_logit_softcapping=key("attn_logit_softcapping"))  # config_from_hf ignores it for Gemma 3
   if arch == "gemma3":
     out["rope_parameters"] = {"full_attention": hf_config["rope_parameters"],
                               "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}

@@ -412,7 +412,7 @@ def forward(
     layer_rngs = jnp.zeros((cfg.num_layers,), jnp.uint32)  # placeholder, unused
   else:
     layer_rngs = jax.random.split(rng, cfg.num_layers)
-  sliding_L = jnp.asarray(cfg.sliding_layers if per_layer else (False,) * cfg.num_layers)
+  sliding_L = jnp.asarray(cfg.sliding_layers) if per_layer else None  # scanned with the layers
 
   # without a cache or sliding window, the mask is "causal within segments" (positions rise in a segment)
   causal_segments = segment_ids_BxT if cache is None and not cfg.sliding_window else None
