@@ -23,6 +23,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # compiled layer in a loop: the least compile time, TPU's usual form) | unrolled (straight-line
   # code: no per-layer copies of the saved activations into stacked buffers; longer compiles)
   c.model.layer_loop = "auto"
+  # "" | nf4: store the frozen base's decoder-layer kernels in 4-bit NormalFloat (QLoRA; the same
+  # codes as bitsandbytes' load_in_4bit nf4), dequantized as each layer runs. PEFT methods only.
+  c.model.quantize = ""
 
   c.objective = "lm"  # lm | dpo | reward | grpo
 

@@ -6,7 +6,7 @@ import re
 
 import ml_collections
 
-from jaxtune.models import attention, llama
+from jaxtune.models import attention, llama, quantization
 from jaxtune.peft import lora
 from jaxtune.peft.partition import LORA_METHODS, METHODS
 
@@ -26,7 +26,8 @@ class ConfigError(ValueError):
 def _choice(c, key, options):
   value = _get(c, key)
   if value not in options:
-    raise ConfigError(key, f"{value!r} is not one of {' | '.join(map(str, options))}")
+    shown = (repr(o) if o == "" else str(o) for o in options)
+    raise ConfigError(key, f"{value!r} is not one of {' | '.join(shown)}")
 
 
 def _positive(c, key, allow_zero=False):
@@ -123,6 +124,10 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     _choice(c, key, DTYPES)
   _choice(c, "model.attention", attention.IMPLEMENTATIONS)
   _choice(c, "model.layer_loop", llama.LAYER_LOOPS)
+  _choice(c, "model.quantize", quantization.CHOICES)
+  if c.model.quantize and c.peft.method == "full":
+    raise ConfigError("model.quantize", f"{c.model.quantize} stores the base frozen; full fine-tuning "
+                      "trains it: use a PEFT method (peft.method=lora, ...) or model.quantize=''")
   if c.model.attention == "cudnn" and c.precision.compute_dtype == "float32":
     raise ConfigError("model.attention", "cudnn needs precision.compute_dtype=bfloat16 or float16")
   if c.objective in ("dpo", "reward") and c.data.format != "preference":

@@ -102,11 +102,12 @@ def default_template(tokenizer) -> str:
 
 def evaluate_path(model: str, data: str, data_format: str = "text", *, adapter: str | None = None,
                   batch_size: int = 8, max_len: int = 0, instruction_template: str | None = None,
-                  progress: bool = False, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                  progress: bool = False, log: Callable[[str], None] = lambda s: None,
+                  quantize: str = "auto") -> dict[str, Any]:
   """evaluate.py in-process: load the model (+ adapter), encode the file, evaluate."""
   if max_len < 0:
     raise ValueError(f"--max_len={max_len} must be >= 0 (0 = no limit)")
-  cfg, params, peft, tokenizer = inference.load_for_inference(model, adapter)
+  cfg, params, peft, tokenizer = inference.load_for_inference(model, adapter, quantize=quantize)
   template = instruction_template or default_template(tokenizer)
   if data_format == "instruction":
     log(f"instruction template: {template}")

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from jaxtune.models import llama
+from jaxtune.models import llama, quantization
 from jaxtune.models.config import ModelConfig
 from jaxtune.models.loading import flatten, unflatten
 from jaxtune.peft import ia3, lora
@@ -86,7 +86,7 @@ def _stack_layers(folder: str, cfg: ModelConfig, per_layer: dict[str, dict[int, 
 
 def _check_shapes(folder: str, base: dict[str, Any], leaves: dict[str, np.ndarray]):
   for path, leaf in leaves.items():
-    kernel = base[path.rsplit("/", 1)[0] + "/kernel"].shape
+    kernel = quantization.kernel_shape(lora.linear_at(base, path.rsplit("/", 1)[0]))
     expected = kernel[1] if path.endswith(("lora_a", "ia3_in")) else kernel[2]  # the input or output size
     got = leaf.shape[2] if path.endswith("lora_b") else leaf.shape[1]
     if got != expected:

@@ -24,7 +24,7 @@ from jaxtune import checkpoint, objectives, profiling, sharding
 from jaxtune.config_checks import ConfigError, field_map
 from jaxtune.data import pipeline
 from jaxtune.metrics_log import MetricsLog
-from jaxtune.models import llama, loading
+from jaxtune.models import llama, loading, quantization
 from jaxtune.optimizer import build_optimizer, learning_rate_schedule
 from jaxtune.peft import methods, partition
 from jaxtune.train_step import StepSpec, eval_step, lm_loss_sums, train_step
@@ -109,7 +109,9 @@ def build_model(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
   model_cfg = dataclasses.replace(loading.model_config_of(config.model.path), attention=config.model.attention,
                                   layer_loop=config.model.layer_loop)
   base_shapes = loading.flatten(llama.param_shapes(model_cfg), is_leaf=lambda x: isinstance(x, tuple))
-  params = loading.load_model(config.model.path, param_dtype,
+  if config.model.quantize:
+    base_shapes = quantization.quantize_shapes(base_shapes)
+  params = loading.load_model(config.model.path, param_dtype, quantize=config.model.quantize,
                               shardings=sharding.param_shardings(base_shapes, mesh))[1]
   peft_rng = jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 1)
   params = methods.add_peft(params, model_cfg, config.peft, peft_rng, param_dtype)

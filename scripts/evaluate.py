@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags
 
-from jaxtune import cli, evaluation, huge_pages
+from jaxtune import cli, evaluation, huge_pages, inference
 from jaxtune.data import formats
 
 _MODEL = flags.DEFINE_string("model", None, "Hugging Face model folder or .gguf file.", required=True)
@@ -21,6 +21,9 @@ _FORMAT = flags.DEFINE_enum("data_format", "text", ["text", "instruction", "chat
 _ADAPTER = flags.DEFINE_string("adapter", None, "A train.py workdir or a PEFT adapter folder.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Records per batch.")
 _MAX_LEN = flags.DEFINE_integer("max_len", 0, "Cut records to this many tokens (0 = no limit).")
+_QUANTIZE = flags.DEFINE_enum(
+    "quantize", "auto", list(inference.QUANTIZE_FLAG),
+    "nf4: hold the base's layer kernels in 4-bit NF4 (QLoRA); auto: as the --adapter workdir trained.")
 _TEMPLATE = flags.DEFINE_enum(
     "instruction_template", None, list(formats.INSTRUCTION_TEMPLATES),
     "Prompt template of instruction records (default: chat if the tokenizer has one, else alpaca).")
@@ -36,7 +39,8 @@ def main(argv):
     raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
   result = evaluation.evaluate_path(
       _MODEL.value, _DATA.value, _FORMAT.value, adapter=_ADAPTER.value, batch_size=_BATCH.value,
-      max_len=_MAX_LEN.value, instruction_template=_TEMPLATE.value, progress=True, log=log)
+      max_len=_MAX_LEN.value, instruction_template=_TEMPLATE.value, progress=True, log=log,
+      quantize=_QUANTIZE.value)
   print(json.dumps(result))
 
 

@@ -24,6 +24,9 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (with temperatu
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _RAW = flags.DEFINE_bool("raw", False, "Do not apply the chat template.")
 _JSON = flags.DEFINE_bool("json", False, "One JSON object per prompt: {prompt, completion}.")
+_QUANTIZE = flags.DEFINE_enum(
+    "quantize", "auto", list(inference.QUANTIZE_FLAG),
+    "nf4: hold the base's layer kernels in 4-bit NF4 (QLoRA); auto: as the --adapter workdir trained.")
 _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", list(DTYPES),
                                    "Activations and KV cache (bfloat16: the matmul units of TPUs/GPUs); "
                                    "logits and sampling stay float32.")
@@ -34,7 +37,7 @@ def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
   sampling.check_options(_MAX_NEW.value, _TEMPERATURE.value, _TOP_P.value)
-  cfg, params, peft, tokenizer = inference.load_for_inference(_MODEL.value, _ADAPTER.value)
+  cfg, params, peft, tokenizer = inference.load_for_inference(_MODEL.value, _ADAPTER.value, quantize=_QUANTIZE.value)
   chat = inference.has_chat_template(tokenizer) and not _RAW.value
   prompts = [sampling.prompt_ids(tokenizer, p, chat) for p in _PROMPT.value]
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -51,13 +51,21 @@ def test_gemma2_on_an_fsdp_tensor_mesh_matches_one_device(tmp_path):
   assert_meshes_match_one_device(*make_tiny_setup(str(tmp_path), "gemma2"), tmp_path, "full", ["1,4,2"])
 
 
-def assert_meshes_match_one_device(model, data, tmp_path, method, meshes):
+def test_qlora_on_an_fsdp_tensor_mesh_matches_one_device(tiny_setup, tmp_path):
+  """NF4 codes (out x in/2) and block scales sharded like their kernels: each device dequantizes its
+  slice, and the losses are one device's."""
+  assert_meshes_match_one_device(*tiny_setup, tmp_path, "lora", ["1,4,2"], {"model.quantize": "nf4"})
+
+
+def assert_meshes_match_one_device(model, data, tmp_path, method, meshes, overrides=None):
   assert jax.device_count() == 1
+  overrides = overrides or {}
   reference = losses(trainer.run(tiny_config(model, data, **{"peft.method": method,
-                                                             "optimizer.learning_rate": 1e-3}),
+                                                             "optimizer.learning_rate": 1e-3, **overrides}),
                                  str(tmp_path / "one")))
+  env = dict(os.environ, SHARDED_RUN_OVERRIDES=json.dumps(overrides))
   out = subprocess.run([sys.executable, os.path.join(HERE, "sharded_run.py"), model, data, str(tmp_path),
-                        method, *meshes], capture_output=True, text=True, timeout=900)
+                        method, *meshes], capture_output=True, text=True, timeout=900, env=env)
   assert out.returncode == 0, out.stderr[-3000:]
   results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
   assert [r["mesh"] for r in results] == meshes

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxtune.models import attention
+from jaxtune.models import attention, quantization
 from jaxtune.models.config import ModelConfig
 from jaxtune.models.matmul import matmul
 from jaxtune.peft import prefix as prefix_tuning
@@ -126,6 +126,7 @@ def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
   elif len(parts) >= 2 and parts[-2] in _KERNEL_AXES:
     n_in, n_out = _KERNEL_AXES[parts[-2]]
     axes = {"kernel": lead + (n_in, n_out), "bias": lead + (n_out,),
+            "kernel_nf4": lead + (n_out, n_in), "kernel_absmax": lead + (n_out,),
             "lora_a": lead + (n_in, None), "lora_b": lead + (None, n_out),
             "lora_magnitude": lead + (n_out,), "ia3_in": lead + (n_in,), "ia3_out": lead + (n_out,)}.get(name)
   else:
@@ -205,7 +206,7 @@ def dense(p: Params, x, peft: PeftRuntime, rng=None):
   (IA3: x and/or the output multiplied by learned vectors)."""
   if "ia3_in" in p:
     x = x * p["ia3_in"].astype(x.dtype)
-  base = matmul(x, p["kernel"])
+  base = matmul(x, quantization.kernel_of(p))
   y = base + p["bias"].astype(x.dtype) if "bias" in p else base
   if "lora_a" in p:
     xa = x
@@ -215,7 +216,7 @@ def dense(p: Params, x, peft: PeftRuntime, rng=None):
     # the scale goes on B (r x out), not on the N x out product: one elementwise pass fewer each way
     delta = matmul(matmul(xa, p["lora_a"]), p["lora_b"] * peft.lora_scale)
     if "lora_magnitude" in p:
-      delta = dora_delta(p, base if xa is x else matmul(xa, p["kernel"]), delta, peft.lora_scale)
+      delta = dora_delta(p, base if xa is x else matmul(xa, quantization.kernel_of(p)), delta, peft.lora_scale)
     y = y + delta
   if "ia3_out" in p:
     y = y * p["ia3_out"].astype(y.dtype)
@@ -236,7 +237,7 @@ def dora_delta(p: Params, base, lora_delta, scale: float):
   0.4% would round away; on CPU each bfloat16 op would also round-trip through float32 (the
   bfloat16 DoRA step took 1.29x as long)."""
   f32 = jnp.float32
-  norm = jax.lax.stop_gradient(dora_norm(p["kernel"], p["lora_a"], p["lora_b"], scale))
+  norm = jax.lax.stop_gradient(dora_norm(quantization.kernel_of(p), p["lora_a"], p["lora_b"], scale))
   factor = p["lora_magnitude"].astype(f32) / norm
   return ((factor - 1) * base.astype(f32) + factor * lora_delta.astype(f32)).astype(base.dtype)
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from jaxtune.models import llama
+from jaxtune.models import llama, quantization
 from jaxtune.models.config import ModelConfig, config_from_hf, read_hf_config
 
 TensorGetter = Callable[[str], np.ndarray]
@@ -85,24 +85,48 @@ def _host_leaf(cfg: ModelConfig, path: str, shape: tuple[int, ...], get: TensorG
   return t.astype(np_dtype)
 
 
+def _host_quantized_leaves(cfg: ModelConfig, path: str, shape: tuple[int, ...], get: TensorGetter, dtype
+                           ) -> dict[str, np.ndarray]:
+  """A stacked kernel's NF4 leaves (quantization.py), quantized layer by layer from the checkpoint's
+  out x in tensors, as read in `dtype` (what torch would hold after `from_pretrained(torch_dtype=)`)."""
+  linear = path[: -len("kernel")]
+  *_, n_in, n_out = shape
+  shapes = quantization.quantized_shapes(n_out, n_in, (cfg.num_layers,))
+  codes, absmax = (np.empty(s, dt) for s, dt in zip(shapes.values(), (np.uint8, np.float32)))
+  for i in range(cfg.num_layers):
+    t = np.asarray(get(hf_name_of(path, i)))
+    if t.shape != (n_out, n_in):
+      raise ValueError(f"tensor {hf_name_of(path, i)}: shape {t.shape} != expected {(n_out, n_in)}")
+    codes[i], absmax[i] = quantization.quantize_nf4(t.astype(jnp.dtype(dtype)))
+  return {linear + "kernel_nf4": codes, linear + "kernel_absmax": absmax}
+
+
 def params_from_tensors(
     cfg: ModelConfig,
     get: TensorGetter,
     dtype=jnp.float32,
     shardings: dict[str, jax.sharding.Sharding] | None = None,
     progress: Callable[[str], None] | None = None,
+    quantize: str = "",
 ) -> llama.Params:
-  """Builds the base params tree, one leaf at a time, placed with `shardings[path]` if given."""
+  """Builds the base params tree, one leaf at a time, placed with `shardings[path]` if given.
+
+  `quantize="nf4"`: the decoder layers' kernels are stored as NF4 codes and scales instead
+  (quantization.py); `shardings` then names those leaves."""
   shapes = llama.param_shapes(cfg)
   flat = flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
   out = {}
   for path, shape in flat.items():
-    host = _host_leaf(cfg, path, shape, get, dtype)
-    if host.shape != tuple(shape):
-      raise ValueError(f"{path}: checkpoint shape {host.shape} != model shape {tuple(shape)}")
-    sharding = shardings.get(path) if shardings else None
-    out[path] = jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host)
-    del host
+    if quantize and quantization.is_quantizable(path):
+      leaves = _host_quantized_leaves(cfg, path, shape, get, dtype)
+    else:
+      leaves = {path: _host_leaf(cfg, path, shape, get, dtype)}
+      if leaves[path].shape != tuple(shape):
+        raise ValueError(f"{path}: checkpoint shape {leaves[path].shape} != model shape {tuple(shape)}")
+    for name, host in leaves.items():
+      sharding = shardings.get(name) if shardings else None
+      out[name] = jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host)
+    del leaves
     if progress:
       progress(path)
   return unflatten(out)
@@ -125,10 +149,11 @@ def unflatten(flat: dict[str, Any]) -> dict:
   return tree
 
 
-def load_hf_folder(folder: str, dtype=jnp.float32, shardings=None) -> tuple[ModelConfig, llama.Params]:
+def load_hf_folder(folder: str, dtype=jnp.float32, shardings=None, quantize: str = ""
+                   ) -> tuple[ModelConfig, llama.Params]:
   cfg = config_from_hf(read_hf_config(folder))
   get, _ = safetensors_getter(folder)
-  return cfg, params_from_tensors(cfg, get, dtype, shardings)
+  return cfg, params_from_tensors(cfg, get, dtype, shardings, quantize=quantize)
 
 
 def model_path_problem(path: str) -> str:
@@ -142,16 +167,18 @@ def model_path_problem(path: str) -> str:
   return ""
 
 
-def load_model(path: str, dtype=jnp.float32, shardings=None) -> tuple[ModelConfig, llama.Params]:
-  """A Hugging Face folder or a .gguf file -> (config, params)."""
+def load_model(path: str, dtype=jnp.float32, shardings=None, quantize: str = ""
+               ) -> tuple[ModelConfig, llama.Params]:
+  """A Hugging Face folder or a .gguf file -> (config, params); `quantize="nf4"` stores the decoder
+  layers' kernels in NF4 (quantization.py)."""
   if problem := model_path_problem(path):
     raise FileNotFoundError(problem)
   if path.endswith(".gguf"):
     from jaxtune.models import gguf_loading  # gguf reading is only needed for .gguf files
     hf_config, get = gguf_loading.gguf_tensors(path)
     cfg = config_from_hf(hf_config)
-    return cfg, params_from_tensors(cfg, get, dtype, shardings)
-  return load_hf_folder(path, dtype, shardings)
+    return cfg, params_from_tensors(cfg, get, dtype, shardings, quantize=quantize)
+  return load_hf_folder(path, dtype, shardings, quantize)
 
 
 def load_tokenizer(path: str):

@@ -13,7 +13,7 @@ import re
 
 import jax.numpy as jnp
 
-from jaxtune.models import llama
+from jaxtune.models import llama, quantization
 from jaxtune.models.loading import flatten, unflatten
 from jaxtune.peft import lora
 
@@ -35,7 +35,7 @@ def add_ia3(params: llama.Params, targets: str = DEFAULT_TARGETS, feedforward: s
   feedforward_pattern = re.compile(feedforward)
   flat = flatten(params)
   for path in paths:
-    *lead, n_in, n_out = flat[path + "/kernel"].shape
+    *lead, n_in, n_out = quantization.kernel_shape(lora.linear_at(flat, path))
     if feedforward_pattern.fullmatch(path):
       flat[path + "/ia3_in"] = jnp.ones((*lead, n_in), dtype)
     else:

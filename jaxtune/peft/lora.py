@@ -14,7 +14,7 @@ import re
 import jax
 import jax.numpy as jnp
 
-from jaxtune.models import llama
+from jaxtune.models import llama, quantization
 from jaxtune.models.loading import flatten, unflatten
 
 DEFAULT_TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -32,10 +32,16 @@ def _matches(pattern: re.Pattern, layer_path: str) -> bool:
 
 
 def target_paths(params: llama.Params, targets: str) -> list[str]:
-  """Paths of the linear layers (dicts holding a 'kernel') whose path matches `targets` (re.fullmatch)."""
+  """Paths of the linear layers (dicts holding a 'kernel', or its NF4 form) whose path matches
+  `targets` (re.fullmatch)."""
   pattern = re.compile(targets)
-  kernels = [p[: -len("/kernel")] for p in flatten(params) if p.endswith("/kernel")]
+  kernels = [p.rsplit("/", 1)[0] for p in flatten(params) if p.endswith(("/kernel", "/kernel_nf4"))]
   return [p for p in kernels if _matches(pattern, p)]
+
+
+def linear_at(flat: dict, path: str) -> dict:
+  """The leaves of the linear layer at `path` in a flat params dict, as the layer's own dict."""
+  return {p[len(path) + 1:]: v for p, v in flat.items() if p.startswith(path + "/") and "/" not in p[len(path) + 1:]}
 
 
 def targets_lm_head(targets: str) -> bool:
@@ -54,13 +60,14 @@ def add_lora(params: llama.Params, rng: jax.Array, rank: int, targets: str = DEF
     raise ValueError(f"peft.lora.targets={targets!r} matches lm_head: LoRA goes in the decoder layers only")
   flat = flatten(params)
   for path, key in zip(paths, jax.random.split(rng, len(paths))):
-    kernel = flat[path + "/kernel"]
-    *lead, n_in, n_out = kernel.shape
+    linear = linear_at(flat, path)
+    *lead, n_in, n_out = quantization.kernel_shape(linear)
     bound = 1.0 / math.sqrt(n_in)  # kaiming_uniform(a=sqrt(5)) on an r x in matrix, as peft
     flat[path + "/lora_a"] = jax.random.uniform(key, (*lead, n_in, rank), jnp.float32, -bound, bound).astype(dtype)
     flat[path + "/lora_b"] = jnp.zeros((*lead, rank, n_out), dtype)
     if use_dora:  # B = 0: the magnitude starts at ||W|| per output, so the model starts as the base
-      flat[path + "/lora_magnitude"] = jnp.linalg.norm(kernel.astype(jnp.float32), axis=-2).astype(dtype)
+      kernel = quantization.kernel_of(linear).astype(jnp.float32)  # a quantized base: as it computes
+      flat[path + "/lora_magnitude"] = jnp.linalg.norm(kernel, axis=-2).astype(dtype)
   return unflatten(flat)
 
 

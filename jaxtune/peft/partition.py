@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from jaxtune.models import quantization
 from jaxtune.models.loading import flatten, unflatten
 
 METHODS = ("full", "lora", "dora", "ia3", "adapter", "prefix", "prompt")
@@ -55,4 +56,5 @@ def merge(trainable: dict[str, Any], frozen: dict[str, Any]) -> dict:
 
 
 def count(flat: dict[str, Any]) -> int:
-  return int(sum(v.size for v in flat.values()))
+  """Parameters in a flat dict (an NF4 kernel counts its weights, two a byte, not its scales)."""
+  return int(sum(quantization.weights_in(p, v) for p, v in flat.items()))

@@ -1,0 +1,123 @@
+"""4-bit NormalFloat (NF4) storage of frozen base weights: QLoRA, bit for bit as bitsandbytes.
+
+A quantized linear layer holds, instead of `kernel` (in x out):
+  `kernel_nf4`    uint8, out x in/2: two 4-bit codes a byte, high nibble first, over the weight in
+                  Hugging Face's out x in layout (the layout bitsandbytes quantizes);
+  `kernel_absmax` float32, one scale per block of 64 consecutive values of that flattened weight.
+A value is NF4[code] * absmax of its block (bitsandbytes' `quantize_4bit(blocksize=64,
+quant_type="nf4")` without double quantization, transformers' `BitsAndBytesConfig(load_in_4bit=True,
+bnb_4bit_quant_type="nf4")`): 4.5 bits a weight instead of 16 or 32. The layer dequantizes its
+kernel when it runs, so only PEFT leaves (which train) and activations are kept in full precision.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BLOCK = 64
+CHOICES = ("", "nf4")  # model.quantize: "" keeps the base in precision.param_dtype
+# The 16 NF4 levels (QLoRA, Dettmers et al. 2023; bitsandbytes' table), as float32.
+NF4 = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0], np.float32)
+_MIDPOINTS = ((NF4[:-1] + NF4[1:]) / np.float32(2)).astype(np.float32)
+
+
+def is_quantized(linear: dict) -> bool:
+  return "kernel_nf4" in linear
+
+
+def quantized_shapes(n_out: int, n_in: int, lead: tuple[int, ...] = ()) -> dict[str, tuple[int, ...]]:
+  """Shapes of a quantized linear layer's leaves (out x in weight, optional leading layer axes)."""
+  if n_in % 2:
+    raise ValueError(f"NF4 packs two inputs a byte: a layer with {n_in} inputs cannot be quantized")
+  return {"kernel_nf4": (*lead, n_out, n_in // 2), "kernel_absmax": (*lead, math.ceil(n_out * n_in / BLOCK))}
+
+
+def quantize_nf4(weight_OxI) -> tuple[np.ndarray, np.ndarray]:
+  """(codes out x in/2 uint8, absmax float32 per block of 64) of an out x in weight.
+
+  Each block is scaled by 1/max|w| and each value takes the nearest level (ties to the lower one),
+  in float32, as bitsandbytes does (a short last block is divided by its max). Runs on the host's
+  CPU device whatever the accelerator, so the codes are the same everywhere."""
+  cpu = jax.devices("cpu")[0]
+  with jax.set_mesh(jax.sharding.Mesh(np.array([cpu]), ("host",))):  # not the run's mesh, if one is set
+    codes, absmax = _quantize_on_cpu(jax.device_put(np.asarray(weight_OxI, np.float32), cpu))
+  return np.asarray(codes), np.asarray(absmax)
+
+
+@jax.jit
+def _quantize_on_cpu(weight_OxI):
+  n_out, n_in = weight_OxI.shape
+  n = n_out * n_in
+  n_blocks = math.ceil(n / BLOCK)
+  blocks = jnp.pad(weight_OxI.reshape(-1), (0, n_blocks * BLOCK - n)).reshape(n_blocks, BLOCK)
+  absmax = jnp.abs(blocks).max(axis=1)
+  safe = jnp.where(absmax > 0, absmax, 1)  # an all-zero block codes 0.0 (bitsandbytes: 0 / 1e-38)
+  scaled = blocks * (1 / safe)[:, None]
+  if n % BLOCK:
+    scaled = scaled.at[-1].set(blocks[-1] / safe[-1])
+  scaled = jnp.clip(scaled.reshape(-1)[:n], -1, 1)
+  codes = (scaled[:, None] > jnp.asarray(_MIDPOINTS)).sum(-1, dtype=jnp.uint8).reshape(n_out, n_in)
+  return (codes[:, 0::2] << 4) | codes[:, 1::2], absmax
+
+
+def dequantize_nf4(codes_OxH, absmax_B):
+  """The float32 kernel (in x out) of NF4 codes (out x in/2) and block scales; leading axes kept."""
+  *lead, n_out, half = codes_OxH.shape
+  n = n_out * half * 2
+  codes = jnp.stack([codes_OxH >> 4, codes_OxH & 15], axis=-1).reshape(*lead, n)
+  values = jnp.asarray(NF4)[codes]
+  n_blocks = absmax_B.shape[-1]
+  if n_blocks * BLOCK != n:
+    values = jnp.pad(values, [(0, 0)] * len(lead) + [(0, n_blocks * BLOCK - n)])
+  values = values.reshape(*lead, n_blocks, BLOCK) * absmax_B.astype(jnp.float32)[..., None]
+  weight_OxI = values.reshape(*lead, n_blocks * BLOCK)[..., :n].reshape(*lead, n_out, 2 * half)
+  return jnp.swapaxes(weight_OxI, -1, -2)
+
+
+def kernel_of(linear: dict):
+  """A linear layer's kernel (in x out): its `kernel`, or its NF4 leaves dequantized (float32)."""
+  if is_quantized(linear):
+    return dequantize_nf4(linear["kernel_nf4"], linear["kernel_absmax"])
+  return linear["kernel"]
+
+
+def kernel_shape(linear: dict) -> tuple[int, ...]:
+  """(..., in, out) of a linear layer, quantized or not."""
+  if is_quantized(linear):
+    *lead, n_out, half = linear["kernel_nf4"].shape
+    return (*lead, 2 * half, n_out)
+  return tuple(linear["kernel"].shape)
+
+
+def is_quantizable(path: str) -> bool:
+  """The base leaves `model.quantize` stores in NF4: the decoder layers' projection kernels (the
+  embeddings, norms, biases and LM head stay, as transformers leaves them)."""
+  return path.startswith("layers/") and path.endswith("/kernel")
+
+
+def quantize_shapes(flat_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+  """Base param shapes (flat, kernels L x in x out) with every quantizable kernel as its NF4 leaves."""
+  out = {}
+  for path, shape in flat_shapes.items():
+    if not is_quantizable(path):
+      out[path] = shape
+      continue
+    *lead, n_in, n_out = shape
+    linear = path[: -len("kernel")]
+    out.update({linear + name: s for name, s in quantized_shapes(n_out, n_in, tuple(lead)).items()})
+  return out
+
+
+def weights_in(path: str, leaf) -> int:
+  """How many model weights a param leaf holds: two a byte in NF4 codes, none in their scales."""
+  if path.endswith("/kernel_nf4"):
+    return 2 * leaf.size
+  return 0 if path.endswith("/kernel_absmax") else leaf.size

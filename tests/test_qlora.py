@@ -1,0 +1,153 @@
+"""QLoRA: NF4 base weights are bitsandbytes' codes, and a jaxtune QLoRA model is transformers +
+bitsandbytes (load_in_4bit, nf4) + peft, logit for logit; training, evaluation and sharding with them."""
+
+import json
+
+import bitsandbytes
+import bitsandbytes.functional as bnb_functional
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+
+import hf_tiny
+from jaxtune import evaluation, export, trainer
+from jaxtune.models import llama, loading, quantization
+from jaxtune.peft import lora, partition
+from train_helpers import losses, tiny_config
+
+TOKENS = np.random.RandomState(0).randint(0, 256, (2, 24))
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (688, 256), (24, 40), (7, 6)])
+def test_nf4_codes_and_scales_are_bitsandbytes(shape):
+  """Bit for bit: codes (packed two a byte), block scales and dequantized weights, including a short
+  last block (24 x 40, 7 x 6) and an all-zero block (codes 0.0, scale 0; bitsandbytes stores a
+  short all-zero last block's scale as 1e-38, the same zeros)."""
+  weight = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0])) * 0.05
+  if weight.numel() > 64:
+    weight.view(-1)[:64] = 0.0
+  packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+  codes, absmax = quantization.quantize_nf4(weight.numpy())
+  assert codes.shape == (shape[0], shape[1] // 2) and codes.dtype == np.uint8
+  np.testing.assert_array_equal(codes.reshape(-1), packed.numpy().reshape(-1))
+  np.testing.assert_array_equal(absmax, state.absmax.numpy())
+  kernel = np.asarray(quantization.dequantize_nf4(jnp.asarray(codes), jnp.asarray(absmax)))
+  np.testing.assert_array_equal(kernel.T, bnb_functional.dequantize_4bit(packed, state).numpy())
+  np.testing.assert_array_equal(quantization.NF4, bnb_functional.get_4bit_type("nf4", device="cpu").numpy())
+
+
+def bnb_model(folder):
+  """transformers' 4-bit NF4 model (float32 compute) on CPU, dequantizing in float32 for every matmul.
+
+  bitsandbytes' CPU inference path otherwise repacks the weights for a low-precision kernel (off by
+  ~1e-2 on these logits); its dequantize-then-matmul path is the one GPUs and training take."""
+  config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_compute_dtype=torch.float32)
+  model = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=config,
+                                                            device_map="cpu", dtype=torch.float32)
+  layers = [m for m in model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
+  assert len(layers) == 7 * model.config.num_hidden_layers  # every projection, not the LM head
+  for m in layers:
+    m.support_avx512bf16_for_cpu = False
+  return model.eval()
+
+
+def torch_logits(model):
+  with torch.no_grad():
+    return model(torch.tensor(TOKENS)).logits.numpy()
+
+
+@pytest.mark.parametrize("family", ["llama_untied", "qwen2", "gemma2"])
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_qlora_logits_match_peft_on_bitsandbytes(tmp_path, family, use_dora):
+  """A trained (random B, DoRA magnitudes moved) jaxtune QLoRA model, exported in PEFT format and
+  loaded by peft onto transformers' NF4 model, gives jaxtune's logits; the quantization itself moves
+  them ~100x more than the tolerance."""
+  folder = str(tmp_path / "model")
+  hf_tiny.save_hf_model(family, folder, sharp=True)
+  cfg, base = loading.load_model(folder, quantize="nf4")
+  assert not any(p.endswith("/kernel") and p.startswith("layers/") for p in loading.flatten(base))
+  params = lora.add_lora(base, jax.random.PRNGKey(1), rank=4, use_dora=use_dora)
+  flat = loading.flatten(params)
+  if use_dora:  # a fresh DoRA magnitude is the norm of the dequantized weight, as peft's on bitsandbytes
+    fresh = peft.get_peft_model(bnb_model(folder), peft.LoraConfig(r=4, use_dora=True, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    theirs = fresh.base_model.model.model.layers[1].mlp.down_proj.lora_magnitude_vector["default"].weight
+    np.testing.assert_allclose(flat["layers/mlp/down_proj/lora_magnitude"][1], theirs.detach().numpy(), rtol=1e-6)
+  for i, path in enumerate(sorted(p for p in flat if p.endswith(("lora_b", "lora_magnitude")))):
+    noise = jax.random.normal(jax.random.PRNGKey(i), flat[path].shape)
+    flat[path] = flat[path] * (1 + 0.2 * noise) if path.endswith("magnitude") else 0.5 * noise
+  params = loading.unflatten(flat)
+  runtime = llama.PeftRuntime(lora_scale=lora.lora_scale(4, 16.0))
+  ours = np.asarray(llama.forward(params, cfg, jnp.asarray(TOKENS), peft=runtime)[0])
+
+  adapter = str(tmp_path / "adapter")
+  export.write_peft(adapter, cfg, params, "lora", {"lora": {"alpha": 16.0, "dropout": 0.0, "use_rslora": False}},
+                    folder)
+  quantized = bnb_model(folder)
+  base_logits = torch_logits(quantized)
+  theirs = torch_logits(peft.PeftModel.from_pretrained(quantized, adapter).eval())
+  full_precision = torch_logits(transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
+  scale = np.abs(theirs).max()
+  print(f"{family} dora={use_dora}: |jaxtune - peft+bnb| {np.abs(ours - theirs).max():.2e}, adapter moves "
+        f"{np.abs(theirs - base_logits).max():.3f}, NF4 moves {np.abs(base_logits - full_precision).max():.3f}, "
+        f"max |logit| {scale:.2f}")
+  np.testing.assert_allclose(ours, theirs, atol=1e-5 * max(scale, 1), rtol=0)
+  assert np.abs(theirs - base_logits).max() > 0.05
+  assert np.abs(base_logits - full_precision).max() > 100 * 1e-5 * max(scale, 1)
+
+
+def test_nf4_base_takes_an_eighth_of_float32(tmp_path):
+  """4.5 bits a weight: the layers' kernels as codes + scales, the rest as it was; and params.json's
+  counts are the model's weights, not its bytes."""
+  folder = str(tmp_path / "model")
+  hf_tiny.save_hf_model("llama_untied", folder)
+  _, full = loading.load_model(folder)
+  _, nf4 = loading.load_model(folder, quantize="nf4")
+  full, nf4 = loading.flatten(full), loading.flatten(nf4)
+  layer_bytes = sum(v.nbytes for p, v in full.items() if quantization.is_quantizable(p))
+  quantized_bytes = sum(v.nbytes for p, v in nf4.items() if p.endswith(("kernel_nf4", "kernel_absmax")))
+  assert quantized_bytes * 64 == layer_bytes * 9  # (0.5 + 4/64) / 4 bytes a weight
+  assert partition.count(nf4) == partition.count(full)
+  rest = {p for p in full if not quantization.is_quantizable(p)}
+  assert rest == {p for p in nf4 if not p.endswith(("kernel_nf4", "kernel_absmax"))}
+
+
+def test_qlora_trains_and_evaluates_as_it_trained(tiny_setup, tmp_path):
+  """train.py's loop on an NF4 base: LoRA learns, the base stays frozen; evaluate.py on the workdir
+  quantizes the base as the run did (quantize=auto) and gives the run's last eval loss."""
+  model, data = tiny_setup
+  config = tiny_config(model, data, **{"model.quantize": "nf4", "data.eval": data, "train.eval_every": 6,
+                                       "train.checkpoint_every": 6})
+  rows = trainer.run(config, str(tmp_path / "qlora"))
+  series = losses(rows)
+  plain = losses(trainer.run(tiny_config(model, data), str(tmp_path / "lora")))
+  assert series[-1] < series[0] - 0.1, series
+  assert abs(series[0] - plain[0]) > 1e-4  # the quantized base is another model
+  counts = json.load(open(tmp_path / "qlora" / "params.json"))
+  assert counts == json.load(open(tmp_path / "lora" / "params.json"))
+  evaluated = {q: evaluation.evaluate_path(model, data, "instruction", adapter=str(tmp_path / "qlora"),
+                                           instruction_template="chat", quantize=q, max_len=64)["loss"]
+               for q in ("auto", "none")}
+  eval_loss = rows[-1]["eval_loss"]
+  # the tiny model's std-0.02 weights make NF4's own effect small (6.6e-5), the match far smaller (3e-8)
+  assert abs(evaluated["auto"] - eval_loss) < 1e-6, (evaluated, eval_loss)
+  assert abs(evaluated["none"] - eval_loss) > 2e-5, (evaluated, eval_loss)
+
+
+def test_every_frozen_base_method_runs_on_nf4(tiny_setup, tmp_path):
+  """IA3 and bottleneck adapters start as the NF4 base, as LoRA does (same first loss); prefix and
+  prompt tuning train on it too."""
+  model, data = tiny_setup
+  first = {}
+  for method, lr in (("lora", 3e-3), ("ia3", 0.1), ("adapter", 3e-3), ("prefix", 3e-2), ("prompt", 3e-2)):
+    config = tiny_config(model, data, **{"model.quantize": "nf4", "peft.method": method,
+                                         "optimizer.learning_rate": lr, "train.steps": 4})
+    series = losses(trainer.run(config, str(tmp_path / method)))
+    assert series[-1] < series[0], (method, series)
+    first[method] = series[0]
+  assert abs(first["ia3"] - first["lora"]) < 1e-6 and abs(first["adapter"] - first["lora"]) < 1e-6, first
