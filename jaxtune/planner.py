@@ -27,6 +27,10 @@ Model of the run (jaxtune's own sharding: `sharding.LOGICAL_RULES` applied leaf 
   kernels at a time (fsdp-gathered, split over tensor). An upper bound: XLA:CPU's compiled step
   (hidden 512, all seven projections, 13 MB per layer) needed 4.2 MB more than LoRA's with remat
   and 6.8 MB without, as it forms the kernels one or two at a time.
+- `--quantize nf4` (QLoRA, `model.quantize`): the decoder layers' kernels take 0.5 + 4/64 bytes a
+  weight (codes and float32 block scales), sharded and gathered like the kernels; a layer's
+  kernels are dequantized as it runs, counted as one layer's seven kernels in compute dtype
+  (fsdp-gathered, split over tensor).
 Left out as small: adapters' bottleneck activations, prompt tuning's P-token pass for its keys
 and values, IA3's scaled activations. It also ignores XLA's scratch space and fragmentation: `fits` keeps a `reserve` fraction of HBM free.
 """
@@ -45,12 +49,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxtune import sharding
-from jaxtune.models import fused_loss
+from jaxtune.models import fused_loss, quantization
 from jaxtune.models.config import ModelConfig, config_from_hf, read_hf_config
 from jaxtune.models.llama import logical_axes, param_shapes
 from jaxtune.peft import ia3, lora, methods, partition
 
 GIB = 1024**3
+NF4_BYTES = 0.5 + 4 / quantization.BLOCK  # a 4-bit code and its share of a float32 block scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +109,7 @@ class Plan:
   gradients: float
   optimizer: float
   dora_norms: float        # DoRA: one layer's W + scale*A@B in float32 for the weight norms
+  dequantized: float       # NF4 base: one layer's kernels dequantized, in compute dtype
   activations_no_remat: float  # saved layer activations + logits, without remat
   activations_remat: float     # same with per-layer remat
   activations: float           # the one the run uses
@@ -204,7 +210,7 @@ def plan(cfg: ModelConfig, mesh: Mesh, chip: str, batch_size: int, seq_len: int,
          method: str = "lora", lora_rank: int = 8, lora_targets: str = lora.DEFAULT_TARGETS,
          peft_length: int = 16, adapter_size: int = 64,
          param_dtype: str = "bfloat16", compute_dtype: str = "bfloat16", remat: bool = True,
-         fused_attention: bool = False, reserve: float = 0.1) -> Plan:
+         fused_attention: bool = False, reserve: float = 0.1, quantize: str = "") -> Plan:
   """Per-chip memory of a fine-tuning step (AdamW) of `cfg` on `mesh` of `chip`s with any PEFT method."""
   if chip not in CHIPS:
     raise ValueError(f"chip {chip!r} is not one of {', '.join(CHIPS)}")
@@ -218,9 +224,21 @@ def plan(cfg: ModelConfig, mesh: Mesh, chip: str, batch_size: int, seq_len: int,
   trainable = [(path, shape) for path, shape in base + added if partition.is_trainable(path, method)]
   n_base, n_added, n_train = (sum(math.prod(shape) for _, shape in leaves) for leaves in (base, added, trainable))
 
-  params = _shard_elements(base, mesh) * p_bytes
+  if quantize not in quantization.CHOICES:
+    raise ValueError(f"quantize {quantize!r} is not one of {quantization.CHOICES}")
+  if quantize and method == "full":
+    raise ValueError("a quantized base is frozen: full fine-tuning cannot use quantize")
+  kernels = [leaf for leaf in base if quantize and quantization.is_quantizable(leaf[0])]
+  rest = [leaf for leaf in base if leaf not in kernels]
+
+  def base_bytes(gathered_layers: bool) -> float:
+    return (_shard_elements(rest, mesh, gathered_layers) * p_bytes
+            + _shard_elements(kernels, mesh, gathered_layers) * NF4_BYTES)
+
+  params = base_bytes(False)
   peft_bytes = _shard_elements(added, mesh) * p_bytes
-  gathered = 2 * _shard_elements(base, mesh, gathered=True) * p_bytes if mesh.fsdp > 1 else 0.0
+  gathered = 2 * base_bytes(True) if mesh.fsdp > 1 else 0.0
+  dequantized = _shard_elements(kernels, mesh, gathered=True) * c_bytes  # split over tensor only
   train_elements = _shard_elements(trainable, mesh)
   grads = train_elements * p_bytes
   optimizer = train_elements * 2 * 4
@@ -235,11 +253,11 @@ def plan(cfg: ModelConfig, mesh: Mesh, chip: str, batch_size: int, seq_len: int,
   act_remat = tokens * (cfg.num_layers * cfg.hidden_size * c_bytes + layer_bytes) + logits
   activations = act_remat if remat else act_no_remat
 
-  total = params + peft_bytes + gathered + grads + optimizer + scratch + activations
+  total = params + peft_bytes + gathered + grads + optimizer + scratch + dequantized + activations
   hbm = CHIPS[chip].hbm_gib * GIB
   return Plan(total_params=n_base + n_added, trainable_params=n_train, params=params,
               peft_params=peft_bytes, gathered_weights=gathered, gradients=grads, optimizer=optimizer,
-              dora_norms=scratch, activations_no_remat=act_no_remat, activations_remat=act_remat,
+              dora_norms=scratch, dequantized=dequantized, activations_no_remat=act_no_remat, activations_remat=act_remat,
               activations=activations, total=total, hbm=hbm, fits=total <= hbm * (1 - reserve))
 
 
@@ -248,6 +266,7 @@ def format_plan(p: Plan) -> str:
           ("FSDP-gathered layers", p.gathered_weights), ("gradients", p.gradients),
           ("optimizer (AdamW fp32 m, v)", p.optimizer),
           *([("DoRA weight norms", p.dora_norms)] if p.dora_norms else []),  # DoRA only
+          *([("dequantized layer (NF4)", p.dequantized)] if p.dequantized else []),
           ("activations, no remat", p.activations_no_remat),
           ("activations, remat", p.activations_remat), ("total (as configured)", p.total),
           ("HBM per chip", p.hbm)]
@@ -289,6 +308,8 @@ def main(argv=None) -> int:
   ap.add_argument("--compute_dtype", default="bfloat16")
   ap.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True)
   ap.add_argument("--fused_attention", action="store_true")
+  ap.add_argument("--quantize", choices=["", "nf4"], default="",
+                  help="nf4: the frozen base's layer kernels in 4-bit NF4 (QLoRA, model.quantize)")
   args = ap.parse_args(argv)
   try:
     cfg = PRESETS[args.preset] if args.preset else config_from_hf(read_hf_config(args.model))
@@ -303,7 +324,7 @@ def main(argv=None) -> int:
                   lora_targets=args.targets, peft_length=args.length, adapter_size=args.adapter_size,
                   param_dtype=args.param_dtype,
                   compute_dtype=args.compute_dtype, remat=args.remat,
-                  fused_attention=args.fused_attention)
+                  fused_attention=args.fused_attention, quantize=args.quantize)
   except (ValueError, TypeError, OSError, KeyError) as e:
     print(f"planner: {e}", file=sys.stderr)
     return 2

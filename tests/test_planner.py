@@ -144,6 +144,27 @@ def test_adapter_dora_and_prefix_by_hand():
     assert p.activations_no_remat == 2 * 8 * 2 * saved_at(8 + 4) * 2 + 2 * 8 * 256 * 4 * 2, method
 
 
+def test_nf4_base_by_hand():
+  """QLoRA: the layers' kernels at 0.5 + 4/64 bytes a weight (here bf16 params: 2), the embeddings,
+  norms and LM head as they were; one layer's kernels dequantized in compute dtype."""
+  kernels = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128   # one layer's seven
+  n, norms = 106_816, 320
+  plain = planner.plan(TINY, planner.Mesh(fsdp=2), "v4", 4, 8, lora_rank=4)
+  nf4 = planner.plan(TINY, planner.Mesh(fsdp=2), "v4", 4, 8, lora_rank=4, quantize="nf4")
+  assert plain.params == ((n - norms) / 2 + norms) * 2 and plain.dequantized == 0
+  assert nf4.params == plain.params - 2 * kernels / 2 * (2 - 0.5625)   # 2 layers over fsdp=2
+  assert nf4.gathered_weights == plain.gathered_weights - 2 * kernels * (2 - 0.5625)
+  assert nf4.dequantized == kernels * 2
+  assert nf4.total_params == plain.total_params and nf4.trainable_params == plain.trainable_params
+  # 70B: LoRA on a v6e-8 passes the 90% line; with an NF4 base it takes about half the chip
+  cfg = planner.PRESETS["llama3-70b"]
+  gen, chips = planner.slice_chips("v6e-8")
+  runs = {q: planner.plan(cfg, planner.resolve_mesh(chips), gen, 8, 4096, lora_rank=16, quantize=q) for q in ("", "nf4")}
+  assert not runs[""].fits and runs["nf4"].fits and runs["nf4"].total < 0.6 * runs["nf4"].hbm
+  with pytest.raises(ValueError, match="full fine-tuning"):
+    planner.plan(TINY, planner.Mesh(), "v4", 4, 8, method="full", quantize="nf4")
+
+
 def test_70b_lora_fits_v5p64_but_full_does_not_fit_v5e16():
   cfg = planner.PRESETS["llama3-70b"]
   gen, chips = planner.slice_chips("v5p-64")
