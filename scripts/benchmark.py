@@ -4,7 +4,8 @@
     python scripts/benchmark.py --preset 1b --dtype bfloat16 --sides jaxtune --peak_tflops 989  # GPU
 
 For each precision, method (full; LoRA r=8 on the 7 projections; dora: the same LoRA with DoRA's
-magnitudes, `--methods full,lora,dora`) and side a fresh subprocess
+magnitudes; qlora: the same LoRA on a base held in 4-bit NF4, the peer's through bitsandbytes'
+load_in_4bit; `--methods full,lora,dora,qlora`) and side a fresh subprocess
 trains --steps AdamW steps (grad clip 1.0, as train.py) on one fixed random batch, so peak RSS
 (ru_maxrss) is each side's own. Both sides start from the same random float32 weights (the peer
 loads them from a HF folder written here) and report their first loss, which must agree.
@@ -34,6 +35,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LORA_TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 PEER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_METHODS = ("lora", "dora", "qlora")  # LoRA A/B on the seven projections (dora: + magnitudes; qlora: NF4 base)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,12 +169,15 @@ def run_jaxtune(p: Preset, method: str, steps: int, dtype: str = "float32", rank
   cfg = model_config(p, attention, layer_loop)
   from jaxtune.models import loading
   # float32 master weights; `dtype` is the compute dtype
-  params = loading.load_model(model_dir)[1] if model_dir else base_params(p)
+  if method == "qlora" and not model_dir:
+    raise ValueError("--methods qlora quantizes the base while loading it: it needs the peer's model folder")
+  quantize = "nf4" if method == "qlora" else ""
+  params = loading.load_model(model_dir, quantize=quantize)[1] if model_dir else base_params(p)
   scale = 1.0
-  if method in ("lora", "dora"):
+  if method in LORA_METHODS:
     params = lora.add_lora(params, jax.random.PRNGKey(1), rank, LORA_TARGETS, use_dora=method == "dora")
     scale = 2.0  # alpha 16 / r 8, as the peer
-  trainable, frozen = partition.split(params, method)
+  trainable, frozen = partition.split(params, "lora" if method == "qlora" else method)
   opt_cfg = ml_collections.ConfigDict(get_base_config().optimizer)
   opt_cfg.learning_rate, opt_cfg.schedule = 1e-4, "constant"
   optimizer = build_optimizer(opt_cfg, steps, trainable.keys())
@@ -225,8 +230,14 @@ def run_peer(p: Preset, method: str, steps: int, model_dir: str, threads: int = 
   import transformers
   torch.set_num_threads(threads)
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
-  if method in ("lora", "dora"):
+  if method == "qlora":  # bitsandbytes' NF4 base, float32 compute (autocast's bf16 for bfloat16)
+    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_compute_dtype=torch.float32)
+    model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map=device,
+                                                          quantization_config=quantization)
+  else:
+    model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+  if method in LORA_METHODS:
     import peft
     model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                                                        target_modules=PEER_TARGETS, use_dora=method == "dora"))
@@ -314,8 +325,8 @@ def table(rows: list[dict], peaks: dict[str, float]) -> str:
                  f"{r['mfu']:6.3f} {r['peak_rss_mb']:8,.0f} {r['compile_s']:9.2f} {r['first_step_s']:10.2f} "
                  f"{r['first_loss']:9.5f} {r['faults_per_step']:11,.0f}")
   by = {(r["side"], r["method"], r["dtype"]): r for r in rows}
-  pairs = [(m, d, d) for d in peaks for m in ("full", "lora", "dora")]
-  pairs += [(m, "bfloat16", "float32") for m in ("full", "lora", "dora")]  # jaxtune mixed precision vs HF's default
+  pairs = [(m, d, d) for d in peaks for m in ("full", "lora", "dora", "qlora")]
+  pairs += [(m, "bfloat16", "float32") for m in ("full", "lora", "dora", "qlora")]  # jaxtune mixed precision vs HF's default
   for method, ours_dtype, peer_dtype in pairs:
     j, q = by.get(("jaxtune", method, ours_dtype)), by.get(("peer", method, peer_dtype))
     if j and q:

@@ -22,11 +22,16 @@ from train_helpers import losses, tiny_config
 TOKENS = np.random.RandomState(0).randint(0, 256, (2, 24))
 
 
-@pytest.mark.parametrize("shape", [(64, 128), (688, 256), (24, 40), (7, 6)])
+@pytest.mark.parametrize("shape", [(64, 128), (688, 256), (256, 688), (24, 40), (7, 6)])
 def test_nf4_codes_and_scales_are_bitsandbytes(shape):
-  """Bit for bit: codes (packed two a byte), block scales and dequantized weights, including a short
-  last block (24 x 40, 7 x 6) and an all-zero block (codes 0.0, scale 0; bitsandbytes stores a
-  short all-zero last block's scale as 1e-38, the same zeros)."""
+  """Bit for bit: codes (packed two a byte), block scales and dequantized weights, including blocks
+  that straddle rows (256 x 688), a short last block (24 x 40, 7 x 6) and an all-zero block (codes
+  0.0, scale 0; bitsandbytes stores a short all-zero last block's scale as 1e-38, the same zeros).
+
+  Dequantized weights are checked against bitsandbytes' `dequantize_4bit` where rows hold whole
+  blocks: its AVX-512 CPU kernel (0.50.2) misplaces blocks that straddle rows (256 x 688, std 0.05:
+  up to 0.13 from the weight, where its own PyTorch path and jaxtune are within 0.03); and everywhere
+  against the format's definition, NF4[code] x the block's scale, in torch."""
   weight = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0])) * 0.05
   if weight.numel() > 64:
     weight.view(-1)[:64] = 0.0
@@ -36,7 +41,14 @@ def test_nf4_codes_and_scales_are_bitsandbytes(shape):
   np.testing.assert_array_equal(codes.reshape(-1), packed.numpy().reshape(-1))
   np.testing.assert_array_equal(absmax, state.absmax.numpy())
   kernel = np.asarray(quantization.dequantize_nf4(jnp.asarray(codes), jnp.asarray(absmax)))
-  np.testing.assert_array_equal(kernel.T, bnb_functional.dequantize_4bit(packed, state).numpy())
+  if shape[1] % 64 == 0:
+    np.testing.assert_array_equal(kernel.T, bnb_functional.dequantize_4bit(packed, state).numpy())
+  n = weight.numel()
+  nibbles = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 15], -1).view(-1).long()
+  values = torch.nn.functional.pad(state.code[nibbles], (0, 64 * len(state.absmax) - 2 * packed.numel()))
+  by_definition = (values.view(-1, 64) * state.absmax[:, None]).view(-1)[:n].view(shape)
+  np.testing.assert_array_equal(kernel.T, by_definition.numpy())
+  assert np.abs(kernel.T - weight.numpy()).max() <= 0.5 * (1 - 0.6961928) * state.absmax.max().item()  # widest gap
   np.testing.assert_array_equal(quantization.NF4, bnb_functional.get_4bit_type("nf4", device="cpu").numpy())
 
 
