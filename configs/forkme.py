@@ -15,6 +15,9 @@ def get_config():
   # The model: a Hugging Face folder (config.json + safetensors + tokenizer) or a .gguf file
   # (dequantized on load). model.tokenizer overrides where the tokenizer comes from.
   c.model.path = ""
+  # QLoRA: "nf4" holds the frozen base's layer kernels in 4 bits (bitsandbytes' NF4 codes), about a
+  # quarter of bfloat16's memory; any method but full trains on it.
+  c.model.quantize = ""
   # What trains. full: every weight. lora: low-rank A/B in the layers matched by the regex
   # (paths keep HF names: layers/self_attn/q_proj, layers/mlp/down_proj...). dora: LoRA plus a
   # learned magnitude per output (same as lora with peft.lora.use_dora = True). ia3: learned

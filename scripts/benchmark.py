@@ -169,10 +169,11 @@ def run_jaxtune(p: Preset, method: str, steps: int, dtype: str = "float32", rank
   cfg = model_config(p, attention, layer_loop)
   from jaxtune.models import loading
   # float32 master weights; `dtype` is the compute dtype
-  if method == "qlora" and not model_dir:
-    raise ValueError("--methods qlora quantizes the base while loading it: it needs the peer's model folder")
   quantize = "nf4" if method == "qlora" else ""
-  params = loading.load_model(model_dir, quantize=quantize)[1] if model_dir else base_params(p)
+  if model_dir:
+    params = loading.load_model(model_dir, quantize=quantize)[1]
+  else:
+    params = loading.quantize_params(base_params(p)) if quantize else base_params(p)
   scale = 1.0
   if method in LORA_METHODS:
     params = lora.add_lora(params, jax.random.PRNGKey(1), rank, LORA_TARGETS, use_dora=method == "dora")

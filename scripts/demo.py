@@ -36,7 +36,7 @@ def main(argv):
   start = time.time()
   check_config(config)
   print(f"loading {config.model.path}", flush=True)
-  cfg, base = loading.load_model(config.model.path)
+  cfg, base = loading.load_model(config.model.path, quantize=config.model.quantize)  # as training holds it
   tokenizer = loading.load_tokenizer(config.model.path)
   print("evaluating the base model on the held-out set...", flush=True)
   before = demo.score(base, cfg, llama.PeftRuntime(), tokenizer, config.data.eval)

@@ -163,3 +163,13 @@ def test_every_frozen_base_method_runs_on_nf4(tiny_setup, tmp_path):
     assert series[-1] < series[0], (method, series)
     first[method] = series[0]
   assert abs(first["ia3"] - first["lora"]) < 1e-6 and abs(first["adapter"] - first["lora"]) < 1e-6, first
+
+
+def test_quantizing_params_in_memory_equals_quantizing_while_loading(tmp_path):
+  folder = str(tmp_path / "model")
+  hf_tiny.save_hf_model("qwen2", folder)
+  loaded = loading.flatten(loading.load_model(folder, quantize="nf4")[1])
+  in_memory = loading.flatten(loading.quantize_params(loading.load_model(folder)[1]))
+  assert sorted(loaded) == sorted(in_memory)
+  for path, leaf in loaded.items():
+    np.testing.assert_array_equal(in_memory[path], leaf, err_msg=path)

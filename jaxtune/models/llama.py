@@ -206,7 +206,7 @@ def dense(p: Params, x, peft: PeftRuntime, rng=None):
   (IA3: x and/or the output multiplied by learned vectors)."""
   if "ia3_in" in p:
     x = x * p["ia3_in"].astype(x.dtype)
-  base = matmul(x, quantization.kernel_of(p))
+  base = matmul(x, quantization.kernel_of(p, x.dtype))
   y = base + p["bias"].astype(x.dtype) if "bias" in p else base
   if "lora_a" in p:
     xa = x
@@ -216,7 +216,7 @@ def dense(p: Params, x, peft: PeftRuntime, rng=None):
     # the scale goes on B (r x out), not on the N x out product: one elementwise pass fewer each way
     delta = matmul(matmul(xa, p["lora_a"]), p["lora_b"] * peft.lora_scale)
     if "lora_magnitude" in p:
-      delta = dora_delta(p, base if xa is x else matmul(xa, quantization.kernel_of(p)), delta, peft.lora_scale)
+      delta = dora_delta(p, base if xa is x else matmul(xa, quantization.kernel_of(p, x.dtype)), delta, peft.lora_scale)
     y = y + delta
   if "ia3_out" in p:
     y = y * p["ia3_out"].astype(y.dtype)

@@ -101,6 +101,18 @@ def _host_quantized_leaves(cfg: ModelConfig, path: str, shape: tuple[int, ...], 
   return {linear + "kernel_nf4": codes, linear + "kernel_absmax": absmax}
 
 
+def quantize_params(params: llama.Params) -> llama.Params:
+  """Base params already in memory with their decoder layers' kernels as NF4 leaves (what
+  `load_model(quantize="nf4")` builds while reading; for params made some other way)."""
+  flat = flatten(params)
+  for path in [p for p in flat if quantization.is_quantizable(p)]:
+    kernel = np.asarray(flat.pop(path))
+    leaves = [quantization.quantize_nf4(layer.T) for layer in kernel]
+    flat[path[: -len("kernel")] + "kernel_nf4"] = jnp.asarray(np.stack([c for c, _ in leaves]))
+    flat[path[: -len("kernel")] + "kernel_absmax"] = jnp.asarray(np.stack([a for _, a in leaves]))
+  return unflatten(flat)
+
+
 def params_from_tensors(
     cfg: ModelConfig,
     get: TensorGetter,

@@ -82,11 +82,15 @@ def dequantize_nf4(codes_OxH, absmax_B):
   return jnp.swapaxes(weight_OxI, -1, -2)
 
 
-def kernel_of(linear: dict):
-  """A linear layer's kernel (in x out): its `kernel`, or its NF4 leaves dequantized (float32)."""
-  if is_quantized(linear):
-    return dequantize_nf4(linear["kernel_nf4"], linear["kernel_absmax"])
-  return linear["kernel"]
+def kernel_of(linear: dict, dtype=jnp.float32):
+  """A linear layer's kernel (in x out): its `kernel`, or its NF4 leaves dequantized to `dtype`."""
+  if not is_quantized(linear):
+    return linear["kernel"]
+  kernel = dequantize_nf4(linear["kernel_nf4"], linear["kernel_absmax"]).astype(dtype)
+  if jax.default_backend() == "cpu" and kernel.dtype != jnp.float32:
+    # XLA:CPU fuses the dequantization into a low-precision dot, which then runs 2x slower
+    return jax.lax.optimization_barrier(kernel)
+  return kernel
 
 
 def kernel_shape(linear: dict) -> tuple[int, ...]:
