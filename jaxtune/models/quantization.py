@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtune.models.matmul import transposed
+
 BLOCK = 64
 CHOICES = ("", "nf4")  # model.quantize: "" keeps the base in precision.param_dtype
 # The 16 NF4 levels (QLoRA, Dettmers et al. 2023; bitsandbytes' table), as float32.
@@ -79,18 +81,14 @@ def dequantize_nf4(codes_OxH, absmax_B):
     values = jnp.pad(values, [(0, 0)] * len(lead) + [(0, n_blocks * BLOCK - n)])
   values = values.reshape(*lead, n_blocks, BLOCK) * absmax_B.astype(jnp.float32)[..., None]
   weight_OxI = values.reshape(*lead, n_blocks * BLOCK)[..., :n].reshape(*lead, n_out, 2 * half)
-  return jnp.swapaxes(weight_OxI, -1, -2)
+  return transposed(weight_OxI)  # row-major in x out: XLA:CPU's fast dot form (matmul.py)
 
 
 def kernel_of(linear: dict, dtype=jnp.float32):
   """A linear layer's kernel (in x out): its `kernel`, or its NF4 leaves dequantized to `dtype`."""
   if not is_quantized(linear):
     return linear["kernel"]
-  kernel = dequantize_nf4(linear["kernel_nf4"], linear["kernel_absmax"]).astype(dtype)
-  if jax.default_backend() == "cpu" and kernel.dtype != jnp.float32:
-    # XLA:CPU fuses the dequantization into a low-precision dot, which then runs 2x slower
-    return jax.lax.optimization_barrier(kernel)
-  return kernel
+  return dequantize_nf4(linear["kernel_nf4"], linear["kernel_absmax"]).astype(dtype)
 
 
 def kernel_shape(linear: dict) -> tuple[int, ...]:
