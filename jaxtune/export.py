@@ -165,6 +165,10 @@ def hf_config_of(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
   if cfg.rope_type == "llama3":
     rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
                 original_max_position_embeddings=cfg.rope_original_max_positions)
+  if cfg.rope_type == "yarn":
+    rope.update(factor=cfg.rope_factor, original_max_position_embeddings=cfg.rope_original_max_positions,
+                beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow, truncate=cfg.rope_truncate,
+                attention_factor=cfg.rope_attention_factor)
   eos = list(cfg.eos_token_ids)
   hf = {
       "architectures": [CAUSAL_LM_CLASSES[cfg.model_type]],

@@ -16,6 +16,11 @@ FAMILIES = {
     "llama3_rope": ("llama", dict(head_dim=32, rope_parameters={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64, "rope_theta": 500000.0})),
+    # YaRN (Qwen2.5's long-context setting): a ramp between scaled and original frequencies over
+    # an original context of 32 positions, and cos/sin scaled by 0.1 ln(4) + 1
+    "qwen2_yarn": ("qwen2", dict(tie_word_embeddings=True, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 16.0,
+        "beta_slow": 2.0, "rope_theta": 10000.0})),
     "mistral": ("mistral", dict(sliding_window=4096, tie_word_embeddings=False)),
     "mistral_window": ("mistral", dict(sliding_window=8, tie_word_embeddings=False)),
     "qwen2": ("qwen2", dict(tie_word_embeddings=True)),

@@ -71,6 +71,12 @@ def write_gguf(model, path: str, arch: str, tokenizer=None) -> str:
     w.add_rope_scaling_factor(cfg.rope_parameters["factor"])
   if cfg.rope_parameters.get("rope_type") == "llama3":
     w.add_tensor("rope_freqs.weight", llama_cpp_rope_factors(cfg))
+  if cfg.rope_parameters.get("rope_type") == "yarn":
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(cfg.rope_parameters["factor"])
+    w.add_rope_scaling_orig_ctx_len(cfg.rope_parameters["original_max_position_embeddings"])
+    w.add_rope_scaling_yarn_beta_fast(cfg.rope_parameters["beta_fast"])
+    w.add_rope_scaling_yarn_beta_slow(cfg.rope_parameters["beta_slow"])
   if getattr(cfg, "sliding_window", None) and arch.startswith("gemma"):
     w.add_sliding_window(cfg.sliding_window)
     w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
@@ -133,7 +139,7 @@ def llama31_model():
 
 
 TINY_CASES = [("llama_untied", "llama"), ("smollm2", "llama"), ("llama_bias", "llama"),
-              ("llama_linear_rope", "llama"), ("llama31", "llama"), ("qwen2", "qwen2"),
+              ("llama_linear_rope", "llama"), ("llama31", "llama"), ("qwen2", "qwen2"), ("qwen2_yarn", "qwen2"),
               ("qwen3", "qwen3"), ("gemma", "gemma"), ("gemma2", "gemma2"), ("gemma3", "gemma3")]
 
 

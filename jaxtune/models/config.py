@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -13,7 +14,7 @@ CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM
                      "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                      "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
                      "gemma3_text": "Gemma3ForCausalLM"}
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")  # the gate's activation in the gated MLP
 
 
@@ -39,6 +40,11 @@ class ModelConfig:
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_max_positions: int = 8192
+  # YaRN: the ramp between interpolated and original frequencies, and the cos/sin scale
+  rope_beta_fast: float = 32.0
+  rope_beta_slow: float = 1.0
+  rope_truncate: bool = True
+  rope_attention_factor: float = 1.0
   max_position_embeddings: int = 2048
   tie_word_embeddings: bool = False
   qkv_bias: bool = False
@@ -104,16 +110,37 @@ def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
   if rope_type not in SUPPORTED_ROPE_TYPES:
     raise UnsupportedModelError(
         f"rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+  original_max = int(params.get("original_max_position_embeddings", hf.get("max_position_embeddings", 8192)))
+  factor = params.get("factor")
+  if factor is None:  # YaRN without a factor (DeepSeek-V3 style): the context's growth
+    factor = hf.get("max_position_embeddings", original_max) / original_max if rope_type == "yarn" else 1.0
   return dict(
       rope_theta=float(theta),
       rope_type=rope_type,
-      rope_factor=float(params.get("factor", 1.0)),
+      rope_factor=float(factor),
       rope_low_freq_factor=float(params.get("low_freq_factor", 1.0)),
       rope_high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-      rope_original_max_positions=int(params.get(
-          "original_max_position_embeddings", hf.get("max_position_embeddings", 8192))),
+      rope_original_max_positions=original_max,
+      rope_beta_fast=float(params.get("beta_fast") or 32.0),
+      rope_beta_slow=float(params.get("beta_slow") or 1.0),
+      rope_truncate=bool(params.get("truncate", True)),
+      rope_attention_factor=_yarn_attention_factor(params, float(factor)) if rope_type == "yarn" else 1.0,
       local_rope_theta=None if local_theta is None else float(local_theta),
   )
+
+
+def _yarn_attention_factor(params: dict[str, Any], factor: float) -> float:
+  """YaRN's cos/sin scale: `attention_factor` if given, else 0.1 ln(factor) + 1 (with DeepSeek's
+  mscale / mscale_all_dim, the ratio of two such), as transformers computes it."""
+  if params.get("attention_factor") is not None:
+    return float(params["attention_factor"])
+
+  def mscale(scale: float, m: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+  if params.get("mscale") and params.get("mscale_all_dim"):
+    return mscale(factor, params["mscale"]) / mscale(factor, params["mscale_all_dim"])
+  return mscale(factor)
 
 
 def _gemma_fields(hf: dict[str, Any], model_type: str, rope: dict[str, Any]) -> dict[str, Any]:

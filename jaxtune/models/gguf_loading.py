@@ -61,6 +61,15 @@ def _rope_parameters(reader, arch: str, path: str) -> dict[str, Any]:
   if scaling == "linear":
     return {"rope_type": "linear", "rope_theta": theta,
             "factor": float(_metadata(reader, f"{arch}.rope.scaling.factor"))}
+  if scaling == "yarn":  # as convert_hf_to_gguf.py writes Qwen2.5's: factor and original context
+    for key in ("yarn_log_multiplier", "yarn_attn_factor", "yarn_ext_factor"):
+      if _metadata(reader, f"{arch}.rope.scaling.{key}", None) not in (None, 1.0):
+        raise UnsupportedModelError(f"{path}: GGUF YaRN with rope.scaling.{key} is not supported")
+    return {"rope_type": "yarn", "rope_theta": theta,
+            "factor": float(_metadata(reader, f"{arch}.rope.scaling.factor")),
+            "original_max_position_embeddings": int(_metadata(reader, f"{arch}.rope.scaling.original_context_length")),
+            "beta_fast": float(_metadata(reader, f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
+            "beta_slow": float(_metadata(reader, f"{arch}.rope.scaling.yarn_beta_slow", 1.0))}
   raise UnsupportedModelError(f"{path}: GGUF rope scaling type {scaling!r} is not supported")
 
 

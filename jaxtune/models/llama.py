@@ -153,9 +153,11 @@ def model_norm(x, weight, cfg: ModelConfig):
 
 
 def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
-  """Inverse frequencies as transformers computes them for rope types default / linear / llama3."""
+  """Inverse frequencies as transformers computes them for rope types default / linear / llama3 / yarn."""
   d = cfg.head_dim
   inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  if cfg.rope_type == "yarn":
+    return _yarn_inv_freq(cfg)
   if cfg.rope_type == "linear":
     inv = inv / cfg.rope_factor
   elif cfg.rope_type == "llama3":
@@ -169,6 +171,24 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
     is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     inv = jnp.where(is_medium, smoothed, scaled)
   return inv
+
+
+def _yarn_inv_freq(cfg: ModelConfig) -> jax.Array:
+  """YaRN: original frequencies for the dims that rotate more than beta_fast times over the original
+  context, frequencies / factor for those rotating under beta_slow times, a linear ramp between."""
+  d = cfg.head_dim
+
+  def correction_dim(rotations: float) -> float:
+    return d * math.log(cfg.rope_original_max_positions / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+  low, high = correction_dim(cfg.rope_beta_fast), correction_dim(cfg.rope_beta_slow)
+  if cfg.rope_truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, d - 1)
+  ramp = jnp.clip((jnp.arange(d // 2, dtype=jnp.float32) - low) / ((high + 0.001 if low == high else high) - low), 0, 1)
+  pos_freqs = cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+  extrapolation = 1 - ramp  # weight of the original frequency
+  return (1.0 / (cfg.rope_factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
 
 
 def apply_rope(x_BxTxNxH, cos_BxTxH, sin_BxTxH):
@@ -198,6 +218,8 @@ def rope_cos_sin(cfg: ModelConfig, positions_BxT, local: bool = False):
     cfg = dataclasses.replace(cfg, rope_theta=cfg.local_rope_theta, rope_type="default")
   freqs = positions_BxT.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)
   emb = jnp.concatenate([freqs, freqs], axis=-1)
+  if cfg.rope_attention_factor != 1.0:  # YaRN scales cos and sin (so q.k by its square)
+    return jnp.cos(emb) * cfg.rope_attention_factor, jnp.sin(emb) * cfg.rope_attention_factor
   return jnp.cos(emb), jnp.sin(emb)
 
 
