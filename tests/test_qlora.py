@@ -14,7 +14,7 @@ import torch
 import transformers
 
 import hf_tiny
-from jaxtune import evaluation, export, trainer
+from jaxtune import evaluation, export, inference, sampling, trainer
 from jaxtune.models import llama, loading, quantization
 from jaxtune.peft import lora, partition
 from train_helpers import losses, tiny_config
@@ -173,3 +173,25 @@ def test_quantizing_params_in_memory_equals_quantizing_while_loading(tmp_path):
   assert sorted(loaded) == sorted(in_memory)
   for path, leaf in loaded.items():
     np.testing.assert_array_equal(in_memory[path], leaf, err_msg=path)
+
+
+def test_greedy_generation_with_a_peft_adapter_on_nf4_matches_transformers(tmp_path):
+  """generate.py's path with --quantize nf4 and a PEFT adapter folder: the KV-cache decode on the NF4
+  base + LoRA gives peft-on-bitsandbytes' greedy tokens (with a float32 base they differ)."""
+  from test_generate import hf_greedy
+  folder, adapter = str(tmp_path / "model"), str(tmp_path / "adapter")
+  hf_tiny.save_hf_model("llama_untied", folder, sharp=True)
+  cfg, base = loading.load_model(folder, quantize="nf4")
+  flat = loading.flatten(lora.add_lora(base, jax.random.PRNGKey(1), rank=4))
+  for i, path in enumerate(sorted(p for p in flat if p.endswith("lora_b"))):
+    flat[path] = 0.5 * jax.random.normal(jax.random.PRNGKey(i), flat[path].shape)
+  export.write_peft(adapter, cfg, loading.unflatten(flat), "lora",
+                    {"lora": {"alpha": 16.0, "dropout": 0.0, "use_rslora": False}}, folder)
+  cfg, params, runtime, tokenizer = inference.load_for_inference(folder, adapter, quantize="nf4")
+  assert "kernel_nf4" in params["layers"]["mlp"]["down_proj"]
+  model = peft.PeftModel.from_pretrained(bnb_model(folder), adapter).eval()
+  model.generation_config.eos_token_id = None
+  prompts = ["Once upon a time", "Hi"]
+  ids = [tokenizer(p)["input_ids"] for p in prompts]
+  ours = sampling.generate(params, cfg, ids, max_new_tokens=12, peft=runtime)
+  assert ours == hf_greedy(model, tokenizer, prompts, n=12)
