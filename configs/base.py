@@ -95,6 +95,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8
+  # LoRA+ (Hayou et al. 2024; peft's create_loraplus_optimizer loraplus_lr_ratio): LoRA B matrices
+  # learn at learning_rate x this (the paper suggests 16); 1 = plain LoRA
+  c.optimizer.lora_plus_ratio = 1.0
 
   c.dpo = ml_collections.ConfigDict()
   c.dpo.beta = 0.1

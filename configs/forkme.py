@@ -47,6 +47,7 @@ def get_config():
   c.optimizer.learning_rate = 2e-4
   c.optimizer.schedule = "cosine"
   c.optimizer.warmup_steps = 20
+  c.optimizer.lora_plus_ratio = 1.0  # LoRA+: LoRA B matrices learn at learning_rate x this (16 in its paper)
   # Devices: data x fsdp x tensor must equal the device count; -1 fills.
   c.mesh.data = -1
   c.mesh.fsdp = 1

@@ -108,6 +108,10 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   _fraction(c, "optimizer.b1")  # torch's AdamW bounds
   _fraction(c, "optimizer.b2")
   _positive(c, "optimizer.eps", allow_zero=True)
+  _positive(c, "optimizer.lora_plus_ratio")
+  if c.optimizer.lora_plus_ratio != 1.0 and c.peft.method not in LORA_METHODS:
+    raise ConfigError("optimizer.lora_plus_ratio", f"LoRA+ sets the learning rate of LoRA's B matrices: "
+                      f"peft.method={c.peft.method} has none")
   _positive(c, "dpo.beta")
   _choice(c, "dpo.loss_type", ("sigmoid", "ipo"))
   if not 0 <= c.dpo.label_smoothing < 0.5:

@@ -1,4 +1,4 @@
-"""Optimizer over the trainable partition: schedule, clipping, AdamW / Adafactor / SGD."""
+"""Optimizer over the trainable partition: schedule, clipping, AdamW / Adafactor / SGD, LoRA+."""
 
 from __future__ import annotations
 
@@ -43,4 +43,6 @@ def build_optimizer(opt: ml_collections.ConfigDict, steps: int, trainable_paths)
     if opt.weight_decay:
       parts.append(optax.masked(optax.add_decayed_weights(opt.weight_decay), decay_mask))
     parts.append(optax.sgd(schedule))
+  if opt.lora_plus_ratio != 1.0:  # LoRA+: B's updates (hence its learning rate and decay) x ratio
+    parts.append(optax.masked(optax.scale(opt.lora_plus_ratio), {p: p.endswith("lora_b") for p in trainable_paths}))
   return optax.chain(*parts)
