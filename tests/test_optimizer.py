@@ -1,6 +1,5 @@
 """The optimizer against torch's: AdamW with decoupled weight decay, and LoRA+'s learning rate for B."""
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
