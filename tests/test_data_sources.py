@@ -92,10 +92,10 @@ def test_csv_parquet_json_and_folder_sources_give_the_same_records(tmp_path, tok
   write_lines(folder / "d.jsonl", [json.dumps(r) for r in rows])
   (folder / "notes.txt").write_text("not data")
   expected = [dict(GOOD, context=None), rows[1]]  # tables fill a missing column with None
-  for name in ("a.csv", "b.parquet"):
+  for name, first in (("a.csv", 2), ("b.parquet", 1)):  # CSV: the line after the header; parquet: the row
     records = read_records(str(folder / name))
     assert records.records == expected
-    assert records.origins == [f"{folder / name}:1", f"{folder / name}:2"]
+    assert records.origins == [f"{folder / name}:{first}", f"{folder / name}:{first + 1}"]
   assert read_records(str(folder / "c.json")).records == rows
   (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
   assert read_records(str(tmp_path / "lines.json")).records == rows  # JSON lines named .json
@@ -111,13 +111,18 @@ def test_csv_parquet_json_and_folder_sources_give_the_same_records(tmp_path, tok
     assert (ds_csv.arrays[k] == ds_jsonl.arrays[k]).all()
 
 
-def test_bad_csv_row_names_file_and_row(tmp_path, tok):
+def test_bad_csv_record_names_file_and_line(tmp_path, tok):
+  """FILE:LINE is the line the record starts on, past the header, a blank line and a quoted field
+  spanning two lines."""
   path = tmp_path / "d.csv"
-  path.write_text("instruction,output\nAdd one and one,2\nNo answer,\n")
-  assert read_records(str(path)).records[0]["output"] == "2"  # numbers-only columns stay text
+  path.write_text('instruction,output\nAdd one and one,2\n\n"Say it\non two lines",ok\nNo answer,\n')
+  records = read_records(str(path))
+  assert records.records[0]["output"] == "2"  # numbers-only columns stay text
+  assert records.records[1]["instruction"] == "Say it\non two lines"
+  assert records.origins == [f"{path}:2", f"{path}:4", f"{path}:6"]
   with pytest.raises(DataError) as e:
     pipeline.build_dataset(str(path), "instruction", tok, 256)
-  assert str(e.value) == f"{path}:2: missing field 'output'"
+  assert str(e.value) == f"{path}:6: missing field 'output'"
 
 
 def test_missing_file_and_empty_folder(tmp_path, tok):

@@ -2,7 +2,8 @@
 
 A source is a .jsonl/.json/.csv/.parquet file, a folder of them (local or gs://, read through
 etils.epath), or a `datasets` hub name (`NAME` or `NAME:SPLIT`). JSONL is parsed here line by line because `datasets`' json loader
-loses line numbers and dies on the first bad line; CSV and parquet go through `datasets`.
+loses line numbers and dies on the first bad line; CSV and parquet go through `datasets` (a CSV
+record is named by the line it starts on, a parquet record by its row).
 """
 
 from __future__ import annotations
@@ -120,9 +121,29 @@ def _root_cause(e: BaseException) -> str:
   return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _datasets_table(dataset, name: str) -> Records:
+def _datasets_table(dataset, name: str, lines: list[int] | None = None) -> Records:
+  """Records named NAME:N, N the record's first line in the file when `lines` gives one per record
+  (CSV), else its row number (parquet, datasets names)."""
   rows = dataset.to_list()
-  return Records(rows, [f"{name}:{row}" for row in range(1, len(rows) + 1)])
+  numbers = lines if lines is not None and len(lines) == len(rows) else range(1, len(rows) + 1)
+  return Records(rows, [f"{name}:{n}" for n in numbers])
+
+
+def _csv_record_lines(path: str) -> list[int]:
+  """The line on which each CSV data record starts (after the header; blank lines skipped, as the
+  reader skips them; a quoted field may span lines)."""
+  starts = []
+  with epath.Path(path).open("rb") as f:
+    reader = csv.reader(io.TextIOWrapper(f, encoding="utf-8", newline=""))
+    while True:
+      start = reader.line_num + 1
+      try:
+        row = next(reader)
+      except (StopIteration, csv.Error, ValueError):  # ValueError: not UTF-8; row numbers then
+        break
+      if row:
+        starts.append(start)
+  return starts[1:]
 
 
 def _datasets_file(path: str) -> Records:
@@ -137,7 +158,7 @@ def _datasets_file(path: str) -> Records:
     dataset = datasets.load_dataset(builder, data_files=path, split="train", **kwargs)
   except Exception as e:  # pandas/arrow parse errors: one line naming the file
     raise DataError(f"{path}: cannot read {builder} ({_root_cause(e)})") from None
-  return _datasets_table(dataset, path)
+  return _datasets_table(dataset, path, _csv_record_lines(path) if builder == "csv" else None)
 
 
 def _hub(name: str) -> Records:
