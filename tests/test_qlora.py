@@ -195,3 +195,22 @@ def test_greedy_generation_with_a_peft_adapter_on_nf4_matches_transformers(tmp_p
   ids = [tokenizer(p)["input_ids"] for p in prompts]
   ours = sampling.generate(params, cfg, ids, max_new_tokens=12, peft=runtime)
   assert ours == hf_greedy(model, tokenizer, prompts, n=12)
+
+
+def test_a_bfloat16_base_quantizes_as_transformers_loads_it(tmp_path):
+  """precision.param_dtype=bfloat16: the checkpoint is read in bfloat16, then quantized, as
+  `from_pretrained(dtype=torch.bfloat16, quantization_config=...)` does; same codes and scales."""
+  folder = str(tmp_path / "model")
+  hf_tiny.save_hf_model("qwen2", folder)
+  config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_compute_dtype=torch.bfloat16)
+  model = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=config,
+                                                            device_map="cpu", dtype=torch.bfloat16)
+  _, params = loading.load_model(folder, jnp.bfloat16, quantize="nf4")
+  ours = params["layers"]["mlp"]["up_proj"]
+  theirs = model.model.layers[1].mlp.up_proj.weight
+  np.testing.assert_array_equal(np.asarray(ours["kernel_nf4"][1]).reshape(-1), theirs.data.numpy().reshape(-1))
+  np.testing.assert_array_equal(np.asarray(ours["kernel_absmax"][1]), theirs.quant_state.absmax.numpy())
+  _, float32 = loading.load_model(folder, quantize="nf4")  # reading in float32 gives other scales
+  assert not np.array_equal(np.asarray(float32["layers"]["mlp"]["up_proj"]["kernel_absmax"][1]),
+                            theirs.quant_state.absmax.numpy())
