@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune.models import llama
+from jaxtune.models import llama, moe
 from jaxtune.models.config import CAUSAL_LM_CLASSES, ModelConfig
 from jaxtune.models.loading import flatten, hf_name_of
 from jaxtune.peft import ia3, lora, partition
@@ -44,7 +44,7 @@ class TensorSpec:
   name: str
   shape: tuple[int, ...]
   path: str
-  layer: int | None
+  layer: int | tuple[int, int] | None  # (layer, expert) for an MoE expert's tensor
   transpose: bool
 
 
@@ -134,11 +134,13 @@ def tensor_specs(flat: Mapping[str, Any], name_of: Callable[[str, int | None], s
   """
   specs = []
   for path, leaf in flat.items():
-    transpose = path.split("/")[-1] in ("kernel", "lora_a", "lora_b")  # not lora_magnitude (1-d)
-    per_layer = path.startswith("layers/")
-    shape = tuple(leaf.shape[1:] if per_layer else leaf.shape)
+    experts = moe.is_expert_leaf(path)  # L x E x in x out: one tensor per layer and expert
+    transpose = experts or path.split("/")[-1] in ("kernel", "lora_a", "lora_b")  # not lora_magnitude (1-d)
+    lead = 2 if experts else 1 if path.startswith("layers/") else 0
+    shape = tuple(leaf.shape[lead:])
     shape = shape[::-1] if transpose else shape
-    for layer in (range(leaf.shape[0]) if per_layer else [None]):
+    for index in (np.ndindex(*leaf.shape[:lead]) if lead else [None]):
+      layer = index if index is None or len(index) > 1 else index[0]
       specs.append(TensorSpec(name_of(path, layer), shape, path, layer, transpose))
   return specs
 
@@ -197,10 +199,17 @@ def hf_config_of(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
       raise ExportError(f"{cfg.model_type}: attention_bias must cover q/k/v and o alike")
     hf["attention_bias"] = cfg.qkv_bias
     hf["mlp_bias"] = cfg.mlp_bias
-  if cfg.model_type == "mistral":
+  if cfg.model_type in ("mistral", "mixtral"):
     hf["sliding_window"] = cfg.sliding_window
-  if cfg.model_type == "qwen3":
+  if cfg.model_type in ("qwen3", "qwen3_moe"):
     hf["use_sliding_window"] = False
+  if cfg.model_type == "mixtral":
+    hf.update(num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+              intermediate_size=cfg.expert_intermediate_size)
+  if cfg.model_type == "qwen3_moe":
+    hf.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+              moe_intermediate_size=cfg.expert_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
+              decoder_sparse_step=1, mlp_only_layers=[])
   if cfg.model_type in ("gemma2", "gemma3_text"):
     hf.update(_gemma_config(cfg, rope))
   return hf
@@ -331,7 +340,13 @@ def write_hf(out_dir: str, cfg: ModelConfig, params: llama.Params, peft_runtime:
   source_dir = source_model_path if source_model_path and os.path.isdir(source_model_path) else None
   if _is_main():
     os.makedirs(out_dir, exist_ok=True)
-  specs = tensor_specs(base, lambda p, layer: "score.weight" if p == f"{head}/kernel" else hf_name_of(p, layer))
+  def name_of(path: str, layer) -> str:
+    if path == f"{head}/kernel":
+      return "score.weight"
+    moe_leaf = moe.is_expert_leaf(path) or moe.is_router_leaf(path)
+    return moe.hf_name(cfg.model_type, path, layer) if moe_leaf else hf_name_of(path, layer)
+
+  specs = tensor_specs(base, name_of)
   fetch = lambda path: to_host(_merged_leaf(params, path, peft_runtime.lora_scale))
   names = write_safetensors(out_dir, "model", specs, stream_tensors(specs, fetch), dtype, max_shard_bytes)
   if not _is_main():

@@ -36,6 +36,11 @@ FAMILIES = {
     # scaled by 1/sqrt(24), a windowed layer (own rope base) before a global one
     "gemma3": ("gemma3_text", dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
                                    layer_types=["sliding_attention", "full_attention"])),
+    # mixtures of experts: 4 experts, 2 a token (Mixtral renormalises their weights; Qwen3-MoE here too,
+    # with q/k norms and experts narrower than its dense width)
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
+    "qwen3_moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                    norm_topk_prob=True, head_dim=32)),
     "smollm2": ("llama", dict(tie_word_embeddings=True, num_attention_heads=8,
                               num_key_value_heads=2, rope_parameters={"rope_type": "default",
                                                                       "rope_theta": 100000.0})),
@@ -50,7 +55,8 @@ def build_hf_model(family: str, seed: int = 0, **overrides):
   config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                 "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
                 "gemma": transformers.GemmaConfig, "gemma2": transformers.Gemma2Config,
-                "gemma3_text": transformers.Gemma3TextConfig}[model_type]
+                "gemma3_text": transformers.Gemma3TextConfig, "mixtral": transformers.MixtralConfig,
+                "qwen3_moe": transformers.Qwen3MoeConfig}[model_type]
   kwargs = {**TINY, **extra, **overrides}
   config = config_cls(**kwargs)
   torch.manual_seed(seed)

@@ -13,7 +13,7 @@ from jaxtune.models import llama
 from jaxtune.models.config import ModelConfig
 
 # Untied llama, llama3 rope scaling, a sliding window (8) shorter than the sequences, tied + bias.
-FAMILIES = ["llama_untied", "llama3_rope", "mistral_window", "qwen2", "qwen3", "gemma2", "gemma3"]
+FAMILIES = ["llama_untied", "llama3_rope", "mistral_window", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral"]
 PROMPTS = ["Once upon a time", "Hi"]
 
 

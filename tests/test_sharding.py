@@ -51,6 +51,12 @@ def test_gemma2_on_an_fsdp_tensor_mesh_matches_one_device(tmp_path):
   assert_meshes_match_one_device(*make_tiny_setup(str(tmp_path), "gemma2"), tmp_path, "full", ["1,4,2"])
 
 
+def test_mixtral_on_an_fsdp_tensor_mesh_matches_one_device(tmp_path):
+  """Experts (L x E x in x out) shard their in/out dims like the dense MLP's kernels; the router
+  and the routing weights follow."""
+  assert_meshes_match_one_device(*make_tiny_setup(str(tmp_path), "mixtral"), tmp_path, "full", ["1,4,2"])
+
+
 def test_qlora_on_an_fsdp_tensor_mesh_matches_one_device(tiny_setup, tmp_path):
   """NF4 codes (out x in/2) and block scales sharded like their kernels: each device dequantizes its
   slice, and the losses are one device's."""

@@ -8,12 +8,14 @@ import math
 import os
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "mixtral",
+                         "qwen3_moe")
 # transformers' causal-LM class of each model type (config.json's "architectures")
 CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                      "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                      "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                     "gemma3_text": "Gemma3ForCausalLM"}
+                     "gemma3_text": "Gemma3ForCausalLM", "mixtral": "MixtralForCausalLM",
+                     "qwen3_moe": "Qwen3MoeForCausalLM"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")  # the gate's activation in the gated MLP
 
@@ -66,6 +68,12 @@ class ModelConfig:
   sliding_layers: tuple[bool, ...] = ()
   local_rope_theta: float | None = None
   sliding_window: int | None = None
+  # mixture of experts (Mixtral, Qwen3-MoE; moe.py): every layer's MLP is num_experts experts of
+  # width expert_intermediate_size, num_experts_per_tok of them per token; 0 = a dense MLP
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  expert_intermediate_size: int = 0
+  norm_topk_prob: bool = True
   model_type: str = "llama"
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
@@ -169,6 +177,22 @@ def _gemma_fields(hf: dict[str, Any], model_type: str, rope: dict[str, Any]) -> 
   return fields
 
 
+def _moe_fields(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
+  """Mixtral / Qwen3-MoE: experts in every layer (Qwen3-MoE's dense layers are not supported)."""
+  if model_type == "mixtral":
+    if float(hf.get("router_jitter_noise") or 0.0):
+      raise UnsupportedModelError("mixtral router_jitter_noise > 0 is not supported")
+    return dict(num_experts=int(hf["num_local_experts"]), num_experts_per_tok=int(hf["num_experts_per_tok"]),
+                expert_intermediate_size=int(hf["intermediate_size"]))
+  if int(hf.get("decoder_sparse_step", 1)) != 1 or hf.get("mlp_only_layers"):
+    raise UnsupportedModelError("qwen3_moe with dense layers (decoder_sparse_step != 1 or mlp_only_layers) "
+                                "is not supported")
+  experts = hf.get("num_local_experts") or hf["num_experts"]  # transformers 5 / 4 spelling
+  return dict(num_experts=int(experts), num_experts_per_tok=int(hf["num_experts_per_tok"]),
+              expert_intermediate_size=int(hf["moe_intermediate_size"]),
+              norm_topk_prob=bool(hf.get("norm_topk_prob", False)), qk_norm=True)
+
+
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
   """Builds a ModelConfig from a config.json dict; unsupported features raise UnsupportedModelError."""
   model_type = hf.get("model_type", "llama")
@@ -187,9 +211,9 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
   hidden = int(hf["hidden_size"])
   head_dim = hf.get("head_dim") or hidden // num_heads
   sliding_window = None
-  if model_type == "mistral":
+  if model_type in ("mistral", "mixtral"):
     sliding_window = hf.get("sliding_window")
-  elif model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+  elif model_type in ("qwen2", "qwen3", "qwen3_moe") and hf.get("use_sliding_window"):
     raise UnsupportedModelError(f"{model_type} use_sliding_window=True (per-layer windows) is not supported")
   attention_bias = bool(hf.get("attention_bias", False))
   family: dict[str, Any] = dict(qk_norm=model_type == "qwen3",
@@ -197,6 +221,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
   rope = _rope_fields(hf)
   if model_type.startswith("gemma"):
     family = _gemma_fields(hf, model_type, rope)
+  if model_type in ("mixtral", "qwen3_moe"):
+    family.update(_moe_fields(hf, model_type))
   fields = dict(
       vocab_size=int(hf["vocab_size"]),
       hidden_size=hidden,

@@ -111,6 +111,8 @@ def hf_config_of(reader, path: str) -> dict[str, Any]:
   head_dim = int(key("attention.key_length", key("rope.dimension_count", hidden // heads)))
   if int(key("rope.dimension_count", head_dim)) != head_dim:
     raise UnsupportedModelError(f"{path}: partial rotary embeddings (rope.dimension_count != head_dim)")
+  if int(key("expert_count", 0) or 0):
+    raise UnsupportedModelError(f"{path}: GGUF mixture-of-experts models are not supported (load the HF folder)")
   vocab = key("vocab_size")
   if vocab is None:  # older files only state it through the vocabulary's length
     vocab = len(reader.fields["tokenizer.ggml.tokens"].data)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxtune.models import attention, quantization
+from jaxtune.models import attention, moe, quantization
 from jaxtune.models.config import ModelConfig
 from jaxtune.models.matmul import matmul
 from jaxtune.peft import prefix as prefix_tuning
@@ -67,6 +67,8 @@ def param_shapes(cfg: ModelConfig) -> Params:
       },
       "norm": (D,),
   }
+  if cfg.num_experts:  # Mixtral, Qwen3-MoE
+    tree["layers"]["mlp"] = moe.param_shapes(L, D, cfg.expert_intermediate_size, cfg.num_experts)
   if cfg.qk_norm:
     tree["layers"]["self_attn"].update(q_norm=(L, cfg.head_dim), k_norm=(L, cfg.head_dim))
   if cfg.sandwich_norms:  # Gemma 3: post_attention_layernorm norms the attention output instead
@@ -123,6 +125,8 @@ def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
     axes = lead + ("norm",)
   elif name in ("q_norm", "k_norm"):
     axes = lead + ("head_dim",)
+  elif moe.is_expert_leaf(path):
+    axes = lead + ("experts",) + _KERNEL_AXES[name]
   elif len(parts) >= 2 and parts[-2] in _KERNEL_AXES:
     n_in, n_out = _KERNEL_AXES[parts[-2]]
     axes = {"kernel": lead + (n_in, n_out), "bias": lead + (n_out,),
@@ -326,9 +330,13 @@ def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs, seg
   x = x + out
   mlp = layer["mlp"]
   h = model_norm(x, layer["pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"], cfg)
-  h = gated_activation(dense(mlp["gate_proj"], h, peft, rngs[4]), dense(mlp["up_proj"], h, peft, rngs[5]),
-                       cfg.hidden_act)
-  out = dense(mlp["down_proj"], h, peft, rngs[6])
+  if cfg.num_experts:
+    out = moe.moe_mlp(mlp, h, cfg.num_experts_per_tok, cfg.norm_topk_prob,
+                      lambda gate, up: gated_activation(gate, up, cfg.hidden_act))
+  else:
+    h = gated_activation(dense(mlp["gate_proj"], h, peft, rngs[4]), dense(mlp["up_proj"], h, peft, rngs[5]),
+                         cfg.hidden_act)
+    out = dense(mlp["down_proj"], h, peft, rngs[6])
   if "mlp_adapter" in layer:
     out = bottleneck_adapter(layer["mlp_adapter"], out)
   if cfg.sandwich_norms:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from jaxtune.models import llama, quantization
+from jaxtune.models import llama, moe, quantization
 from jaxtune.models.config import ModelConfig, config_from_hf, read_hf_config
 
 TensorGetter = Callable[[str], np.ndarray]
@@ -72,6 +72,11 @@ def safetensors_getter(folder: str) -> tuple[TensorGetter, list[str]]:
 
 def _host_leaf(cfg: ModelConfig, path: str, shape: tuple[int, ...], get: TensorGetter, dtype) -> np.ndarray:
   np_dtype = jnp.dtype(dtype)
+  if moe.is_expert_leaf(path) or moe.is_router_leaf(path):  # out x in tensors per (layer[, expert])
+    out = np.empty(shape, np_dtype)
+    for index in np.ndindex(*shape[:-2]):
+      out[index] = np.asarray(get(moe.hf_name(cfg.model_type, path, index[0] if len(index) == 1 else index))).T
+    return out
   if path.startswith("layers/"):
     out = np.empty(shape, np_dtype)
     for i in range(cfg.num_layers):

@@ -101,8 +101,8 @@ def kernel_shape(linear: dict) -> tuple[int, ...]:
 
 def is_quantizable(path: str) -> bool:
   """The base leaves `model.quantize` stores in NF4: the decoder layers' projection kernels (the
-  embeddings, norms, biases and LM head stay, as transformers leaves them)."""
-  return path.startswith("layers/") and path.endswith("/kernel")
+  embeddings, norms, biases, LM head, an MoE router and its experts stay, as transformers leaves them)."""
+  return path.startswith("layers/") and path.endswith("/kernel") and path != "layers/mlp/router/kernel"
 
 
 def quantize_shapes(flat_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:

@@ -1,0 +1,66 @@
+"""Mixtures of experts (Mixtral, Qwen3-MoE): training, HF and PEFT exports that transformers and
+peft load with jaxtune's logits. (Logit parity of the base models: test_parity.py's families.)"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+
+import hf_tiny
+from jaxtune import export, trainer, workdir
+from jaxtune.models import llama, loading
+from train_helpers import losses, make_tiny_setup, tiny_config
+
+TOKENS = np.random.RandomState(0).randint(0, 256, (2, 24))
+
+
+def torch_logits(model):
+  with torch.no_grad():
+    return model(torch.tensor(TOKENS)).logits.numpy()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_changed_experts_export_to_transformers(tmp_path, family):
+  """Every expert and router changed (as full fine-tuning changes them): the merged HF folder names
+  each (layer, expert) tensor as the family's checkpoints do, and transformers' logits are ours."""
+  folder, out = str(tmp_path / "model"), str(tmp_path / "out")
+  original = torch_logits(hf_tiny.save_hf_model(family, folder, sharp=True))
+  cfg, params = loading.load_model(folder)
+  flat = loading.flatten(params)
+  for i, path in enumerate(p for p in flat if "/mlp/" in p):
+    flat[path] = flat[path] * (1 + 0.3 * jax.random.normal(jax.random.PRNGKey(i), flat[path].shape))
+  params = loading.unflatten(flat)
+  export.write_hf(out, cfg, params, llama.PeftRuntime(), None, folder)
+  theirs = torch_logits(transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval())
+  ours = np.asarray(llama.forward(params, cfg, jnp.asarray(TOKENS))[0])
+  np.testing.assert_allclose(ours, theirs, atol=1e-5 * max(1, np.abs(theirs).max()), rtol=0)
+  assert np.abs(theirs - original).max() > 0.01
+
+
+def test_mixtral_full_and_lora_train_and_lora_exports_to_peft(tmp_path):
+  """Full fine-tuning trains experts and router; LoRA (default targets) finds only the attention
+  projections in MoE layers, and its PEFT adapter on transformers' Mixtral gives jaxtune's logits."""
+  model, data = make_tiny_setup(str(tmp_path), "mixtral")
+  full = losses(trainer.run(tiny_config(model, data, **{"peft.method": "full", "optimizer.learning_rate": 1e-3}),
+                            str(tmp_path / "full")))
+  lora = losses(trainer.run(tiny_config(model, data), str(tmp_path / "lora")))
+  assert full[-1] < full[0] - 0.3 and lora[-1] < lora[0] - 0.1, (full, lora)
+  assert abs(full[0] - lora[0]) < 1e-6  # LoRA starts as the base
+  counts = json.load(open(tmp_path / "lora" / "params.json"))
+  d, q, kv, r = 64, 64, 32, 4
+  assert counts["trainable_params"] == 2 * r * ((d + q) + 2 * (d + kv) + (q + d))  # q, k, v, o; 2 layers
+  _, cfg, params, runtime, _ = workdir.load_trained(str(tmp_path / "lora"))
+  adapter = str(tmp_path / "adapter")
+  config = workdir.read_config(str(tmp_path / "lora"))
+  export.write_peft(adapter, cfg, params, "lora", config.peft.to_dict(), model)
+  base = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+  before = torch_logits(base)
+  theirs = torch_logits(peft.PeftModel.from_pretrained(base, adapter).eval())
+  ours = np.asarray(llama.forward(params, cfg, jnp.asarray(TOKENS), peft=runtime)[0])
+  np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+  assert np.abs(theirs - before).max() > 1e-3  # the adapter is applied
