@@ -23,6 +23,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # compiled layer in a loop: the least compile time, TPU's usual form) | unrolled (straight-line
   # code: no per-layer copies of the saved activations into stacked buffers; longer compiles)
   c.model.layer_loop = "auto"
+  # mixtures of experts (Mixtral, Qwen3-MoE): auto (dense on CPU, else ragged) | dense (every expert
+  # on every token, weighted) | ragged (tokens grouped by expert, jax.lax.ragged_dot) -- models/moe.py
+  c.model.moe_dispatch = "auto"
   # "" | nf4: store the frozen base's decoder-layer kernels in 4-bit NormalFloat (QLoRA; the same
   # codes as bitsandbytes' load_in_4bit nf4), dequantized as each layer runs. PEFT methods only.
   c.model.quantize = ""

@@ -6,7 +6,7 @@ import re
 
 import ml_collections
 
-from jaxtune.models import attention, llama, quantization
+from jaxtune.models import attention, llama, moe, quantization
 from jaxtune.peft import lora
 from jaxtune.peft.partition import LORA_METHODS, METHODS
 
@@ -128,6 +128,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     _choice(c, key, DTYPES)
   _choice(c, "model.attention", attention.IMPLEMENTATIONS)
   _choice(c, "model.layer_loop", llama.LAYER_LOOPS)
+  _choice(c, "model.moe_dispatch", moe.DISPATCHES)
   _choice(c, "model.quantize", quantization.CHOICES)
   if c.model.quantize and c.peft.method == "full":
     raise ConfigError("model.quantize", f"{c.model.quantize} stores the base frozen; full fine-tuning "

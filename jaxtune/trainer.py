@@ -107,7 +107,7 @@ def build_model(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
   """Loads the base (into its shardings), adds PEFT leaves, splits trainable/frozen."""
   param_dtype = jnp.dtype(config.precision.param_dtype)
   model_cfg = dataclasses.replace(loading.model_config_of(config.model.path), attention=config.model.attention,
-                                  layer_loop=config.model.layer_loop)
+                                  layer_loop=config.model.layer_loop, moe_dispatch=config.model.moe_dispatch)
   base_shapes = loading.flatten(llama.param_shapes(model_cfg), is_leaf=lambda x: isinstance(x, tuple))
   if config.model.quantize:
     base_shapes = quantization.quantize_shapes(base_shapes)

@@ -42,6 +42,8 @@ CASES = [
      "error: config.model.layer_loop: 'remat' is not one of auto | scan | unrolled"),
     ("lora_plus_without_lora", ["--config.peft.method=full", "--config.optimizer.lora_plus_ratio=16"], 1,
      "error: config.optimizer.lora_plus_ratio: LoRA+ sets the learning rate of LoRA's B matrices: peft.method=full"),
+    ("unknown_moe_dispatch", ["--config.model.moe_dispatch=sparse"], 1,
+     "error: config.model.moe_dispatch: 'sparse' is not one of auto | dense | ragged"),
     ("unknown_quantization", ["--config.model.quantize=int4"], 1,
      "error: config.model.quantize: 'int4' is not one of '' | nf4"),
     ("quantized_full_fine_tuning", ["--config.model.quantize=nf4", "--config.peft.method=full"], 1,

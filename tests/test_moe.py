@@ -1,6 +1,7 @@
 """Mixtures of experts (Mixtral, Qwen3-MoE): training, HF and PEFT exports that transformers and
 peft load with jaxtune's logits. (Logit parity of the base models: test_parity.py's families.)"""
 
+import dataclasses
 import json
 
 import jax
@@ -14,7 +15,7 @@ import transformers
 import hf_tiny
 from jaxtune import export, trainer, workdir
 from jaxtune.models import llama, loading
-from train_helpers import losses, make_tiny_setup, tiny_config
+from train_helpers import assert_same_gradients, losses, make_tiny_setup, tiny_config
 
 TOKENS = np.random.RandomState(0).randint(0, 256, (2, 24))
 
@@ -40,6 +41,23 @@ def test_changed_experts_export_to_transformers(tmp_path, family):
   ours = np.asarray(llama.forward(params, cfg, jnp.asarray(TOKENS))[0])
   np.testing.assert_allclose(ours, theirs, atol=1e-5 * max(1, np.abs(theirs).max()), rtol=0)
   assert np.abs(theirs - original).max() > 0.01
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_ragged_dispatch_gives_transformers_logits_and_the_dense_gradients(tmp_path, family):
+  """model.moe_dispatch=ragged (tokens grouped by expert, jax.lax.ragged_dot), what TPUs and GPUs
+  run by default, on this CPU: transformers' logits, and the dense dispatch's gradients."""
+  folder = str(tmp_path / "model")
+  theirs = torch_logits(hf_tiny.save_hf_model(family, folder, sharp=True))
+  cfg, params = loading.load_model(folder)
+  ragged, dense = (dataclasses.replace(cfg, moe_dispatch=d) for d in ("ragged", "dense"))
+  ours = np.asarray(llama.forward(params, ragged, jnp.asarray(TOKENS))[0])
+  np.testing.assert_allclose(ours, theirs, atol=1e-5 * max(1, np.abs(theirs).max()), rtol=0)
+
+  def loss(p, c):
+    return jnp.mean(jax.nn.log_softmax(llama.forward(p, c, jnp.asarray(TOKENS))[0])[..., 0])
+
+  assert_same_gradients(jax.grad(loss)(params, ragged), jax.grad(loss)(params, dense))
 
 
 def test_mixtral_full_and_lora_train_and_lora_exports_to_peft(tmp_path):

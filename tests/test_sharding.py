@@ -51,10 +51,12 @@ def test_gemma2_on_an_fsdp_tensor_mesh_matches_one_device(tmp_path):
   assert_meshes_match_one_device(*make_tiny_setup(str(tmp_path), "gemma2"), tmp_path, "full", ["1,4,2"])
 
 
-def test_mixtral_on_an_fsdp_tensor_mesh_matches_one_device(tmp_path):
-  """Experts (L x E x in x out) shard their in/out dims like the dense MLP's kernels; the router
-  and the routing weights follow."""
-  assert_meshes_match_one_device(*make_tiny_setup(str(tmp_path), "mixtral"), tmp_path, "full", ["1,4,2"])
+@pytest.mark.parametrize("dispatch", ["dense", "ragged"])
+def test_mixtral_on_an_fsdp_tensor_mesh_matches_one_device(tmp_path, dispatch):
+  """Experts (L x E x in x out) shard their in/out dims like the dense MLP's kernels; the router,
+  the routing weights and (ragged) the tokens grouped by expert follow."""
+  assert_meshes_match_one_device(*make_tiny_setup(str(tmp_path), "mixtral"), tmp_path, "full", ["1,4,2"],
+                                 {"model.moe_dispatch": dispatch})
 
 
 def test_qlora_on_an_fsdp_tensor_mesh_matches_one_device(tiny_setup, tmp_path):

@@ -82,6 +82,8 @@ class ModelConfig:
   attention: str = "auto"
   # the layers in a pass without a cache: "auto" | "scan" | "unrolled" (model.layer_loop, llama.LAYER_LOOPS)
   layer_loop: str = "auto"
+  # how MoE layers run their experts: "auto" | "dense" | "ragged" (model.moe_dispatch, moe.DISPATCHES)
+  moe_dispatch: str = "auto"
 
   @property
   def q_size(self) -> int:

@@ -332,7 +332,7 @@ def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs, seg
   h = model_norm(x, layer["pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"], cfg)
   if cfg.num_experts:
     out = moe.moe_mlp(mlp, h, cfg.num_experts_per_tok, cfg.norm_topk_prob,
-                      lambda gate, up: gated_activation(gate, up, cfg.hidden_act))
+                      lambda gate, up: gated_activation(gate, up, cfg.hidden_act), cfg.moe_dispatch)
   else:
     h = gated_activation(dense(mlp["gate_proj"], h, peft, rngs[4]), dense(mlp["up_proj"], h, peft, rngs[5]),
                          cfg.hidden_act)
