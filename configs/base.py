@@ -67,6 +67,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.lenient = False  # True: skip and count malformed records instead of stopping
 
   c.train = ml_collections.ConfigDict()
+  # mixtures of experts: the loss adds this x the router load-balancing loss (transformers'
+  # router_aux_loss_coef with output_router_logits=True; Mixtral's configs say 0.02); 0 = off
+  c.train.router_aux_loss_coef = 0.0
   c.train.steps = 1000
   c.train.batch_size = 8  # global, in sequences
   c.train.grad_accum = 1

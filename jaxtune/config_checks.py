@@ -109,6 +109,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   _fraction(c, "optimizer.b2")
   _positive(c, "optimizer.eps", allow_zero=True)
   _positive(c, "optimizer.lora_plus_ratio")
+  _positive(c, "train.router_aux_loss_coef", allow_zero=True)
   if c.optimizer.lora_plus_ratio != 1.0 and c.peft.method not in LORA_METHODS:
     raise ConfigError("optimizer.lora_plus_ratio", f"LoRA+ sets the learning rate of LoRA's B matrices: "
                       f"peft.method={c.peft.method} has none")

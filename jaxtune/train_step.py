@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxtune.models import fused_loss, llama
+from jaxtune.models import fused_loss, llama, moe
 from jaxtune.models.config import ModelConfig
 from jaxtune.peft import partition
 
@@ -35,6 +35,8 @@ class StepSpec:
   # no row has more weighted positions (the trainer sets it from the data); saves the LM head and
   # softmax on prompt tokens, most of a row in instruction data.
   max_targets: int = 0
+  # MoE models: the loss adds this x the router load-balancing loss (moe.load_balancing_loss)
+  router_aux_loss_coef: float = 0.0
 
 
 def forward_logits(params, spec: StepSpec, batch: Batch, rng=None, prefix: str = "", hidden: bool = False):
@@ -70,13 +72,23 @@ def target_logps(params, spec: StepSpec, hidden_BxTxD, targets_BxT, weights_BxT)
 def lm_loss_sums(params, spec: StepSpec, batch: Batch, rng=None) -> tuple[jax.Array, jax.Array, Metrics]:
   """(sum of token NLL over weighted tokens, number of weighted tokens, extra metrics).
 
-  The LM head and the loss are fused (`fused_loss`): no B x T x V logits are kept.
+  The LM head and the loss are fused (`fused_loss`): no B x T x V logits are kept. With
+  spec.router_aux_loss_coef the mean loss is NLL + coef x the router load-balancing loss, as
+  transformers' MoE models compute it with output_router_logits=True.
   """
-  hidden = forward_logits(params, spec, batch, rng, hidden=True)
+  if not spec.router_aux_loss_coef:
+    hidden = forward_logits(params, spec, batch, rng, hidden=True)
+  else:
+    hidden, _, router = llama.forward(
+        params, spec.model, batch["inputs"], batch["positions"], batch["segment_ids"], peft=spec.peft, rng=rng,
+        remat=spec.remat, compute_dtype=jnp.dtype(spec.compute_dtype), return_hidden=True, router_stats=True)
   hidden, targets, weights = at_targets(spec, hidden, batch["targets"], batch["weights"].astype(jnp.float32))
   head = llama.head_kernel(params, hidden.dtype)
   loss = fused_loss.weighted_nll_sum(hidden, head, targets, weights, spec.model.final_logit_softcap)
-  return loss, jnp.sum(weights), {}
+  if not spec.router_aux_loss_coef:
+    return loss, jnp.sum(weights), {}
+  aux = moe.load_balancing_loss(*router)
+  return loss + spec.router_aux_loss_coef * aux * jnp.sum(weights), jnp.sum(weights), {"router_aux_loss": aux}
 
 
 LossSums = Callable[[Any, StepSpec, Batch, Any], tuple[jax.Array, jax.Array, Metrics]]

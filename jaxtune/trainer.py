@@ -246,10 +246,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=None, load=
     raise ConfigError("model.attention", f"cudnn needs a GPU; this run's devices are {jax.default_backend()}")
   if problem := loading.model_path_problem(config.model.path):
     raise ConfigError("model.path", problem)
-  uncapped_kernel = config.model.attention in ("xla", "cudnn", "splash")
-  if uncapped_kernel and loading.model_config_of(config.model.path).attn_logit_softcap:
+  model_cfg = loading.model_config_of(config.model.path)
+  if config.model.attention in ("xla", "cudnn", "splash") and model_cfg.attn_logit_softcap:
     raise ConfigError("model.attention", f"{config.model.attention} cannot soft-cap attention scores, which this "
                       "model does (Gemma 2): use auto or blocked")
+  if config.train.router_aux_loss_coef and not model_cfg.num_experts:
+    raise ConfigError("train.router_aux_loss_coef", f"{config.model.path} has no mixture-of-experts layers")
   check_workdir(workdir, config)  # the config errors come before anything touches the workdir
   jax.set_mesh(mesh)  # the run's mesh, seen while tracing (model.attention=splash shards its kernel by it)
   if config.model.attention == "splash" and jax.default_backend() != "tpu" and is_main:
@@ -279,7 +281,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=None, load=
   rng = sharding.put_global(jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 2), shardings["replicated"])
   spec = StepSpec(model=model["model_cfg"], peft=model["peft"], compute_dtype=config.precision.compute_dtype,
                   remat=config.train.remat_policy if config.train.remat else "", grad_accum=config.train.grad_accum,
-                  max_targets=max_targets_per_row(train_data, eval_data))
+                  max_targets=max_targets_per_row(train_data, eval_data),
+                  router_aux_loss_coef=config.train.router_aux_loss_coef)
   step_fn, eval_fn = make_step_fns(config, spec, optimizer, shardings, loss_sums)
   train_data, eval_data = objectives.prepare_data(config, (train_data, eval_data), trainable, frozen, spec, mesh)
   return Run(config=config, mesh=mesh, train_data=train_data, eval_data=eval_data, trainable=trainable,

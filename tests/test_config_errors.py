@@ -44,6 +44,8 @@ CASES = [
      "error: config.optimizer.lora_plus_ratio: LoRA+ sets the learning rate of LoRA's B matrices: peft.method=full"),
     ("unknown_moe_dispatch", ["--config.model.moe_dispatch=sparse"], 1,
      "error: config.model.moe_dispatch: 'sparse' is not one of auto | dense | ragged"),
+    ("router_aux_loss_on_a_dense_model", ["--config.train.router_aux_loss_coef=0.02"], 1,
+     "error: config.train.router_aux_loss_coef:"),
     ("unknown_quantization", ["--config.model.quantize=int4"], 1,
      "error: config.model.quantize: 'int4' is not one of '' | nf4"),
     ("quantized_full_fine_tuning", ["--config.model.quantize=nf4", "--config.peft.method=full"], 1,

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 import hf_tiny
-from jaxtune import export, trainer, workdir
+from jaxtune import export, train_step, trainer, workdir
 from jaxtune.models import llama, loading
 from train_helpers import assert_same_gradients, losses, make_tiny_setup, tiny_config
 
@@ -82,3 +82,32 @@ def test_mixtral_full_and_lora_train_and_lora_exports_to_peft(tmp_path):
   ours = np.asarray(llama.forward(params, cfg, jnp.asarray(TOKENS), peft=runtime)[0])
   np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
   assert np.abs(theirs - before).max() > 1e-3  # the adapter is applied
+
+
+def test_router_aux_loss_matches_transformers(tmp_path):
+  """train.router_aux_loss_coef: NLL + coef x the load-balancing loss equals transformers' Mixtral
+  loss with output_router_logits=True, padding excluded from both terms."""
+  folder = str(tmp_path / "model")
+  hf_tiny.save_hf_model("mixtral", folder, sharp=True)
+  mask = np.ones_like(TOKENS)
+  mask[1, 17:] = 0  # right padding in the second row
+  labels = np.where(mask == 1, TOKENS, -100)
+  model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_router_logits=True,
+                                                            router_aux_loss_coef=0.1).eval()
+  with torch.no_grad():
+    theirs = model(input_ids=torch.tensor(TOKENS), attention_mask=torch.tensor(mask), labels=torch.tensor(labels))
+  cfg, params = loading.load_model(folder)
+  targets = np.roll(TOKENS, -1, axis=1)
+  weights = (mask == 1) & (np.roll(mask, -1, axis=1) == 1)
+  weights[:, -1] = False
+  batch = {"inputs": jnp.asarray(TOKENS), "positions": jnp.broadcast_to(jnp.arange(24), TOKENS.shape),
+           "segment_ids": jnp.asarray(mask), "targets": jnp.asarray(targets), "weights": jnp.asarray(weights)}
+  total, count, metrics = train_step.lm_loss_sums(params, train_step.StepSpec(model=cfg, router_aux_loss_coef=0.1), batch)
+  assert abs(float(metrics["router_aux_loss"]) - float(theirs.aux_loss)) < 1e-6
+  assert abs(float(total / count) - float(theirs.loss)) < 1e-5
+  plain, _, _ = train_step.lm_loss_sums(params, train_step.StepSpec(model=cfg), batch)
+  assert float(total - plain) > 0.01 * float(count)  # the auxiliary term counts
+  rows = trainer.run(tiny_config(*make_tiny_setup(str(tmp_path), "mixtral"), **{
+      "peft.method": "full", "optimizer.learning_rate": 1e-3, "train.router_aux_loss_coef": 0.02}),
+      str(tmp_path / "run"))
+  assert losses(rows)[-1] < losses(rows)[0] - 0.3

@@ -290,8 +290,9 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) ->
   }
 
 
-def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs, segment_ids=None):
-  """One decoder block on x_(B*T)xD. Returns (new hidden, (new cache k, new cache v) or None).
+def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs, segment_ids=None, valid_N=None):
+  """One decoder block on x_(B*T)xD. Returns (new hidden, (new cache k, new cache v) or None, an MoE
+  layer's router stats over the `valid_N` tokens or None).
   segment_ids: given when `mask` is exactly "causal within segments" (see attention.py).
 
   Tokens stay flattened so every projection (and its weight gradient) is a 2-d matmul: XLA CPU
@@ -330,9 +331,10 @@ def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs, seg
   x = x + out
   mlp = layer["mlp"]
   h = model_norm(x, layer["pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"], cfg)
+  stats = None
   if cfg.num_experts:
-    out = moe.moe_mlp(mlp, h, cfg.num_experts_per_tok, cfg.norm_topk_prob,
-                      lambda gate, up: gated_activation(gate, up, cfg.hidden_act), cfg.moe_dispatch)
+    out, stats = moe.moe_mlp(mlp, h, cfg.num_experts_per_tok, cfg.norm_topk_prob,
+                             lambda gate, up: gated_activation(gate, up, cfg.hidden_act), cfg.moe_dispatch, valid_N)
   else:
     h = gated_activation(dense(mlp["gate_proj"], h, peft, rngs[4]), dense(mlp["up_proj"], h, peft, rngs[5]),
                          cfg.hidden_act)
@@ -341,7 +343,7 @@ def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs, seg
     out = bottleneck_adapter(layer["mlp_adapter"], out)
   if cfg.sandwich_norms:
     out = model_norm(out, layer["post_feedforward_layernorm"], cfg)
-  return x + out, new_kv
+  return x + out, new_kv, stats
 
 
 # remat: what each scanned layer keeps for the backward pass; the rest is recomputed there.
@@ -392,8 +394,10 @@ def forward(
     compute_dtype=jnp.float32,
     return_hidden: bool = False,
     input_embeds_BxTxD=None,
+    router_stats: bool = False,
 ):
-  """Logits (B x T x V, float32) and the updated cache (or None).
+  """Logits (B x T x V, float32) and the updated cache (or None); with `router_stats` (MoE models)
+  also (times each expert was chosen, its summed probability, valid tokens) summed over the layers.
 
   positions default to 0..T-1 (or continue from the cache); segment ids default to 1 (0 = padding).
   A prefix-tuning prefix shifts real positions by its length, as peft's past_key_values do.
@@ -445,6 +449,7 @@ def forward(
     layer_rngs = jax.random.split(rng, cfg.num_layers)
   sliding_L = jnp.asarray(cfg.sliding_layers) if per_layer else None  # scanned with the layers
 
+  valid_N = (segment_ids_BxT > 0).reshape(B * T)  # the tokens an MoE router's statistics count
   # without a cache or sliding window, the mask is "causal within segments" (positions rise in a segment)
   causal_segments = segment_ids_BxT if cache is None and not cfg.sliding_window else None
 
@@ -456,23 +461,27 @@ def forward(
       mask = jnp.where(sliding, masks[1], mask)
     if local_rope:
       cos, sin = jnp.where(sliding, cos_sin[1][0], cos), jnp.where(sliding, cos_sin[1][1], sin)
-    y, new_kv = _layer(cfg, peft, x, layer, cos, sin, mask, kv,
-                       None if cache is None else cache["index"], rngs, causal_segments)
-    return y, new_kv
+    y, new_kv, stats = _layer(cfg, peft, x, layer, cos, sin, mask, kv,
+                              None if cache is None else cache["index"], rngs, causal_segments, valid_N)
+    return y, (new_kv, stats if router_stats else None)
 
   if remat:
     body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
   kv_in = None if cache is None else (cache["k"], cache["v"])
   unroll = cfg.num_layers if cache is None and layers_unrolled(cfg) else 1
-  x, kv_out = jax.lax.scan(body, x, (params["layers"], kv_in, layer_rngs, sliding_L), unroll=unroll)
+  x, (kv_out, stats_L) = jax.lax.scan(body, x, (params["layers"], kv_in, layer_rngs, sliding_L), unroll=unroll)
   x = model_norm(x.reshape(B, T, -1), params["norm"], cfg)
   new_cache = None
   if cache is not None:
     new_cache = {"k": kv_out[0], "v": kv_out[1], "pos": new_pos, "seg": new_seg,
                  "index": cache["index"] + T}
-  if return_hidden:
-    return x, new_cache
-  return lm_logits(params, x, cfg.final_logit_softcap), new_cache
+  out = x if return_hidden else lm_logits(params, x, cfg.final_logit_softcap)
+  if router_stats:
+    if not cfg.num_experts:
+      raise ValueError("router_stats: the model has no mixture-of-experts layers")
+    chosen, probs = (jnp.sum(s, axis=0) for s in stats_L)
+    return out, new_cache, (chosen, probs, cfg.num_layers * jnp.sum(valid_N.astype(jnp.float32)))
+  return out, new_cache
 
 
 def head_kernel(params: Params, dtype) -> jax.Array:

@@ -18,7 +18,9 @@ Two ways to run the experts (`model.moe_dispatch`, DISPATCHES; auto: dense on CP
   `jax.lax.ragged_dot` (a grouped matmul), the outputs weighted and added back to their tokens:
   the FLOPs of the chosen experts only. On an fsdp x tensor mesh it gives one device's gradients.
   On TPU and GPU it lowers to XLA's ragged dot; its speed there is not measured here.
-Training adds no router load-balancing loss (transformers adds it only with `output_router_logits=True`).
+Training adds the router load-balancing loss when `train.router_aux_loss_coef` > 0 (transformers
+adds `router_aux_loss_coef` x it with `output_router_logits=True`): `router_stats` per layer, summed
+over layers, then `load_balancing_loss`.
 """
 
 from __future__ import annotations
@@ -62,23 +64,42 @@ def hf_name(model_type: str, path: str, index) -> str:
 
 
 def top_experts(router_logits_NxE, top_k: int, normalize: bool):
-  """(weights N x k float32, expert ids N x k): softmax in float32, top k, optionally renormalised."""
+  """(probs N x E, weights N x k, expert ids N x k), float32: softmax, top k, optionally renormalised."""
   probs = jax.nn.softmax(router_logits_NxE.astype(jnp.float32), axis=-1)
   weights, experts = jax.lax.top_k(probs, top_k)
   if normalize:
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-  return weights, experts
+  return probs, weights, experts
+
+
+def router_stats(probs_NxE, experts_NxK, valid_N):
+  """(E,) each: how often each expert is among the top k, and its summed probability, over the
+  valid (non-padding) tokens. Summed over layers, they give `load_balancing_loss`."""
+  valid = valid_N.astype(jnp.float32)
+  chosen = jnp.einsum("nke,n->e", jax.nn.one_hot(experts_NxK, probs_NxE.shape[-1], dtype=jnp.float32), valid)
+  return chosen, jnp.einsum("ne,n->e", probs_NxE, valid)
+
+
+def load_balancing_loss(chosen_E, probs_E, tokens):
+  """Switch Transformer's auxiliary loss as transformers computes it over all layers' tokens:
+  E x sum_e (fraction of the top-k choices that are e) x (mean router probability of e)
+  (`tokens`: valid tokens times layers)."""
+  tokens = jnp.maximum(tokens, 1.0)
+  return chosen_E.shape[-1] * jnp.sum((chosen_E / tokens) * (probs_E / tokens))
 
 
 def uses_ragged(dispatch: str) -> bool:
   return dispatch == "ragged" or (dispatch == "auto" and jax.default_backend() != "cpu")
 
 
-def moe_mlp(mlp, h_NxD, top_k: int, normalize: bool, activation, dispatch: str = "auto"):
-  """The block's output (N x D, h's dtype); `activation(gate, up)` is the experts' gated activation."""
-  weights_NxK, experts_NxK = top_experts(matmul(h_NxD, mlp["router"]["kernel"]), top_k, normalize)
+def moe_mlp(mlp, h_NxD, top_k: int, normalize: bool, activation, dispatch: str = "auto", valid_N=None):
+  """(the block's output N x D in h's dtype, `router_stats` over `valid_N` (default: every token));
+  `activation(gate, up)` is the experts' gated activation."""
+  probs_NxE, weights_NxK, experts_NxK = top_experts(matmul(h_NxD, mlp["router"]["kernel"]), top_k, normalize)
   run = _ragged_experts if uses_ragged(dispatch) else _dense_experts
-  return run(mlp["experts"], h_NxD, weights_NxK, experts_NxK, activation).astype(h_NxD.dtype)
+  out = run(mlp["experts"], h_NxD, weights_NxK, experts_NxK, activation).astype(h_NxD.dtype)
+  valid_N = jnp.ones(h_NxD.shape[:1], bool) if valid_N is None else valid_N
+  return out, router_stats(probs_NxE, experts_NxK, valid_N)
 
 
 def _dense_experts(experts, h_NxD, weights_NxK, experts_NxK, activation):
