@@ -31,6 +31,10 @@ Model of the run (jaxtune's own sharding: `sharding.LOGICAL_RULES` applied leaf 
   weight (codes and float32 block scales), sharded and gathered like the kernels; a layer's
   kernels are dequantized as it runs, counted as one layer's seven kernels in compute dtype
   (fsdp-gathered, split over tensor).
+- mixtures of experts (the `mixtral-8x7b` preset) as TPU runs them (`model.moe_dispatch` ragged):
+  per token and layer, k copies of its input and the router's E probabilities, and the chosen
+  experts' gate, up, activation and product (4 x k x expert width, split over tensor); experts
+  shard like dense MLP kernels.
 Left out as small: adapters' bottleneck activations, prompt tuning's P-token pass for its keys
 and values, IA3's scaled activations. It also ignores XLA's scratch space and fragmentation: `fits` keeps a `reserve` fraction of HBM free.
 """
@@ -80,6 +84,8 @@ def _preset(vocab, hidden, inter, layers, heads, kv_heads, tied):
 
 
 PRESETS = {
+    "mixtral-8x7b": dataclasses.replace(_preset(32000, 4096, 14336, 32, 32, 8, False), model_type="mixtral",
+                                        num_experts=8, num_experts_per_tok=2, expert_intermediate_size=14336),
     "smollm2-135m": _preset(49152, 576, 1536, 30, 9, 3, True),
     "llama2-7b": _preset(32000, 4096, 11008, 32, 32, 32, False),
     "llama3-8b": _preset(128256, 4096, 14336, 32, 32, 8, False),
@@ -193,9 +199,13 @@ def _shard_elements(leaves, mesh: Mesh, gathered: bool = False) -> float:
 
 def _layer_activation_elements(cfg: ModelConfig, seq_len: int, tensor: int, fused_attention: bool):
   """Saved elements per token for one layer (see the module docstring)."""
-  split = 2 * cfg.q_size + 2 * cfg.kv_size + 4 * cfg.intermediate_size
+  mlp, replicated = 4 * cfg.intermediate_size, 0
+  if cfg.num_experts:  # the ragged dispatch (TPU's): k copies of the token, each expert's 4 MLP arrays
+    k = cfg.num_experts_per_tok
+    mlp, replicated = 4 * k * cfg.expert_intermediate_size, k * cfg.hidden_size + cfg.num_experts
+  split = 2 * cfg.q_size + 2 * cfg.kv_size + mlp
   probs = 0 if fused_attention else cfg.num_heads * seq_len
-  return 4 * cfg.hidden_size + (split + probs) / tensor
+  return 4 * cfg.hidden_size + replicated + (split + probs) / tensor
 
 
 def _dora_norm_scratch(base_leaves, peft_leaves, tensor: int) -> float:

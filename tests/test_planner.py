@@ -11,6 +11,7 @@ KNOWN_COUNTS = {
     "llama3-8b": 8_030_261_248,
     "llama3-70b": 70_553_706_496,
     "smollm2-135m": 134_515_008,
+    "mixtral-8x7b": 46_702_792_704,
 }
 
 
@@ -18,11 +19,15 @@ def _meta_hf_model(cfg: ModelConfig):
   """The same shape as a transformers Llama, built on the meta device (no memory allocated)."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  hf = transformers.LlamaConfig(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-      intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-      tie_word_embeddings=cfg.tie_word_embeddings)
+  shape = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+               intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+               num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+               tie_word_embeddings=cfg.tie_word_embeddings)
+  if cfg.num_experts:
+    hf = transformers.MixtralConfig(**shape, num_local_experts=cfg.num_experts,
+                                    num_experts_per_tok=cfg.num_experts_per_tok)
+  else:
+    hf = transformers.LlamaConfig(**shape)
   with torch.device("meta"):
     return transformers.AutoModelForCausalLM.from_config(hf)
 
@@ -163,6 +168,19 @@ def test_nf4_base_by_hand():
   assert not runs[""].fits and runs["nf4"].fits and runs["nf4"].total < 0.6 * runs["nf4"].hbm
   with pytest.raises(ValueError, match="full fine-tuning"):
     planner.plan(TINY, planner.Mesh(), "v4", 4, 8, method="full", quantize="nf4")
+
+
+def test_mixtral_activations_by_hand():
+  """An MoE layer saves k copies of each token, the router's probabilities and the chosen experts'
+  MLP arrays; LoRA's default targets find attention only (experts frozen)."""
+  cfg = planner.PRESETS["mixtral-8x7b"]
+  p = planner.plan(cfg, planner.Mesh(fsdp=16), "v5p", 16, 4096, lora_rank=16, remat=False, fused_attention=True)
+  D, q, kv, k, F, E = 4096, 4096, 1024, 2, 14336, 8
+  per_token = 4 * D + k * D + E + 2 * q + 2 * kv + 4 * k * F
+  logits = 128 * 32000 * 4 * 2  # one row per chip, one 128-position chunk of float32 logits and gradient
+  assert p.activations_no_remat == 4096 * 32 * per_token * 2 + logits
+  assert p.trainable_params == 32 * 16 * ((D + q) + 2 * (D + kv) + (q + D))  # q, k, v, o
+  assert p.fits
 
 
 def test_70b_lora_fits_v5p64_but_full_does_not_fit_v5e16():
