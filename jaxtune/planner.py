@@ -318,7 +318,7 @@ def main(argv=None) -> int:
   ap.add_argument("--compute_dtype", default="bfloat16")
   ap.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True)
   ap.add_argument("--fused_attention", action="store_true")
-  ap.add_argument("--quantize", choices=["", "nf4"], default="",
+  ap.add_argument("--quantize", choices=quantization.CHOICES, default="",
                   help="nf4: the frozen base's layer kernels in 4-bit NF4 (QLoRA, model.quantize)")
   args = ap.parse_args(argv)
   try:

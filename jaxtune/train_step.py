@@ -39,13 +39,15 @@ class StepSpec:
   router_aux_loss_coef: float = 0.0
 
 
-def forward_logits(params, spec: StepSpec, batch: Batch, rng=None, prefix: str = "", hidden: bool = False):
-  """Logits (B x T x V), or with `hidden` the final-normed hidden states (B x T x D)."""
-  out, _ = llama.forward(
+def forward_logits(params, spec: StepSpec, batch: Batch, rng=None, prefix: str = "", hidden: bool = False,
+                   router_stats: bool = False):
+  """Logits (B x T x V), or with `hidden` the final-normed hidden states (B x T x D); with
+  `router_stats` (MoE models) also the routers' statistics (llama.forward)."""
+  out = llama.forward(
       params, spec.model, batch[prefix + "inputs"], batch[prefix + "positions"],
       batch[prefix + "segment_ids"], peft=spec.peft, rng=rng, remat=spec.remat,
-      compute_dtype=jnp.dtype(spec.compute_dtype), return_hidden=hidden)
-  return out
+      compute_dtype=jnp.dtype(spec.compute_dtype), return_hidden=hidden, router_stats=router_stats)
+  return (out[0], out[2]) if router_stats else out[0]
 
 
 def select_targets(weights_BxT, k: int):
@@ -79,9 +81,7 @@ def lm_loss_sums(params, spec: StepSpec, batch: Batch, rng=None) -> tuple[jax.Ar
   if not spec.router_aux_loss_coef:
     hidden = forward_logits(params, spec, batch, rng, hidden=True)
   else:
-    hidden, _, router = llama.forward(
-        params, spec.model, batch["inputs"], batch["positions"], batch["segment_ids"], peft=spec.peft, rng=rng,
-        remat=spec.remat, compute_dtype=jnp.dtype(spec.compute_dtype), return_hidden=True, router_stats=True)
+    hidden, router = forward_logits(params, spec, batch, rng, hidden=True, router_stats=True)
   hidden, targets, weights = at_targets(spec, hidden, batch["targets"], batch["weights"].astype(jnp.float32))
   head = llama.head_kernel(params, hidden.dtype)
   loss = fused_loss.weighted_nll_sum(hidden, head, targets, weights, spec.model.final_logit_softcap)

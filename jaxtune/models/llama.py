@@ -159,9 +159,10 @@ def model_norm(x, weight, cfg: ModelConfig):
 def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
   """Inverse frequencies as transformers computes them for rope types default / linear / llama3 / yarn."""
   d = cfg.head_dim
-  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  pos_freqs = cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
   if cfg.rope_type == "yarn":
-    return _yarn_inv_freq(cfg)
+    return _yarn_inv_freq(cfg, pos_freqs)
+  inv = 1.0 / pos_freqs
   if cfg.rope_type == "linear":
     inv = inv / cfg.rope_factor
   elif cfg.rope_type == "llama3":
@@ -177,9 +178,10 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
   return inv
 
 
-def _yarn_inv_freq(cfg: ModelConfig) -> jax.Array:
-  """YaRN: original frequencies for the dims that rotate more than beta_fast times over the original
-  context, frequencies / factor for those rotating under beta_slow times, a linear ramp between."""
+def _yarn_inv_freq(cfg: ModelConfig, pos_freqs) -> jax.Array:
+  """YaRN: original frequencies (1 / pos_freqs) for the dims that rotate more than beta_fast times
+  over the original context, frequencies / factor for those rotating under beta_slow times, a linear
+  ramp between."""
   d = cfg.head_dim
 
   def correction_dim(rotations: float) -> float:
@@ -190,7 +192,6 @@ def _yarn_inv_freq(cfg: ModelConfig) -> jax.Array:
     low, high = math.floor(low), math.ceil(high)
   low, high = max(low, 0), min(high, d - 1)
   ramp = jnp.clip((jnp.arange(d // 2, dtype=jnp.float32) - low) / ((high + 0.001 if low == high else high) - low), 0, 1)
-  pos_freqs = cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
   extrapolation = 1 - ramp  # weight of the original frequency
   return (1.0 / (cfg.rope_factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
 

@@ -94,16 +94,15 @@ def _host_quantized_leaves(cfg: ModelConfig, path: str, shape: tuple[int, ...], 
                            ) -> dict[str, np.ndarray]:
   """A stacked kernel's NF4 leaves (quantization.py), quantized layer by layer from the checkpoint's
   out x in tensors, as read in `dtype` (what torch would hold after `from_pretrained(torch_dtype=)`)."""
-  linear = path[: -len("kernel")]
   *_, n_in, n_out = shape
-  shapes = quantization.quantized_shapes(n_out, n_in, (cfg.num_layers,))
-  codes, absmax = (np.empty(s, dt) for s, dt in zip(shapes.values(), (np.uint8, np.float32)))
-  for i in range(cfg.num_layers):
+
+  def layer(i: int) -> np.ndarray:
     t = np.asarray(get(hf_name_of(path, i)))
     if t.shape != (n_out, n_in):
       raise ValueError(f"tensor {hf_name_of(path, i)}: shape {t.shape} != expected {(n_out, n_in)}")
-    codes[i], absmax[i] = quantization.quantize_nf4(t.astype(jnp.dtype(dtype)))
-  return {linear + "kernel_nf4": codes, linear + "kernel_absmax": absmax}
+    return t.astype(jnp.dtype(dtype))
+
+  return quantization.quantized_leaves(path, (layer(i) for i in range(cfg.num_layers)))
 
 
 def quantize_params(params: llama.Params) -> llama.Params:
@@ -111,10 +110,8 @@ def quantize_params(params: llama.Params) -> llama.Params:
   `load_model(quantize="nf4")` builds while reading; for params made some other way)."""
   flat = flatten(params)
   for path in [p for p in flat if quantization.is_quantizable(p)]:
-    kernel = np.asarray(flat.pop(path))
-    leaves = [quantization.quantize_nf4(layer.T) for layer in kernel]
-    flat[path[: -len("kernel")] + "kernel_nf4"] = jnp.asarray(np.stack([c for c, _ in leaves]))
-    flat[path[: -len("kernel")] + "kernel_absmax"] = jnp.asarray(np.stack([a for _, a in leaves]))
+    leaves = quantization.quantized_leaves(path, (layer.T for layer in np.asarray(flat.pop(path))))
+    flat.update({name: jnp.asarray(leaf) for name, leaf in leaves.items()})
   return unflatten(flat)
 
 

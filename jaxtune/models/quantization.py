@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtune.models import moe
 from jaxtune.models.matmul import transposed
 
 BLOCK = 64
@@ -35,10 +36,14 @@ def is_quantized(linear: dict) -> bool:
   return "kernel_nf4" in linear
 
 
-def quantized_shapes(n_out: int, n_in: int, lead: tuple[int, ...] = ()) -> dict[str, tuple[int, ...]]:
-  """Shapes of a quantized linear layer's leaves (out x in weight, optional leading layer axes)."""
+def _check_packable(n_in: int) -> None:
   if n_in % 2:
     raise ValueError(f"NF4 packs two inputs a byte: a layer with {n_in} inputs cannot be quantized")
+
+
+def quantized_shapes(n_out: int, n_in: int, lead: tuple[int, ...] = ()) -> dict[str, tuple[int, ...]]:
+  """Shapes of a quantized linear layer's leaves (out x in weight, optional leading layer axes)."""
+  _check_packable(n_in)
   return {"kernel_nf4": (*lead, n_out, n_in // 2), "kernel_absmax": (*lead, math.ceil(n_out * n_in / BLOCK))}
 
 
@@ -48,6 +53,7 @@ def quantize_nf4(weight_OxI) -> tuple[np.ndarray, np.ndarray]:
   Each block is scaled by 1/max|w| and each value takes the nearest level (ties to the lower one),
   in float32, as bitsandbytes does (a short last block is divided by its max). Runs on the host's
   CPU device whatever the accelerator, so the codes are the same everywhere."""
+  _check_packable(weight_OxI.shape[1])
   cpu = jax.devices("cpu")[0]
   with jax.set_mesh(jax.sharding.Mesh(np.array([cpu]), ("host",))):  # not the run's mesh, if one is set
     codes, absmax = _quantize_on_cpu(jax.device_put(np.asarray(weight_OxI, np.float32), cpu))
@@ -68,6 +74,15 @@ def _quantize_on_cpu(weight_OxI):
   scaled = jnp.clip(scaled.reshape(-1)[:n], -1, 1)
   codes = (scaled[:, None] > jnp.asarray(_MIDPOINTS)).sum(-1, dtype=jnp.uint8).reshape(n_out, n_in)
   return (codes[:, 0::2] << 4) | codes[:, 1::2], absmax
+
+
+def quantized_leaves(kernel_path: str, layers_OxI) -> dict[str, np.ndarray]:
+  """The NF4 leaves (stacked over layers) that replace the stacked kernel at `kernel_path`, from its
+  layers' out x in weights in order."""
+  per_layer = [quantize_nf4(w) for w in layers_OxI]
+  linear = kernel_path[: -len("kernel")]
+  return {linear + "kernel_nf4": np.stack([codes for codes, _ in per_layer]),
+          linear + "kernel_absmax": np.stack([absmax for _, absmax in per_layer])}
 
 
 def dequantize_nf4(codes_OxH, absmax_B):
@@ -102,7 +117,7 @@ def kernel_shape(linear: dict) -> tuple[int, ...]:
 def is_quantizable(path: str) -> bool:
   """The base leaves `model.quantize` stores in NF4: the decoder layers' projection kernels (the
   embeddings, norms, biases, LM head, an MoE router and its experts stay, as transformers leaves them)."""
-  return path.startswith("layers/") and path.endswith("/kernel") and path != "layers/mlp/router/kernel"
+  return path.startswith("layers/") and path.endswith("/kernel") and not moe.is_router_leaf(path)
 
 
 def quantize_shapes(flat_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
