@@ -171,6 +171,12 @@ def hf_config_of(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
     rope.update(factor=cfg.rope_factor, original_max_position_embeddings=cfg.rope_original_max_positions,
                 beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow, truncate=cfg.rope_truncate,
                 attention_factor=cfg.rope_attention_factor)
+  if cfg.rope_type == "longrope":
+    rope.update(short_factor=list(cfg.rope_short_factor), long_factor=list(cfg.rope_long_factor),
+                factor=cfg.rope_factor, original_max_position_embeddings=cfg.rope_original_max_positions,
+                attention_factor=cfg.rope_attention_factor)
+  if cfg.partial_rotary_factor != 1.0:
+    rope["partial_rotary_factor"] = cfg.partial_rotary_factor
   eos = list(cfg.eos_token_ids)
   hf = {
       "architectures": [CAUSAL_LM_CLASSES[cfg.model_type]],
@@ -199,8 +205,11 @@ def hf_config_of(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
       raise ExportError(f"{cfg.model_type}: attention_bias must cover q/k/v and o alike")
     hf["attention_bias"] = cfg.qkv_bias
     hf["mlp_bias"] = cfg.mlp_bias
-  if cfg.model_type in ("mistral", "mixtral"):
+  if cfg.model_type in ("mistral", "mixtral", "phi3"):
     hf["sliding_window"] = cfg.sliding_window
+  if cfg.model_type == "phi3":
+    hf.update(original_max_position_embeddings=cfg.rope_original_max_positions,
+              partial_rotary_factor=cfg.partial_rotary_factor)
   if cfg.model_type in ("qwen3", "qwen3_moe"):
     hf["use_sliding_window"] = False
   if cfg.model_type == "mixtral":

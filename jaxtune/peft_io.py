@@ -18,7 +18,8 @@ from jaxtune.models.loading import flatten, unflatten
 from jaxtune.peft import ia3, lora
 
 _LINEARS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+            "qkv_proj": "self_attn", "gate_up_proj": "mlp"}  # Phi-3's fused ones
 _LEAF_OF_KEY = {key: leaf for leaf, key in lora.PEFT_KEYS.items()}
 _LORA_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.("
                        + "|".join(re.escape(k) for k in _LEAF_OF_KEY) + ")")

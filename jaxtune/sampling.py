@@ -101,13 +101,38 @@ def generate_padded(params: llama.Params, tokens_BxP, positions_BxP, segments_Bx
   def unfinished(s):
     return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
 
+  def one_token(s, token, out):
+    del out
+    logits, cache = llama.forward(params, cfg, token[:, None], s["position"][:, None],
+                                  jnp.ones((B, 1), jnp.int32), cache=s["cache"], peft=peft, compute_dtype=dtype)
+    return logits[:, 0], cache
+
+  def whole_sequence(s, token, out):
+    """Prompt and every token so far in a fresh cache; the slots still to come are padding."""
+    del token
+    written = jnp.arange(max_new_tokens) <= s["step"]
+    tokens = jnp.concatenate([tokens_BxP, out], axis=1)
+    positions = jnp.concatenate([positions_BxP, jnp.where(written, s["position"][:, None] - s["step"]
+                                                          + jnp.arange(max_new_tokens), 0)], axis=1)
+    segments = jnp.concatenate([segments_BxP, jnp.broadcast_to(written, (B, max_new_tokens)).astype(jnp.int32)], 1)
+    hidden, cache = llama.forward(params, cfg, tokens, positions, segments, cache=llama.init_cache(
+        cfg, B, P + max_new_tokens, dtype), peft=peft, compute_dtype=dtype, return_hidden=True)
+    last = jax.lax.dynamic_index_in_dim(hidden, P + s["step"], axis=1, keepdims=False)
+    return llama.lm_logits(params, last, cfg.final_logit_softcap), dict(cache, index=P + s["step"] + 1)
+
   def decode_step(s):
     rng, key = jax.random.split(s["rng"])
     token = jnp.where(s["done"], pad_id, next_token(s["logits"], key, temperature, top_p))
     out = jax.lax.dynamic_update_slice_in_dim(s["out"], token[:, None], s["step"], axis=1)
-    logits, cache = llama.forward(params, cfg, token[:, None], s["position"][:, None],
-                                  jnp.ones((B, 1), jnp.int32), cache=s["cache"], peft=peft, compute_dtype=dtype)
-    return dict(step=s["step"] + 1, logits=logits[:, 0], cache=cache, position=s["position"] + 1,
+    if cfg.rope_type == "longrope":
+      # As transformers' generate for Phi-3: when the sequence first passes longrope's original
+      # context, the cache (keys rotated with the short set) is dropped and the whole sequence runs
+      # again, with the long set, as one call without a cache would.
+      crossing = jnp.max(s["position"]) + llama.prefix_length(params) == cfg.rope_original_max_positions
+      logits, cache = jax.lax.cond(crossing, whole_sequence, one_token, s, token, out)
+    else:
+      logits, cache = one_token(s, token, out)
+    return dict(step=s["step"] + 1, logits=logits, cache=cache, position=s["position"] + 1,
                 out=out, done=s["done"] | jnp.isin(token, eos_ids_E), rng=rng)
 
   return jax.lax.while_loop(unfinished, decode_step, state)["out"]

@@ -7,6 +7,9 @@ import os
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 
+# Phi3Config's defaults (32000) lie outside the tiny vocabulary
+PHI3_TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
 FAMILIES = {
     "llama_untied": ("llama", dict(tie_word_embeddings=False)),
     "llama_tied": ("llama", dict(tie_word_embeddings=True)),
@@ -41,6 +44,16 @@ FAMILIES = {
     "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
     "qwen3_moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                     norm_topk_prob=True, head_dim=32)),
+    # Phi-3: fused qkv_proj and gate_up_proj, a sliding window on every layer (as Phi-3-mini's 2047)
+    "phi3": ("phi3", dict(sliding_window=8, tie_word_embeddings=False, **PHI3_TOKENS)),
+    # Phi-3.5 / Phi-4-mini: longrope (a short and a long set of frequency divisors, switched when an
+    # input passes the original context of 32; cos/sin scaled for the 8x longer one) over the first
+    # 12 of 16 dims of each head, tied embeddings
+    "phi3_longrope": ("phi3", dict(tie_word_embeddings=True, partial_rotary_factor=0.75,
+                                   original_max_position_embeddings=32, rope_parameters={
+                                       "rope_type": "longrope", "rope_theta": 10000.0,
+                                       "short_factor": [1.0, 1.1, 1.3, 1.7, 2.0, 3.0],
+                                       "long_factor": [1.0, 1.5, 2.5, 4.0, 8.0, 16.0]}, **PHI3_TOKENS)),
     "smollm2": ("llama", dict(tie_word_embeddings=True, num_attention_heads=8,
                               num_key_value_heads=2, rope_parameters={"rope_type": "default",
                                                                       "rope_theta": 100000.0})),
@@ -56,7 +69,7 @@ def build_hf_model(family: str, seed: int = 0, **overrides):
                 "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
                 "gemma": transformers.GemmaConfig, "gemma2": transformers.Gemma2Config,
                 "gemma3_text": transformers.Gemma3TextConfig, "mixtral": transformers.MixtralConfig,
-                "qwen3_moe": transformers.Qwen3MoeConfig}[model_type]
+                "qwen3_moe": transformers.Qwen3MoeConfig, "phi3": transformers.Phi3Config}[model_type]
   kwargs = {**TINY, **extra, **overrides}
   config = config_cls(**kwargs)
   torch.manual_seed(seed)

@@ -12,8 +12,10 @@ from jaxtune import inference, sampling
 from jaxtune.models import llama
 from jaxtune.models.config import ModelConfig
 
-# Untied llama, llama3 rope scaling, a sliding window (8) shorter than the sequences, tied + bias.
-FAMILIES = ["llama_untied", "llama3_rope", "mistral_window", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral"]
+# Untied llama, llama3 rope scaling, a sliding window (8) shorter than the sequences, tied + bias;
+# Phi-3's longrope switches to its long set (positions past 32) while generating.
+FAMILIES = ["llama_untied", "llama3_rope", "mistral_window", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral",
+            "phi3_longrope"]
 PROMPTS = ["Once upon a time", "Hi"]
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxtune import train_step
-from jaxtune.models import llama, matmul
+from jaxtune.models import llama, matmul, rope
 from jaxtune.models.config import ModelConfig
 from jaxtune.peft import lora, partition
 from train_helpers import random_lm_batch
@@ -188,10 +188,10 @@ def test_rope_and_swiglu_compute_in_float32_in_both_passes():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 8, 4, 16)), jnp.bfloat16)
   cos, sin = (jnp.asarray(f(rng.normal(size=(2, 8, 16))), jnp.float32) for f in (np.cos, np.sin))
-  assert _bfloat16_arithmetic(llama.apply_rope, x, cos, sin) == set()
+  assert _bfloat16_arithmetic(rope.apply_rope, x, cos, sin) == set()
   gate, up = (jnp.asarray(rng.normal(size=(16, 24)), jnp.bfloat16) for _ in range(2))
   assert _bfloat16_arithmetic(llama.gated_activation, gate, up) == set()
-  assert llama.apply_rope(x, cos, sin).dtype == llama.gated_activation(gate, up).dtype == jnp.bfloat16
+  assert rope.apply_rope(x, cos, sin).dtype == llama.gated_activation(gate, up).dtype == jnp.bfloat16
   # What the check catches: the same ops written in bfloat16.
   assert "mul" in _bfloat16_arithmetic(lambda g, u: jax.nn.silu(g) * u, gate, up)
 

@@ -65,10 +65,10 @@ def test_peft_prefix_adapter_evaluates_with_peft_loss(folder, data_file, tmp_pat
   assert_jaxtune_matches_peft(model, folder, data_file, out, "prefix")
 
 
-def peft_ia3(folder, out, seed=0):
-  """A peft IA3 adapter (its default targets: k_proj, v_proj and down_proj, the last scaled on its input)
-  with vectors moved off their initial ones, saved to `out`."""
-  model = peft.get_peft_model(hf_model(folder), peft.IA3Config(task_type="CAUSAL_LM"))
+def peft_ia3(folder, out, seed=0, **config):
+  """A peft IA3 adapter (by default its default targets: k_proj, v_proj and down_proj, the last scaled
+  on its input) with vectors moved off their initial ones, saved to `out`."""
+  model = peft.get_peft_model(hf_model(folder), peft.IA3Config(task_type="CAUSAL_LM", **config))
   torch.manual_seed(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():
@@ -129,16 +129,23 @@ def test_adapter_gradients_match_peft_autograd(folder, tmp_path, kind):
   """One loss, differentiated by torch through peft and by jax through jaxtune: the same gradient for
   every A, B (DoRA magnitude, IA3 vector) of every layer. DoRA's column norm is a constant to backprop
   in both (the paper's section 4.3); differentiating through it gives other gradients."""
-  import jax
-  import jax.numpy as jnp
-  from jaxtune.models import llama
-  from jaxtune.peft import partition
   out = str(tmp_path / "adapter")
   if kind == "ia3":
     model = peft_ia3(folder, out)
   else:
     model = peft_lora(folder, out, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
                       use_dora=kind == "dora")
+  ours = assert_gradients_match_peft(model, folder, out, kind)
+  assert sum(p.endswith("/lora_magnitude") for p in ours) == (5 if kind == "dora" else 0)
+
+
+def assert_gradients_match_peft(model, folder, out, kind):
+  """jax's gradient of jaxtune's loss with the peft adapter saved at `out` equals torch's through the
+  peft `model`, for every adapter tensor of every layer; returns jaxtune's gradients."""
+  import jax
+  import jax.numpy as jnp
+  from jaxtune.models import llama
+  from jaxtune.peft import partition
   ids = loading.load_tokenizer(folder)(TEXTS[0])["input_ids"]
   model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss.backward()
   theirs = {name: p.grad.numpy() for name, p in model.named_parameters() if p.requires_grad}
@@ -152,7 +159,6 @@ def test_adapter_gradients_match_peft_autograd(folder, tmp_path, kind):
     return jnp.mean(llama.token_nll(logits, jnp.asarray([ids[1:]])))
 
   ours = jax.grad(loss)(trainable)
-  assert sum(p.endswith("/lora_magnitude") for p in ours) == (5 if kind == "dora" else 0)
   assert len(theirs) == len(ours) * cfg.num_layers
   for path, grad in ours.items():
     for layer in range(cfg.num_layers):
@@ -162,3 +168,4 @@ def test_adapter_gradients_match_peft_autograd(folder, tmp_path, kind):
       want = theirs[key]
       np.testing.assert_allclose(np.asarray(grad[layer]).T.reshape(want.shape), want, rtol=1e-4,
                                  atol=1e-5 * np.abs(want).max(), err_msg=key)
+  return ours

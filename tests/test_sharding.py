@@ -59,6 +59,12 @@ def test_mixtral_on_an_fsdp_tensor_mesh_matches_one_device(tmp_path):
                                  {"model.moe_dispatch": "dense"}, mesh_overrides={"model.moe_dispatch": "ragged"})
 
 
+def test_phi3_on_an_fsdp_tensor_mesh_matches_one_device(tmp_path):
+  """Phi-3's fused qkv_proj / gate_up_proj (and their LoRA B) shard over their whole output; the split
+  into q, k, v and gate, up crosses the tensor shards. Longrope and partial rotary run inside."""
+  assert_meshes_match_one_device(*make_tiny_setup(str(tmp_path), "phi3_longrope"), tmp_path, "lora", ["1,4,2"])
+
+
 def test_qlora_on_an_fsdp_tensor_mesh_matches_one_device(tiny_setup, tmp_path):
   """NF4 codes (out x in/2) and block scales sharded like their kernels: each device dequantizes its
   slice, and the losses are one device's."""

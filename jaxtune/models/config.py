@@ -9,14 +9,14 @@ import os
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "mixtral",
-                         "qwen3_moe")
+                         "qwen3_moe", "phi3")
 # transformers' causal-LM class of each model type (config.json's "architectures")
 CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                      "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                      "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
                      "gemma3_text": "Gemma3ForCausalLM", "mixtral": "MixtralForCausalLM",
-                     "qwen3_moe": "Qwen3MoeForCausalLM"}
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+                     "qwen3_moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM"}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")  # the gate's activation in the gated MLP
 
 
@@ -46,13 +46,19 @@ class ModelConfig:
   rope_beta_fast: float = 32.0
   rope_beta_slow: float = 1.0
   rope_truncate: bool = True
-  rope_attention_factor: float = 1.0
+  rope_attention_factor: float = 1.0  # YaRN, longrope: cos and sin are scaled by it
+  # longrope (Phi-3): a divisor per frequency for inputs within the original context, one for longer
+  rope_short_factor: tuple[float, ...] = ()
+  rope_long_factor: tuple[float, ...] = ()
+  partial_rotary_factor: float = 1.0  # the share of each head that rotates (Phi-4-mini: 0.75)
   max_position_embeddings: int = 2048
   tie_word_embeddings: bool = False
   qkv_bias: bool = False
   o_bias: bool = False
   mlp_bias: bool = False
   qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k before RoPE
+  # Phi-3: q, k and v are one projection (qkv_proj, in that order), gate and up one too (gate_up_proj)
+  fused_projections: bool = False
   hidden_act: str = "silu"  # one of SUPPORTED_ACTIVATIONS
   # Gemma: norms scale by (1 + weight); embeddings by sqrt(hidden_size). Gemma 2 and 3: the attention
   # and MLP outputs are normed too ("sandwich"); scores scale by 1/sqrt(query_pre_attn_scalar);
@@ -93,6 +99,11 @@ class ModelConfig:
   def kv_size(self) -> int:
     return self.num_kv_heads * self.head_dim
 
+  @property
+  def rotary_dim(self) -> int:
+    """The leading dims of each head that RoPE rotates (as transformers: int(head_dim * factor))."""
+    return int(self.head_dim * self.partial_rotary_factor)
+
 
 def _as_tuple(value: Any) -> tuple[int, ...]:
   if value is None:
@@ -104,7 +115,7 @@ def _as_tuple(value: Any) -> tuple[int, ...]:
 
 def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
   """Reads `rope_parameters` (transformers 5; Gemma 3: one per layer type) or `rope_theta` +
-  `rope_scaling` (+ Gemma 3's `rope_local_base_freq`, transformers 4)."""
+  `rope_scaling` (+ Gemma 3's `rope_local_base_freq`, Phi-3's top-level original context, transformers 4)."""
   params = dict(hf.get("rope_scaling") or {})
   given = dict(hf.get("rope_parameters") or {})
   local_theta = hf.get("rope_local_base_freq")
@@ -117,13 +128,23 @@ def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
   params.update(given)
   theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
   rope_type = params.get("rope_type", params.get("type", "default"))
+  if hf.get("model_type") == "phi3" and rope_type in ("su", "yarn"):  # Phi-3's old names for longrope
+    rope_type = "longrope"
   if rope_type not in SUPPORTED_ROPE_TYPES:
     raise UnsupportedModelError(
         f"rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
-  original_max = int(params.get("original_max_position_embeddings", hf.get("max_position_embeddings", 8192)))
+  original_max = int(params.get("original_max_position_embeddings", hf.get(
+      "original_max_position_embeddings" if rope_type == "longrope" else "max_position_embeddings",
+      hf.get("max_position_embeddings", 8192))))
   factor = params.get("factor")
-  if factor is None:  # YaRN without a factor (DeepSeek-V3 style): the context's growth
-    factor = hf.get("max_position_embeddings", original_max) / original_max if rope_type == "yarn" else 1.0
+  if factor is None:  # YaRN without a factor (DeepSeek-V3 style), longrope: the context's growth
+    factor = (hf.get("max_position_embeddings", original_max) / original_max if rope_type in ("yarn", "longrope")
+              else 1.0)
+  attention_factor = 1.0
+  if rope_type == "yarn":
+    attention_factor = _yarn_attention_factor(params, float(factor))
+  elif rope_type == "longrope":
+    attention_factor = _longrope_attention_factor(params, float(factor), original_max)
   return dict(
       rope_theta=float(theta),
       rope_type=rope_type,
@@ -134,9 +155,20 @@ def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
       rope_beta_fast=float(params.get("beta_fast") or 32.0),
       rope_beta_slow=float(params.get("beta_slow") or 1.0),
       rope_truncate=bool(params.get("truncate", True)),
-      rope_attention_factor=_yarn_attention_factor(params, float(factor)) if rope_type == "yarn" else 1.0,
+      rope_attention_factor=attention_factor,
+      rope_short_factor=tuple(float(f) for f in params.get("short_factor") or ()),
+      rope_long_factor=tuple(float(f) for f in params.get("long_factor") or ()),
+      partial_rotary_factor=float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))),
       local_rope_theta=None if local_theta is None else float(local_theta),
   )
+
+
+def _longrope_attention_factor(params: dict[str, Any], factor: float, original_max: int) -> float:
+  """longrope's cos/sin scale: `attention_factor` if given, else sqrt(1 + ln(factor) / ln(original
+  context)) for a grown context, as transformers computes it."""
+  if params.get("attention_factor") is not None:
+    return float(params["attention_factor"])
+  return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original_max))
 
 
 def _yarn_attention_factor(params: dict[str, Any], factor: float) -> float:
@@ -205,22 +237,28 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
   if act not in SUPPORTED_ACTIVATIONS:
     raise UnsupportedModelError(
         f"hidden_act {act!r} is not supported (supported: {', '.join(SUPPORTED_ACTIVATIONS)})")
-  if float(hf.get("partial_rotary_factor", 1.0)) != 1.0:
-    raise UnsupportedModelError("partial_rotary_factor != 1 is not supported")
   if int(hf.get("pretraining_tp", 1)) != 1:
     raise UnsupportedModelError("pretraining_tp != 1 is not supported")
   num_heads = int(hf["num_attention_heads"])
   hidden = int(hf["hidden_size"])
   head_dim = hf.get("head_dim") or hidden // num_heads
   sliding_window = None
-  if model_type in ("mistral", "mixtral"):
+  if model_type in ("mistral", "mixtral", "phi3"):
     sliding_window = hf.get("sliding_window")
   elif model_type in ("qwen2", "qwen3", "qwen3_moe") and hf.get("use_sliding_window"):
     raise UnsupportedModelError(f"{model_type} use_sliding_window=True (per-layer windows) is not supported")
   attention_bias = bool(hf.get("attention_bias", False))
-  family: dict[str, Any] = dict(qk_norm=model_type == "qwen3",
+  family: dict[str, Any] = dict(qk_norm=model_type == "qwen3", fused_projections=model_type == "phi3",
                                 sliding_window=int(sliding_window) if sliding_window else None)
   rope = _rope_fields(hf)
+  if rope["partial_rotary_factor"] != 1.0 and model_type != "phi3":
+    raise UnsupportedModelError(f"{model_type}: partial_rotary_factor != 1 is not supported")
+  half_rotary = int(int(head_dim) * rope["partial_rotary_factor"]) // 2
+  if rope["rope_type"] == "longrope" and not (len(rope["rope_short_factor"]) == len(rope["rope_long_factor"])
+                                              == half_rotary):
+    raise UnsupportedModelError(f"longrope: short_factor and long_factor need {half_rotary} values each "
+                                f"(half the rotary dims), not {len(rope['rope_short_factor'])} and "
+                                f"{len(rope['rope_long_factor'])}")
   if model_type.startswith("gemma"):
     family = _gemma_fields(hf, model_type, rope)
   if model_type in ("mixtral", "qwen3_moe"):

@@ -81,14 +81,14 @@ def _llama3_rope(hf_config: dict[str, Any], rope_factors: np.ndarray, path: str)
   reproduce the divisors exactly; anything else is refused rather than guessed.
   """
   import dataclasses
-  from jaxtune.models import llama
+  from jaxtune.models import rope as rope_lib
   from jaxtune.models.config import config_from_hf
   rope = {"rope_type": "llama3", "rope_theta": hf_config["rope_parameters"]["rope_theta"],
           "factor": float(rope_factors.max()), "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 8192}
   cfg = config_from_hf(dict(hf_config, rope_parameters=rope))
-  stated = np.asarray(llama.rope_inv_freq(dataclasses.replace(cfg, rope_type="default"))) / rope_factors
-  if stated.shape != (cfg.head_dim // 2,) or not np.allclose(np.asarray(llama.rope_inv_freq(cfg)), stated,
+  stated = np.asarray(rope_lib.rope_inv_freq(dataclasses.replace(cfg, rope_type="default"))) / rope_factors
+  if stated.shape != (cfg.head_dim // 2,) or not np.allclose(np.asarray(rope_lib.rope_inv_freq(cfg)), stated,
                                                               rtol=1e-5, atol=0):
     raise UnsupportedModelError(f"{path}: rope_freqs do not match Llama 3 rope scaling (factor {rope['factor']})")
   return rope

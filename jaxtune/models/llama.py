@@ -1,5 +1,5 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 1/2/3 text, SmolLM2) as pure
-functions over a param pytree.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 1/2/3 text, Phi-3/4, SmolLM2, and
+the mixtures of experts Mixtral and Qwen3-MoE) as pure functions over a param pytree.
 
 The params are a nested dict whose keys keep Hugging Face's module names, with the layers stacked
 on a leading axis (scanned), e.g. `layers/self_attn/q_proj/kernel` has shape L x D x (H*hd).
@@ -20,6 +20,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxtune.models import attention, moe, quantization
+from jaxtune.models.rope import apply_rope, rope_cos_sin
 from jaxtune.models.config import ModelConfig
 from jaxtune.models.matmul import matmul
 from jaxtune.peft import prefix as prefix_tuning
@@ -67,6 +68,10 @@ def param_shapes(cfg: ModelConfig) -> Params:
       },
       "norm": (D,),
   }
+  if cfg.fused_projections:  # Phi-3, as transformers stores it
+    tree["layers"]["self_attn"] = {"qkv_proj": linear(D, cfg.q_size + 2 * cfg.kv_size, cfg.qkv_bias),
+                                   "o_proj": linear(cfg.q_size, D, cfg.o_bias)}
+    tree["layers"]["mlp"] = {"gate_up_proj": linear(D, 2 * F, cfg.mlp_bias), "down_proj": linear(F, D, cfg.mlp_bias)}
   if cfg.num_experts:  # Mixtral, Qwen3-MoE
     tree["layers"]["mlp"] = moe.param_shapes(L, D, cfg.expert_intermediate_size, cfg.num_experts)
   if cfg.qk_norm:
@@ -107,6 +112,10 @@ _KERNEL_AXES = {
     "gate_proj": ("embed", "mlp"),
     "up_proj": ("embed", "mlp"),
     "down_proj": ("mlp", "embed"),
+    # Phi-3's fused projections: sharded over their whole output; the split into q, k, v (gate, up)
+    # then moves data between tensor shards
+    "qkv_proj": ("embed", "q_heads"),
+    "gate_up_proj": ("embed", "mlp"),
 }
 
 
@@ -156,55 +165,6 @@ def model_norm(x, weight, cfg: ModelConfig):
   return rms_norm(x, weight, cfg.rms_norm_eps, cfg.norm_weight_offset)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
-  """Inverse frequencies as transformers computes them for rope types default / linear / llama3 / yarn."""
-  d = cfg.head_dim
-  pos_freqs = cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
-  if cfg.rope_type == "yarn":
-    return _yarn_inv_freq(cfg, pos_freqs)
-  inv = 1.0 / pos_freqs
-  if cfg.rope_type == "linear":
-    inv = inv / cfg.rope_factor
-  elif cfg.rope_type == "llama3":
-    low_wavelen = cfg.rope_original_max_positions / cfg.rope_low_freq_factor
-    high_wavelen = cfg.rope_original_max_positions / cfg.rope_high_freq_factor
-    wavelen = 2 * math.pi / inv
-    scaled = jnp.where(wavelen > low_wavelen, inv / cfg.rope_factor, inv)
-    smooth = ((cfg.rope_original_max_positions / wavelen - cfg.rope_low_freq_factor)
-              / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor))
-    smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
-    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    inv = jnp.where(is_medium, smoothed, scaled)
-  return inv
-
-
-def _yarn_inv_freq(cfg: ModelConfig, pos_freqs) -> jax.Array:
-  """YaRN: original frequencies (1 / pos_freqs) for the dims that rotate more than beta_fast times
-  over the original context, frequencies / factor for those rotating under beta_slow times, a linear
-  ramp between."""
-  d = cfg.head_dim
-
-  def correction_dim(rotations: float) -> float:
-    return d * math.log(cfg.rope_original_max_positions / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
-
-  low, high = correction_dim(cfg.rope_beta_fast), correction_dim(cfg.rope_beta_slow)
-  if cfg.rope_truncate:
-    low, high = math.floor(low), math.ceil(high)
-  low, high = max(low, 0), min(high, d - 1)
-  ramp = jnp.clip((jnp.arange(d // 2, dtype=jnp.float32) - low) / ((high + 0.001 if low == high else high) - low), 0, 1)
-  extrapolation = 1 - ramp  # weight of the original frequency
-  return (1.0 / (cfg.rope_factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
-
-
-def apply_rope(x_BxTxNxH, cos_BxTxH, sin_BxTxH):
-  """In float32 (one cast in, one out; also in the backward), the result in x's dtype."""
-  x = x_BxTxNxH.astype(jnp.float32)
-  half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  cos, sin = cos_BxTxH[:, :, None, :], sin_BxTxH[:, :, None, :]
-  return (x * cos + rotated * sin).astype(x_BxTxNxH.dtype)
-
-
 def gated_activation(gate, up, hidden_act: str = "silu"):
   """act(gate) * up (SwiGLU; GeGLU, gelu exact or tanh-approximated) in float32, the result in gate's
   dtype: in bfloat16 on a backend without bf16 arithmetic (CPU) every op would round-trip through
@@ -215,17 +175,6 @@ def gated_activation(gate, up, hidden_act: str = "silu"):
   else:
     activated = jax.nn.gelu(g, approximate=hidden_act == "gelu_pytorch_tanh")
   return (activated * up.astype(jnp.float32)).astype(gate.dtype)
-
-
-def rope_cos_sin(cfg: ModelConfig, positions_BxT, local: bool = False):
-  """cos, sin (B x T x head_dim); `local`: those of the sliding-window layers (Gemma 3's own base)."""
-  if local:
-    cfg = dataclasses.replace(cfg, rope_theta=cfg.local_rope_theta, rope_type="default")
-  freqs = positions_BxT.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)
-  emb = jnp.concatenate([freqs, freqs], axis=-1)
-  if cfg.rope_attention_factor != 1.0:  # YaRN scales cos and sin (so q.k by its square)
-    return jnp.cos(emb) * cfg.rope_attention_factor, jnp.sin(emb) * cfg.rope_attention_factor
-  return jnp.cos(emb), jnp.sin(emb)
 
 
 def dense(p: Params, x, peft: PeftRuntime, rng=None):
@@ -302,9 +251,12 @@ def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs, seg
   B, T = cos.shape[:2]
   attn = layer["self_attn"]
   h = model_norm(x, layer["input_layernorm"], cfg)
-  q = dense(attn["q_proj"], h, peft, rngs[0]).reshape(B, T, cfg.num_heads, cfg.head_dim)
-  k = dense(attn["k_proj"], h, peft, rngs[1]).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-  v = dense(attn["v_proj"], h, peft, rngs[2]).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+  if "qkv_proj" in attn:  # Phi-3: one projection, q then k then v
+    q, k, v = jnp.split(dense(attn["qkv_proj"], h, peft, rngs[0]), [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
+  else:
+    q, k, v = (dense(attn[name], h, peft, rng) for name, rng in zip(("q_proj", "k_proj", "v_proj"), rngs))
+  q = q.reshape(B, T, cfg.num_heads, cfg.head_dim)
+  k, v = k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim), v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
   if "q_norm" in attn:  # Qwen3, Gemma 3
     q, k = model_norm(q, attn["q_norm"], cfg), model_norm(k, attn["k_norm"], cfg)
   if cfg.query_pre_attn_scalar and cfg.query_pre_attn_scalar != cfg.head_dim:
@@ -337,9 +289,11 @@ def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs, seg
     out, stats = moe.moe_mlp(mlp, h, cfg.num_experts_per_tok, cfg.norm_topk_prob,
                              lambda gate, up: gated_activation(gate, up, cfg.hidden_act), cfg.moe_dispatch, valid_N)
   else:
-    h = gated_activation(dense(mlp["gate_proj"], h, peft, rngs[4]), dense(mlp["up_proj"], h, peft, rngs[5]),
-                         cfg.hidden_act)
-    out = dense(mlp["down_proj"], h, peft, rngs[6])
+    if "gate_up_proj" in mlp:  # Phi-3: one projection, gate then up
+      gate, up = jnp.split(dense(mlp["gate_up_proj"], h, peft, rngs[4]), 2, axis=-1)
+    else:
+      gate, up = dense(mlp["gate_proj"], h, peft, rngs[4]), dense(mlp["up_proj"], h, peft, rngs[5])
+    out = dense(mlp["down_proj"], gated_activation(gate, up, cfg.hidden_act), peft, rngs[6])
   if "mlp_adapter" in layer:
     out = bottleneck_adapter(layer["mlp_adapter"], out)
   if cfg.sandwich_norms:
