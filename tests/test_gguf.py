@@ -61,7 +61,7 @@ def write_gguf(model, path: str, arch: str, tokenizer=None) -> str:
   w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
   w.add_rope_freq_base(global_rope(cfg)["rope_theta"])
   head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-  w.add_rope_dimension_count(head_dim)
+  w.add_rope_dimension_count(int(head_dim * cfg.rope_parameters.get("partial_rotary_factor", 1.0)))
   if head_dim != cfg.hidden_size // cfg.num_attention_heads:
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
@@ -77,6 +77,8 @@ def write_gguf(model, path: str, arch: str, tokenizer=None) -> str:
     w.add_rope_scaling_orig_ctx_len(cfg.rope_parameters["original_max_position_embeddings"])
     w.add_rope_scaling_yarn_beta_fast(cfg.rope_parameters["beta_fast"])
     w.add_rope_scaling_yarn_beta_slow(cfg.rope_parameters["beta_slow"])
+  if arch == "phi3":
+    add_phi3_settings(w, cfg)
   if getattr(cfg, "sliding_window", None) and arch.startswith("gemma"):
     w.add_sliding_window(cfg.sliding_window)
     w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
@@ -99,6 +101,21 @@ def write_gguf(model, path: str, arch: str, tokenizer=None) -> str:
       a = a + 1.0  # llama.cpp stores Gemma's norms as the 1 + w they scale by
     w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), a)
   return close(w, path)
+
+
+def add_phi3_settings(w: gguf.GGUFWriter, cfg):
+  """convert_hf_to_gguf.py Phi3MiniModel: the original context, a sliding window (0 = none), and for
+  longrope the cos/sin scale and both sets of divisors (as tensors)."""
+  original = cfg.original_max_position_embeddings
+  w.add_rope_scaling_orig_ctx_len(original)
+  w.add_sliding_window(cfg.sliding_window or 0)
+  w.add_pad_token_id(cfg.pad_token_id)  # else transformers' reader takes Phi3Config's 32000
+  rope = cfg.rope_parameters
+  if rope.get("rope_type") == "longrope":
+    scale = cfg.max_position_embeddings / original
+    w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
+    w.add_tensor("rope_factors_long.weight", np.asarray(rope["long_factor"], np.float32))
+    w.add_tensor("rope_factors_short.weight", np.asarray(rope["short_factor"], np.float32))
 
 
 def close(w: gguf.GGUFWriter, path: str) -> str:
@@ -140,7 +157,8 @@ def llama31_model():
 
 TINY_CASES = [("llama_untied", "llama"), ("smollm2", "llama"), ("llama_bias", "llama"),
               ("llama_linear_rope", "llama"), ("llama31", "llama"), ("qwen2", "qwen2"), ("qwen2_yarn", "qwen2"),
-              ("qwen3", "qwen3"), ("gemma", "gemma"), ("gemma2", "gemma2"), ("gemma3", "gemma3")]
+              ("qwen3", "qwen3"), ("gemma", "gemma"), ("gemma2", "gemma2"), ("gemma3", "gemma3"),
+              ("phi3", "phi3"), ("phi3_longrope", "phi3")]
 
 
 def tiny_model(family):
@@ -176,6 +194,8 @@ def test_tiny_gguf_logits_match_torch(tmp_path, family, arch):
 
 @pytest.mark.parametrize("family,arch,overrides", [
     ("smollm2", "llama", {}),
+    # fused attn_qkv / ffn_up, unpermuted (transformers' reader knows neither longrope nor the window)
+    ("phi3", "phi3", dict(sliding_window=None)),
     # what transformers assumes where the file is silent: scores by 1/sqrt(256), windows on 5 of 6 layers
     ("gemma3", "gemma3", dict(head_dim=256, query_pre_attn_scalar=256, layer_types=["sliding_attention"] * 2))])
 def test_tiny_gguf_writer_agrees_with_transformers(tmp_path, family, arch, overrides):

@@ -18,7 +18,7 @@ from jaxtune.models.config import CAUSAL_LM_CLASSES, UnsupportedModelError
 
 # llama.cpp architectures whose tensors map onto jaxtune's decoder. "llama" covers Llama 1-3,
 # Mistral and SmolLM2 (llama.cpp writes them all as llama).
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
 _GEMMA = ("gemma", "gemma2", "gemma3")  # norms stored as 1 + weight (llama.cpp adds the 1 when converting)
 _MODEL_TYPES = {"gemma3": "gemma3_text"}  # llama.cpp architecture -> transformers model_type, where they differ
 # llama.cpp's converter permutes the rows of Q and K (and their biases) for these architectures only.
@@ -107,9 +107,11 @@ def hf_config_of(reader, path: str) -> dict[str, Any]:
   key = lambda name, default=None: _metadata(reader, f"{arch}.{name}", default)  # noqa: E731
   tensor_names = {t.name for t in reader.tensors}
   hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
-  # key_length is written only when head_dim is explicit; otherwise the rotary width is the head size.
-  head_dim = int(key("attention.key_length", key("rope.dimension_count", hidden // heads)))
-  if int(key("rope.dimension_count", head_dim)) != head_dim:
+  # key_length is written only when head_dim is explicit; otherwise the rotary width is the head size
+  # (Phi-3's converter always writes its rotary width, which may be a part of the head).
+  head_dim = int(key("attention.key_length", hidden // heads if arch == "phi3" else
+                     key("rope.dimension_count", hidden // heads)))
+  if arch != "phi3" and int(key("rope.dimension_count", head_dim)) != head_dim:
     raise UnsupportedModelError(f"{path}: partial rotary embeddings (rope.dimension_count != head_dim)")
   if int(key("expert_count", 0) or 0):
     raise UnsupportedModelError(f"{path}: GGUF mixture-of-experts models are not supported (load the HF folder)")
@@ -149,7 +151,32 @@ def hf_config_of(reader, path: str) -> dict[str, Any]:
     hf_config["rope_parameters"] = _llama3_rope(hf_config, factors, path)
   if arch in _GEMMA:
     hf_config.update(_gemma_config(arch, key, hf_config))
+  if arch == "phi3":
+    hf_config.update(_phi3_config(reader, key, hf_config))
   return hf_config
+
+
+def _phi3_config(reader, key: Callable[..., Any], hf_config: dict[str, Any]) -> dict[str, Any]:
+  """Phi-3's settings as llama.cpp's converter writes them: the rotary width, a sliding window (0 =
+  none: Phi-4), and for longrope its two sets of divisors as tensors with the original context and
+  the cos/sin scale as metadata."""
+  window = int(key("attention.sliding_window", 0) or 0)
+  original = key("rope.scaling.original_context_length")
+  out: dict[str, Any] = {"sliding_window": window or None,
+                         "partial_rotary_factor": int(key("rope.dimension_count", hf_config["head_dim"]))
+                         / hf_config["head_dim"]}
+  factors = {t.name: t for t in reader.tensors if t.name.startswith("rope_factors_")}
+  if factors:
+    rope = {"rope_type": "longrope", "rope_theta": hf_config["rope_parameters"]["rope_theta"],
+            "short_factor": _dequantize(factors["rope_factors_short.weight"]).ravel().tolist(),
+            "long_factor": _dequantize(factors["rope_factors_long.weight"]).ravel().tolist(),
+            "original_max_position_embeddings": int(original)}
+    if key("rope.scaling.attn_factor") is not None:
+      rope["attention_factor"] = float(key("rope.scaling.attn_factor"))
+    out["rope_parameters"] = rope
+  if original is not None:
+    out["original_max_position_embeddings"] = int(original)
+  return out
 
 
 def _gemma_config(arch: str, key: Callable[..., Any], hf_config: dict[str, Any]) -> dict[str, Any]:
