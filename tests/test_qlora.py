@@ -62,7 +62,8 @@ def bnb_model(folder):
   model = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=config,
                                                             device_map="cpu", dtype=torch.float32)
   layers = [m for m in model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
-  assert len(layers) == 7 * model.config.num_hidden_layers  # every projection, not the LM head
+  per_layer = 4 if model.config.model_type == "phi3" else 7  # every projection (Phi-3's fused), not the LM head
+  assert len(layers) == per_layer * model.config.num_hidden_layers
   for m in layers:
     m.support_avx512bf16_for_cpu = False
   return model.eval()
@@ -73,8 +74,8 @@ def torch_logits(model):
     return model(torch.tensor(TOKENS)).logits.numpy()
 
 
-@pytest.mark.parametrize("family", ["llama_untied", "qwen2", "gemma2"])
-@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("family,use_dora", [(f, d) for f in ("llama_untied", "qwen2", "gemma2") for d in (False, True)]
+                         + [("phi3_longrope", False)])  # Phi-3's fused kernels as bitsandbytes layers
 def test_qlora_logits_match_peft_on_bitsandbytes(tmp_path, family, use_dora):
   """A trained (random B, DoRA magnitudes moved) jaxtune QLoRA model, exported in PEFT format and
   loaded by peft onto transformers' NF4 model, gives jaxtune's logits; the quantization itself moves
