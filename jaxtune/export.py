@@ -221,6 +221,11 @@ def hf_config_of(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
               decoder_sparse_step=1, mlp_only_layers=[])
   if cfg.model_type in ("gemma2", "gemma3_text"):
     hf.update(_gemma_config(cfg, rope))
+  if cfg.model_type == "olmo3":
+    hf.update(sliding_window=cfg.sliding_window, layer_types=_layer_types(cfg), **_local_rope(cfg, rope))
+  if cfg.model_type == "granite":
+    hf.update(embedding_multiplier=cfg.embedding_multiplier, attention_multiplier=cfg.attention_multiplier,
+              residual_multiplier=cfg.residual_multiplier, logits_scaling=cfg.logits_scaling)
   return hf
 
 
@@ -230,14 +235,24 @@ def _gemma_config(cfg: ModelConfig, rope: dict[str, Any]) -> dict[str, Any]:
       "hidden_activation": cfg.hidden_act,
       "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
       "sliding_window": cfg.sliding_window,
-      "layer_types": ["sliding_attention" if s else "full_attention" for s in cfg.sliding_layers],
+      "layer_types": _layer_types(cfg),
       "attn_logit_softcapping": cfg.attn_logit_softcap,
       "final_logit_softcapping": cfg.final_logit_softcap,
   }
-  if cfg.local_rope_theta is not None:  # Gemma 3
-    out["rope_parameters"] = {"full_attention": rope,
-                              "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_rope_theta}}
+  out.update(_local_rope(cfg, rope))  # Gemma 3
   return out
+
+
+def _layer_types(cfg: ModelConfig) -> list[str]:
+  return ["sliding_attention" if s else "full_attention" for s in cfg.sliding_layers]
+
+
+def _local_rope(cfg: ModelConfig, rope: dict[str, Any]) -> dict[str, Any]:
+  """rope_parameters per layer type, when the windowed layers have their own rope base (Gemma 3, OLMo 3)."""
+  if cfg.local_rope_theta is None:
+    return {}
+  return {"rope_parameters": {"full_attention": rope,
+                              "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_rope_theta}}}
 
 
 def _eos_ids(cfg: ModelConfig, tokenizer, source: dict[str, Any]) -> list[int]:

@@ -118,7 +118,7 @@ def generate_padded(params: llama.Params, tokens_BxP, positions_BxP, segments_Bx
     hidden, cache = llama.forward(params, cfg, tokens, positions, segments, cache=llama.init_cache(
         cfg, B, P + max_new_tokens, dtype), peft=peft, compute_dtype=dtype, return_hidden=True)
     last = jax.lax.dynamic_index_in_dim(hidden, P + s["step"], axis=1, keepdims=False)
-    return llama.lm_logits(params, last, cfg.final_logit_softcap), dict(cache, index=P + s["step"] + 1)
+    return llama.lm_logits(params, last, cfg), dict(cache, index=P + s["step"] + 1)
 
   def decode_step(s):
     rng, key = jax.random.split(s["rng"])

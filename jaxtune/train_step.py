@@ -68,7 +68,7 @@ def target_logps(params, spec: StepSpec, hidden_BxTxD, targets_BxT, weights_BxT)
   """(log p(target), weight) per position, float32, at the positions `at_targets` keeps: the LM head
   runs there only (DPO's responses, GRPO's completions)."""
   hidden, targets, weights = at_targets(spec, hidden_BxTxD, targets_BxT, weights_BxT)
-  return -llama.token_nll(llama.lm_logits(params, hidden, spec.model.final_logit_softcap), targets), weights
+  return -llama.token_nll(llama.lm_logits(params, hidden, spec.model), targets), weights
 
 
 def lm_loss_sums(params, spec: StepSpec, batch: Batch, rng=None) -> tuple[jax.Array, jax.Array, Metrics]:
@@ -83,7 +83,7 @@ def lm_loss_sums(params, spec: StepSpec, batch: Batch, rng=None) -> tuple[jax.Ar
   else:
     hidden, router = forward_logits(params, spec, batch, rng, hidden=True, router_stats=True)
   hidden, targets, weights = at_targets(spec, hidden, batch["targets"], batch["weights"].astype(jnp.float32))
-  head = llama.head_kernel(params, hidden.dtype)
+  head = llama.head_kernel(params, hidden.dtype, spec.model)
   loss = fused_loss.weighted_nll_sum(hidden, head, targets, weights, spec.model.final_logit_softcap)
   if not spec.router_aux_loss_coef:
     return loss, jnp.sum(weights), {}

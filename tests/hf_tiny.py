@@ -7,7 +7,7 @@ import os
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 
-# Phi3Config's defaults (32000) lie outside the tiny vocabulary
+# Phi3Config's and Olmo2Config's defaults (32000, 100257) lie outside the tiny vocabulary
 PHI3_TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 FAMILIES = {
@@ -54,6 +54,14 @@ FAMILIES = {
                                        "rope_type": "longrope", "rope_theta": 10000.0,
                                        "short_factor": [1.0, 1.1, 1.3, 1.7, 2.0, 3.0],
                                        "long_factor": [1.0, 1.5, 2.5, 4.0, 8.0, 16.0]}, **PHI3_TOKENS)),
+    # OLMo 2: norms on each block's output only, q/k norms over the whole projections
+    "olmo2": ("olmo2", dict(tie_word_embeddings=False, **PHI3_TOKENS)),
+    # OLMo 3: + windowed layers (3 of 4 by default; here the first of two)
+    "olmo3": ("olmo3", dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                            tie_word_embeddings=False, **PHI3_TOKENS)),
+    # Granite: embeddings x 12, scores x 0.05 (not 1/sqrt(16)), block outputs x 0.22, logits / 8
+    "granite": ("granite", dict(embedding_multiplier=12.0, attention_multiplier=0.05, residual_multiplier=0.22,
+                                logits_scaling=8.0, tie_word_embeddings=True)),
     "smollm2": ("llama", dict(tie_word_embeddings=True, num_attention_heads=8,
                               num_key_value_heads=2, rope_parameters={"rope_type": "default",
                                                                       "rope_theta": 100000.0})),
@@ -69,7 +77,9 @@ def build_hf_model(family: str, seed: int = 0, **overrides):
                 "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
                 "gemma": transformers.GemmaConfig, "gemma2": transformers.Gemma2Config,
                 "gemma3_text": transformers.Gemma3TextConfig, "mixtral": transformers.MixtralConfig,
-                "qwen3_moe": transformers.Qwen3MoeConfig, "phi3": transformers.Phi3Config}[model_type]
+                "qwen3_moe": transformers.Qwen3MoeConfig, "phi3": transformers.Phi3Config,
+                "olmo2": transformers.Olmo2Config, "olmo3": transformers.Olmo3Config,
+                "granite": transformers.GraniteConfig}[model_type]
   kwargs = {**TINY, **extra, **overrides}
   config = config_cls(**kwargs)
   torch.manual_seed(seed)

@@ -36,6 +36,15 @@ def peft_prompt_model(folder, seed=1):
   return model.eval(), values
 
 
+@pytest.mark.parametrize("family", ["gemma", "granite"])
+def test_scaled_embeddings_meet_the_soft_prompt_as_in_peft(tmp_path_factory, tmp_path, family):
+  """Gemma scales token embeddings in its embedding layer, so not peft's virtual tokens; Granite scales
+  the model's whole input, so them too (sharpened: Granite's small multipliers hide the prompt)."""
+  folder = str(tmp_path_factory.mktemp(family))
+  hf_tiny.save_hf_model(family, folder, sharp=True)
+  test_logits_match_peft_and_the_peft_export_round_trips(folder, tmp_path)
+
+
 def real_logits(model, tokens, mask=None):
   """peft's logits for the real tokens (it returns the P virtual positions first)."""
   mask = np.ones_like(tokens) if mask is None else mask

@@ -9,13 +9,14 @@ import os
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "mixtral",
-                         "qwen3_moe", "phi3")
+                         "qwen3_moe", "phi3", "olmo2", "olmo3", "granite")
 # transformers' causal-LM class of each model type (config.json's "architectures")
 CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                      "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                      "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
                      "gemma3_text": "Gemma3ForCausalLM", "mixtral": "MixtralForCausalLM",
-                     "qwen3_moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM"}
+                     "qwen3_moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM",
+                     "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM", "granite": "GraniteForCausalLM"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")  # the gate's activation in the gated MLP
 
@@ -57,8 +58,19 @@ class ModelConfig:
   o_bias: bool = False
   mlp_bias: bool = False
   qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k before RoPE
+  qk_norm_whole: bool = False  # OLMo 2/3: q_norm / k_norm span the whole projection, before the split into heads
   # Phi-3: q, k and v are one projection (qkv_proj, in that order), gate and up one too (gate_up_proj)
   fused_projections: bool = False
+  # OLMo 2/3: no norm before attention or the MLP; each one's output is normed (post_attention_layernorm,
+  # post_feedforward_layernorm) before the residual add
+  post_norms: bool = False
+  # Granite: the model's input (embeddings, or embeddings given) scales by embedding_multiplier, scores by
+  # attention_multiplier (not 1/sqrt(head_dim)), the attention and MLP outputs by residual_multiplier
+  # before the residual add, logits by 1 / logits_scaling
+  embedding_multiplier: float = 1.0
+  attention_multiplier: float | None = None
+  residual_multiplier: float = 1.0
+  logits_scaling: float = 1.0
   hidden_act: str = "silu"  # one of SUPPORTED_ACTIVATIONS
   # Gemma: norms scale by (1 + weight); embeddings by sqrt(hidden_size). Gemma 2 and 3: the attention
   # and MLP outputs are normed too ("sandwich"); scores scale by 1/sqrt(query_pre_attn_scalar);
@@ -98,6 +110,15 @@ class ModelConfig:
   @property
   def kv_size(self) -> int:
     return self.num_kv_heads * self.head_dim
+
+  @property
+  def query_scale(self) -> float:
+    """What q is multiplied by so that attention's 1/sqrt(head_dim) gives the family's score scale."""
+    if self.attention_multiplier is not None:
+      return self.attention_multiplier * math.sqrt(self.head_dim)
+    if self.query_pre_attn_scalar:
+      return math.sqrt(self.head_dim / self.query_pre_attn_scalar)
+    return 1.0
 
   @property
   def rotary_dim(self) -> int:
@@ -211,6 +232,26 @@ def _gemma_fields(hf: dict[str, Any], model_type: str, rope: dict[str, Any]) -> 
   return fields
 
 
+def _olmo_fields(hf: dict[str, Any], model_type: str, rope: dict[str, Any]) -> dict[str, Any]:
+  """OLMo 2/3: post-norms, q/k norms over whole projections; OLMo 3's windowed layers (`layer_types`)."""
+  fields: dict[str, Any] = dict(post_norms=True, qk_norm=True, qk_norm_whole=True, sliding_window=None)
+  if model_type == "olmo3":
+    layers = int(hf["num_hidden_layers"])
+    layer_types = hf.get("layer_types") or [
+        "full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(layers)]
+    fields.update(sliding_layers=tuple(t == "sliding_attention" for t in layer_types),
+                  sliding_window=int(hf["sliding_window"]), local_rope_theta=rope["local_rope_theta"])
+  return fields
+
+
+def _granite_fields(hf: dict[str, Any]) -> dict[str, Any]:
+  """Granite's four multipliers (see ModelConfig)."""
+  return dict(embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)),
+              attention_multiplier=float(hf.get("attention_multiplier", 1.0)),
+              residual_multiplier=float(hf.get("residual_multiplier", 1.0)),
+              logits_scaling=float(hf.get("logits_scaling", 1.0)))
+
+
 def _moe_fields(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
   """Mixtral / Qwen3-MoE: experts in every layer (Qwen3-MoE's dense layers are not supported)."""
   if model_type == "mixtral":
@@ -263,6 +304,10 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     family = _gemma_fields(hf, model_type, rope)
   if model_type in ("mixtral", "qwen3_moe"):
     family.update(_moe_fields(hf, model_type))
+  if model_type in ("olmo2", "olmo3"):
+    family.update(_olmo_fields(hf, model_type, rope))
+  if model_type == "granite":
+    family.update(_granite_fields(hf))
   fields = dict(
       vocab_size=int(hf["vocab_size"]),
       hidden_size=hidden,

@@ -11,7 +11,6 @@ pass uses whatever it finds: the tree says what the model is, no flags needed.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
@@ -75,9 +74,13 @@ def param_shapes(cfg: ModelConfig) -> Params:
   if cfg.num_experts:  # Mixtral, Qwen3-MoE
     tree["layers"]["mlp"] = moe.param_shapes(L, D, cfg.expert_intermediate_size, cfg.num_experts)
   if cfg.qk_norm:
-    tree["layers"]["self_attn"].update(q_norm=(L, cfg.head_dim), k_norm=(L, cfg.head_dim))
+    q_width, k_width = (cfg.q_size, cfg.kv_size) if cfg.qk_norm_whole else (cfg.head_dim, cfg.head_dim)
+    tree["layers"]["self_attn"].update(q_norm=(L, q_width), k_norm=(L, k_width))
   if cfg.sandwich_norms:  # Gemma 3: post_attention_layernorm norms the attention output instead
     tree["layers"].update(pre_feedforward_layernorm=(L, D), post_feedforward_layernorm=(L, D))
+  if cfg.post_norms:  # OLMo 2: only the outputs are normed
+    del tree["layers"]["input_layernorm"]
+    tree["layers"]["post_feedforward_layernorm"] = (L, D)
   if not cfg.tie_word_embeddings:
     tree["lm_head"] = {"kernel": (D, V)}
   return tree
@@ -250,17 +253,19 @@ def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs, seg
   """
   B, T = cos.shape[:2]
   attn = layer["self_attn"]
-  h = model_norm(x, layer["input_layernorm"], cfg)
+  h = x if cfg.post_norms else model_norm(x, layer["input_layernorm"], cfg)
   if "qkv_proj" in attn:  # Phi-3: one projection, q then k then v
     q, k, v = jnp.split(dense(attn["qkv_proj"], h, peft, rngs[0]), [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
   else:
     q, k, v = (dense(attn[name], h, peft, rng) for name, rng in zip(("q_proj", "k_proj", "v_proj"), rngs))
+  if cfg.qk_norm_whole:  # OLMo 2: over all heads at once
+    q, k = model_norm(q, attn["q_norm"], cfg), model_norm(k, attn["k_norm"], cfg)
   q = q.reshape(B, T, cfg.num_heads, cfg.head_dim)
   k, v = k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim), v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-  if "q_norm" in attn:  # Qwen3, Gemma 3
+  if cfg.qk_norm and not cfg.qk_norm_whole:  # Qwen3, Gemma 3: per head
     q, k = model_norm(q, attn["q_norm"], cfg), model_norm(k, attn["k_norm"], cfg)
-  if cfg.query_pre_attn_scalar and cfg.query_pre_attn_scalar != cfg.head_dim:
-    q = q * math.sqrt(cfg.head_dim / cfg.query_pre_attn_scalar)  # attention divides by sqrt(head_dim)
+  if cfg.query_scale != 1.0:  # Gemma 2/3, Granite; attention divides by sqrt(head_dim)
+    q = q * cfg.query_scale
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
   new_kv = None
   if cache_kv is not None:
@@ -279,11 +284,15 @@ def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs, seg
   out = dense(attn["o_proj"], attended.reshape(B * T, -1), peft, rngs[3])
   if "attn_adapter" in layer:
     out = bottleneck_adapter(layer["attn_adapter"], out)
-  if cfg.sandwich_norms:
+  normed_outputs = cfg.sandwich_norms or cfg.post_norms
+  if normed_outputs:
     out = model_norm(out, layer["post_attention_layernorm"], cfg)
-  x = x + out
+  x = x + _residual_scaled(out, cfg)
   mlp = layer["mlp"]
-  h = model_norm(x, layer["pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"], cfg)
+  if cfg.post_norms:
+    h = x
+  else:
+    h = model_norm(x, layer["pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"], cfg)
   stats = None
   if cfg.num_experts:
     out, stats = moe.moe_mlp(mlp, h, cfg.num_experts_per_tok, cfg.norm_topk_prob,
@@ -296,9 +305,14 @@ def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs, seg
     out = dense(mlp["down_proj"], gated_activation(gate, up, cfg.hidden_act), peft, rngs[6])
   if "mlp_adapter" in layer:
     out = bottleneck_adapter(layer["mlp_adapter"], out)
-  if cfg.sandwich_norms:
+  if normed_outputs:
     out = model_norm(out, layer["post_feedforward_layernorm"], cfg)
-  return x + out, new_kv, stats
+  return x + _residual_scaled(out, cfg), new_kv, stats
+
+
+def _residual_scaled(out, cfg: ModelConfig):
+  """A block's output as the residual stream takes it (Granite scales it)."""
+  return out if cfg.residual_multiplier == 1.0 else out * jnp.asarray(cfg.residual_multiplier, out.dtype)
 
 
 # remat: what each scanned layer keeps for the backward pass; the rest is recomputed there.
@@ -356,7 +370,7 @@ def forward(
 
   positions default to 0..T-1 (or continue from the cache); segment ids default to 1 (0 = padding).
   A prefix-tuning prefix shifts real positions by its length, as peft's past_key_values do.
-  `input_embeds_BxTxD` replaces the token embeddings (tokens_BxT then only gives the shape).
+  `input_embeds_BxTxD` replaces what the embedding layer returns (tokens_BxT then only gives the shape).
   """
   params = prefix_tuning.materialize_prefix(params, cfg)  # a reparametrised prefix's MLP, if present
   B, T = tokens_BxT.shape
@@ -394,10 +408,12 @@ def forward(
 
   if input_embeds_BxTxD is None:
     x = params["embed_tokens"].astype(compute_dtype)[tokens_BxT.reshape(B * T)]
-    if cfg.embed_scale != 1.0:
+    if cfg.embed_scale != 1.0:  # Gemma scales in its embedding layer
       x = x * jnp.asarray(cfg.embed_scale, compute_dtype)
   else:
     x = input_embeds_BxTxD.reshape(B * T, -1).astype(compute_dtype)
+  if cfg.embedding_multiplier != 1.0:  # Granite scales the model's input, given embeddings too
+    x = x * jnp.asarray(cfg.embedding_multiplier, compute_dtype)
   if rng is None:
     layer_rngs = jnp.zeros((cfg.num_layers,), jnp.uint32)  # placeholder, unused
   else:
@@ -430,7 +446,7 @@ def forward(
   if cache is not None:
     new_cache = {"k": kv_out[0], "v": kv_out[1], "pos": new_pos, "seg": new_seg,
                  "index": cache["index"] + T}
-  out = x if return_hidden else lm_logits(params, x, cfg.final_logit_softcap)
+  out = x if return_hidden else lm_logits(params, x, cfg)
   if router_stats:
     if not cfg.num_experts:
       raise ValueError("router_stats: the model has no mixture-of-experts layers")
@@ -439,19 +455,20 @@ def forward(
   return out, new_cache
 
 
-def head_kernel(params: Params, dtype) -> jax.Array:
-  """The LM head as D x V in `dtype`: lm_head's kernel, or the transposed embedding when tied."""
-  if "lm_head" in params:
-    return params["lm_head"]["kernel"].astype(dtype)
-  return params["embed_tokens"].astype(dtype).T
+def head_kernel(params: Params, dtype, cfg: ModelConfig) -> jax.Array:
+  """The LM head as D x V in `dtype`: lm_head's kernel, or the transposed embedding when tied
+  (Granite: divided by logits_scaling, which divides the logits)."""
+  kernel = params["lm_head"]["kernel"].astype(dtype) if "lm_head" in params else params["embed_tokens"].astype(dtype).T
+  return kernel if cfg.logits_scaling == 1.0 else kernel / jnp.asarray(cfg.logits_scaling, dtype)
 
 
-def lm_logits(params: Params, hidden_BxTxD, softcap: float | None = None):
-  """float32 logits (... x V), soft-capped when asked (Gemma 2); tokens are flattened for a 2-d
-  matmul (see `_layer`)."""
+def lm_logits(params: Params, hidden_BxTxD, cfg: ModelConfig):
+  """float32 logits (... x V), soft-capped when the model says so (Gemma 2/3); tokens are flattened
+  for a 2-d matmul (see `_layer`)."""
   h_NxD = hidden_BxTxD.reshape(-1, hidden_BxTxD.shape[-1])
-  w_DxV = head_kernel(params, h_NxD.dtype)
-  logits = attention.capped(jnp.einsum("nd,dv->nv", h_NxD, w_DxV, preferred_element_type=jnp.float32), softcap)
+  w_DxV = head_kernel(params, h_NxD.dtype, cfg)
+  logits = attention.capped(jnp.einsum("nd,dv->nv", h_NxD, w_DxV, preferred_element_type=jnp.float32),
+                            cfg.final_logit_softcap)
   return logits.reshape(*hidden_BxTxD.shape[:-1], logits.shape[-1])
 
 
