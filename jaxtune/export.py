@@ -200,6 +200,8 @@ def hf_config_of(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
   }
   if cfg.model_type == "qwen2":  # q/k/v always carry a bias; o_proj never does
     hf["use_sliding_window"] = False
+  elif cfg.model_type == "qwen2_moe":  # q/k/v's bias is a setting; o_proj never has one
+    hf.update(use_sliding_window=False, qkv_bias=cfg.qkv_bias)
   else:
     if cfg.qkv_bias != cfg.o_bias:
       raise ExportError(f"{cfg.model_type}: attention_bias must cover q/k/v and o alike")
@@ -215,10 +217,12 @@ def hf_config_of(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
   if cfg.model_type == "mixtral":
     hf.update(num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
               intermediate_size=cfg.expert_intermediate_size)
-  if cfg.model_type == "qwen3_moe":
+  if cfg.model_type in ("qwen2_moe", "qwen3_moe"):
     hf.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
               moe_intermediate_size=cfg.expert_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
               decoder_sparse_step=1, mlp_only_layers=[])
+  if cfg.model_type == "qwen2_moe":
+    hf["shared_expert_intermediate_size"] = cfg.shared_expert_intermediate_size
   if cfg.model_type in ("gemma2", "gemma3_text"):
     hf.update(_gemma_config(cfg, rope))
   if cfg.model_type == "olmo3":

@@ -42,6 +42,9 @@ FAMILIES = {
     # mixtures of experts: 4 experts, 2 a token (Mixtral renormalises their weights; Qwen3-MoE here too,
     # with q/k norms and experts narrower than its dense width)
     "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
+    # Qwen2-MoE: + a shared expert (width 96) behind a sigmoid gate, q/k/v biases, weights not renormalised
+    "qwen2_moe": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                    shared_expert_intermediate_size=96, tie_word_embeddings=False)),
     "qwen3_moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                     norm_topk_prob=True, head_dim=32)),
     # Phi-3: fused qkv_proj and gate_up_proj, a sliding window on every layer (as Phi-3-mini's 2047)
@@ -77,7 +80,7 @@ def build_hf_model(family: str, seed: int = 0, **overrides):
                 "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
                 "gemma": transformers.GemmaConfig, "gemma2": transformers.Gemma2Config,
                 "gemma3_text": transformers.Gemma3TextConfig, "mixtral": transformers.MixtralConfig,
-                "qwen3_moe": transformers.Qwen3MoeConfig, "phi3": transformers.Phi3Config,
+                "qwen3_moe": transformers.Qwen3MoeConfig, "qwen2_moe": transformers.Qwen2MoeConfig, "phi3": transformers.Phi3Config,
                 "olmo2": transformers.Olmo2Config, "olmo3": transformers.Olmo3Config,
                 "granite": transformers.GraniteConfig}[model_type]
   kwargs = {**TINY, **extra, **overrides}

@@ -25,10 +25,11 @@ def torch_logits(model):
     return model(torch.tensor(TOKENS)).logits.numpy()
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
 def test_changed_experts_export_to_transformers(tmp_path, family):
-  """Every expert and router changed (as full fine-tuning changes them): the merged HF folder names
-  each (layer, expert) tensor as the family's checkpoints do, and transformers' logits are ours."""
+  """Every expert and router changed (as full fine-tuning changes them; Qwen2-MoE's shared expert and
+  its gate too): the merged HF folder names each (layer, expert) tensor as the family's checkpoints
+  do, and transformers' logits are ours."""
   folder, out = str(tmp_path / "model"), str(tmp_path / "out")
   original = torch_logits(hf_tiny.save_hf_model(family, folder, sharp=True))
   cfg, params = loading.load_model(folder)
@@ -43,7 +44,7 @@ def test_changed_experts_export_to_transformers(tmp_path, family):
   assert np.abs(theirs - original).max() > 0.01
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
 def test_ragged_dispatch_gives_transformers_logits_and_the_dense_gradients(tmp_path, family):
   """model.moe_dispatch=ragged (tokens grouped by expert, jax.lax.ragged_dot), what TPUs and GPUs
   run by default, on this CPU: transformers' logits, and the dense dispatch's gradients."""

@@ -9,13 +9,14 @@ import os
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "mixtral",
-                         "qwen3_moe", "phi3", "olmo2", "olmo3", "granite")
+                         "qwen2_moe", "qwen3_moe", "phi3", "olmo2", "olmo3", "granite")
 # transformers' causal-LM class of each model type (config.json's "architectures")
 CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                      "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                      "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
                      "gemma3_text": "Gemma3ForCausalLM", "mixtral": "MixtralForCausalLM",
-                     "qwen3_moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM",
+                     "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                     "phi3": "Phi3ForCausalLM",
                      "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM", "granite": "GraniteForCausalLM"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")  # the gate's activation in the gated MLP
@@ -92,6 +93,9 @@ class ModelConfig:
   num_experts_per_tok: int = 0
   expert_intermediate_size: int = 0
   norm_topk_prob: bool = True
+  # Qwen2-MoE: a dense MLP of this width (mlp/shared_expert) that every token takes, scaled by
+  # sigmoid(h @ mlp/shared_expert_gate); 0 = none
+  shared_expert_intermediate_size: int = 0
   model_type: str = "llama"
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
@@ -253,19 +257,23 @@ def _granite_fields(hf: dict[str, Any]) -> dict[str, Any]:
 
 
 def _moe_fields(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
-  """Mixtral / Qwen3-MoE: experts in every layer (Qwen3-MoE's dense layers are not supported)."""
+  """Mixtral / Qwen2-MoE / Qwen3-MoE: experts in every layer (dense layers are not supported); Qwen2-MoE's
+  shared expert."""
   if model_type == "mixtral":
     if float(hf.get("router_jitter_noise") or 0.0):
       raise UnsupportedModelError("mixtral router_jitter_noise > 0 is not supported")
     return dict(num_experts=int(hf["num_local_experts"]), num_experts_per_tok=int(hf["num_experts_per_tok"]),
                 expert_intermediate_size=int(hf["intermediate_size"]))
   if int(hf.get("decoder_sparse_step", 1)) != 1 or hf.get("mlp_only_layers"):
-    raise UnsupportedModelError("qwen3_moe with dense layers (decoder_sparse_step != 1 or mlp_only_layers) "
+    raise UnsupportedModelError(f"{model_type} with dense layers (decoder_sparse_step != 1 or mlp_only_layers) "
                                 "is not supported")
   experts = hf.get("num_local_experts") or hf["num_experts"]  # transformers 5 / 4 spelling
-  return dict(num_experts=int(experts), num_experts_per_tok=int(hf["num_experts_per_tok"]),
-              expert_intermediate_size=int(hf["moe_intermediate_size"]),
-              norm_topk_prob=bool(hf.get("norm_topk_prob", False)), qk_norm=True)
+  fields = dict(num_experts=int(experts), num_experts_per_tok=int(hf["num_experts_per_tok"]),
+                expert_intermediate_size=int(hf["moe_intermediate_size"]),
+                norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
+  if model_type == "qwen2_moe":
+    return dict(fields, shared_expert_intermediate_size=int(hf["shared_expert_intermediate_size"]))
+  return dict(fields, qk_norm=True)
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -286,7 +294,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
   sliding_window = None
   if model_type in ("mistral", "mixtral", "phi3"):
     sliding_window = hf.get("sliding_window")
-  elif model_type in ("qwen2", "qwen3", "qwen3_moe") and hf.get("use_sliding_window"):
+  elif model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and hf.get("use_sliding_window"):
     raise UnsupportedModelError(f"{model_type} use_sliding_window=True (per-layer windows) is not supported")
   attention_bias = bool(hf.get("attention_bias", False))
   family: dict[str, Any] = dict(qk_norm=model_type == "qwen3", fused_projections=model_type == "phi3",
@@ -302,7 +310,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
                                 f"{len(rope['rope_long_factor'])}")
   if model_type.startswith("gemma"):
     family = _gemma_fields(hf, model_type, rope)
-  if model_type in ("mixtral", "qwen3_moe"):
+  if model_type in ("mixtral", "qwen2_moe", "qwen3_moe"):
     family.update(_moe_fields(hf, model_type))
   if model_type in ("olmo2", "olmo3"):
     family.update(_olmo_fields(hf, model_type, rope))
@@ -319,7 +327,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
       rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
       tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      qkv_bias=attention_bias or model_type == "qwen2",
+      qkv_bias=attention_bias or model_type == "qwen2" or (model_type == "qwen2_moe" and hf.get("qkv_bias", True)),
       o_bias=attention_bias,
       mlp_bias=bool(hf.get("mlp_bias", False)),
       hidden_act=act,

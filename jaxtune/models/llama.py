@@ -71,8 +71,13 @@ def param_shapes(cfg: ModelConfig) -> Params:
     tree["layers"]["self_attn"] = {"qkv_proj": linear(D, cfg.q_size + 2 * cfg.kv_size, cfg.qkv_bias),
                                    "o_proj": linear(cfg.q_size, D, cfg.o_bias)}
     tree["layers"]["mlp"] = {"gate_up_proj": linear(D, 2 * F, cfg.mlp_bias), "down_proj": linear(F, D, cfg.mlp_bias)}
-  if cfg.num_experts:  # Mixtral, Qwen3-MoE
+  if cfg.num_experts:  # Mixtral, Qwen2-MoE, Qwen3-MoE
     tree["layers"]["mlp"] = moe.param_shapes(L, D, cfg.expert_intermediate_size, cfg.num_experts)
+  if cfg.shared_expert_intermediate_size:  # Qwen2-MoE
+    S = cfg.shared_expert_intermediate_size
+    tree["layers"]["mlp"].update(
+        shared_expert={"gate_proj": linear(D, S, False), "up_proj": linear(D, S, False), "down_proj": linear(S, D, False)},
+        shared_expert_gate=linear(D, 1, False))
   if cfg.qk_norm:
     q_width, k_width = (cfg.q_size, cfg.kv_size) if cfg.qk_norm_whole else (cfg.head_dim, cfg.head_dim)
     tree["layers"]["self_attn"].update(q_norm=(L, q_width), k_norm=(L, k_width))
@@ -297,17 +302,25 @@ def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs, seg
   if cfg.num_experts:
     out, stats = moe.moe_mlp(mlp, h, cfg.num_experts_per_tok, cfg.norm_topk_prob,
                              lambda gate, up: gated_activation(gate, up, cfg.hidden_act), cfg.moe_dispatch, valid_N)
+    if "shared_expert" in mlp:  # Qwen2-MoE: a dense MLP every token takes, scaled by a sigmoid gate
+      scale = jax.nn.sigmoid(dense(mlp["shared_expert_gate"], h, peft).astype(jnp.float32)).astype(h.dtype)
+      out = out + scale * _gated_mlp(mlp["shared_expert"], h, cfg, peft, rngs)
   else:
-    if "gate_up_proj" in mlp:  # Phi-3: one projection, gate then up
-      gate, up = jnp.split(dense(mlp["gate_up_proj"], h, peft, rngs[4]), 2, axis=-1)
-    else:
-      gate, up = dense(mlp["gate_proj"], h, peft, rngs[4]), dense(mlp["up_proj"], h, peft, rngs[5])
-    out = dense(mlp["down_proj"], gated_activation(gate, up, cfg.hidden_act), peft, rngs[6])
+    out = _gated_mlp(mlp, h, cfg, peft, rngs)
   if "mlp_adapter" in layer:
     out = bottleneck_adapter(layer["mlp_adapter"], out)
   if normed_outputs:
     out = model_norm(out, layer["post_feedforward_layernorm"], cfg)
   return x + _residual_scaled(out, cfg), new_kv, stats
+
+
+def _gated_mlp(mlp: Params, h, cfg: ModelConfig, peft: PeftRuntime, rngs):
+  """down(act(gate(h)) * up(h)); Phi-3's gate and up are one projection (gate_up_proj, gate first)."""
+  if "gate_up_proj" in mlp:
+    gate, up = jnp.split(dense(mlp["gate_up_proj"], h, peft, rngs[4]), 2, axis=-1)
+  else:
+    gate, up = dense(mlp["gate_proj"], h, peft, rngs[4]), dense(mlp["up_proj"], h, peft, rngs[5])
+  return dense(mlp["down_proj"], gated_activation(gate, up, cfg.hidden_act), peft, rngs[6])
 
 
 def _residual_scaled(out, cfg: ModelConfig):

@@ -1,13 +1,14 @@
-"""Mixture-of-experts feed-forward blocks (Mixtral, Qwen3-MoE), as transformers computes them.
+"""Mixture-of-experts feed-forward blocks (Mixtral, Qwen2-MoE, Qwen3-MoE), as transformers computes them.
 
 A router (D x E) scores each token; softmax in float32, the top k experts, their weights
-renormalised to sum to 1 (Mixtral always; Qwen3-MoE when `norm_topk_prob`). Each expert is a gated
+renormalised to sum to 1 (Mixtral always; Qwen2/3-MoE when `norm_topk_prob`). Each expert is a gated
 MLP; the block's output is the weighted sum of the chosen experts' outputs.
 
 Leaves, per layer (stacked L first): `mlp/router/kernel` (D x E) and `mlp/experts/gate_proj`,
 `up_proj` (E x D x F), `down_proj` (E x F x D). The experts are plain arrays, not `{kernel}`
 layers, so LoRA, IA3 and NF4 quantization (which look for kernels) leave them alone: PEFT methods
-train attention and the router stays frozen with the experts.
+train attention and the router stays frozen with the experts. Qwen2-MoE's shared expert
+(`mlp/shared_expert/*_proj`, `mlp/shared_expert_gate`) is ordinary linear layers, run in llama._layer.
 
 Two ways to run the experts (`model.moe_dispatch`, DISPATCHES; auto: dense on CPU, ragged elsewhere):
 - dense: every expert on every token, combined by the routing weights (zero for the unchosen):
