@@ -41,6 +41,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.peft.lora.targets = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
   c.peft.lora.use_rslora = False
   c.peft.lora.use_dora = False  # DoRA: also learn each output's magnitude (peft's use_dora)
+  # mixtures of experts: LoRA on every expert of the matrices this regex fullmatches, gate_up_proj and/or
+  # down_proj (peft's target_parameters=["mlp.experts.gate_up_proj", ...]); "" = experts stay frozen
+  c.peft.lora.expert_targets = ""
   c.peft.ia3 = ml_collections.ConfigDict()
   c.peft.ia3.targets = r".*(k_proj|v_proj|down_proj)"  # layers rescaled by a learned vector
   c.peft.ia3.feedforward = r".*down_proj"  # of those, the ones whose input (not output) is rescaled

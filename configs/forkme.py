@@ -29,6 +29,7 @@ def get_config():
   c.peft.lora.alpha = 16.0  # scale = alpha / rank (alpha / sqrt(rank) with use_rslora)
   c.peft.lora.targets = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
   c.peft.lora.use_dora = False  # DoRA: also learn each output's magnitude (peft's use_dora)
+  c.peft.lora.expert_targets = ""  # MoE models: "gate_up_proj|down_proj" puts LoRA on every expert too
   # The data: JSONL/JSON/CSV/parquet, a folder, or a datasets name. Formats: text, instruction
   # ({"instruction", "context"?, "output"}), chat ({"messages": [...]}), preference.
   c.data.train = ""

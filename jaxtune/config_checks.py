@@ -59,7 +59,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   _positive(c, "peft.lora.rank")
   _positive(c, "peft.lora.alpha")
   _fraction(c, "peft.lora.dropout")
-  for key in ("peft.lora.targets", "peft.ia3.targets", "peft.ia3.feedforward"):
+  for key in ("peft.lora.targets", "peft.lora.expert_targets", "peft.ia3.targets", "peft.ia3.feedforward"):
     try:
       re.compile(_get(c, key))
     except re.error as e:
@@ -68,6 +68,16 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     if c.peft.method in method and lora.targets_lm_head(_get(c, key)):
       raise ConfigError(key, f"{_get(c, key)!r} matches lm_head: {c.peft.method} goes in the decoder "
                         "layers' linear layers only (e.g. '.*(q_proj|v_proj)')")
+  if c.peft.method in LORA_METHODS and c.peft.lora.expert_targets:
+    from jaxtune.peft import expert_lora
+    if not expert_lora.targeted(c.peft.lora.expert_targets):
+      raise ConfigError("peft.lora.expert_targets", f"{c.peft.lora.expert_targets!r} matches neither gate_up_proj "
+                        "nor down_proj")
+    if c.peft.method == "dora" or c.peft.lora.use_dora:
+      raise ConfigError("peft.lora.expert_targets", "DoRA on experts is not supported (nor in peft): use lora")
+    if c.peft.lora.dropout:
+      raise ConfigError("peft.lora.dropout", "must be 0 with peft.lora.expert_targets (peft's LoRA on expert "
+                        "matrices has no dropout)")
   _positive(c, "peft.adapter.size")
   placement = [p for p in c.peft.adapter.placement.split(",") if p]
   if not placement or any(p not in ("attn", "mlp") for p in placement):

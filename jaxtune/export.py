@@ -24,7 +24,7 @@ import numpy as np
 from jaxtune.models import llama, moe
 from jaxtune.models.config import CAUSAL_LM_CLASSES, ModelConfig
 from jaxtune.models.loading import flatten, hf_name_of
-from jaxtune.peft import ia3, lora, partition
+from jaxtune.peft import expert_lora, ia3, lora, partition
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
 _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -324,6 +324,8 @@ def _merged_leaf(params: llama.Params, path: str, lora_scale: float):
     node = node[key]
   if last == "kernel" and "lora_a" in node:
     return lora.merge_lora({"linear": node}, lora_scale)["linear"]["kernel"]
+  if moe.is_expert_leaf(path) and "expert_lora" in params["layers"]["mlp"]:
+    return moe.merge_expert_lora(node, params["layers"]["mlp"]["expert_lora"], lora_scale)[last]
   if last in ("kernel", "bias") and ("ia3_in" in node or "ia3_out" in node):
     return ia3.merge_ia3({"linear": node})["linear"][last]
   return node[last]
@@ -414,6 +416,7 @@ def peft_leaf_name(path: str, layer: int | None) -> str:
 
 def _lora_config(flat: Mapping[str, Any], settings: Mapping[str, Any], base_model: str | None) -> dict:
   a_paths = [p for p in flat if p.endswith("/lora_a")]
+  experts = expert_lora.names_in(a_paths)
   return {
       "peft_type": "LORA",
       "task_type": "CAUSAL_LM",
@@ -422,7 +425,9 @@ def _lora_config(flat: Mapping[str, Any], settings: Mapping[str, Any], base_mode
       "lora_alpha": settings["alpha"],
       "lora_dropout": float(settings.get("dropout", 0.0)),
       "use_rslora": bool(settings.get("use_rslora", False)),
-      "target_modules": sorted({p.split("/")[-2] for p in a_paths}),
+      "target_modules": sorted({p.split("/")[-2] for p in a_paths if not moe.is_expert_lora_leaf(p)}),
+      # in peft's own order: it nests the wrappers in this order (see expert_lora.py)
+      "target_parameters": [expert_lora.PEFT_PARAMETERS[name] for name in experts] or None,
       "bias": "none",
       "fan_in_fan_out": False,
       "use_dora": any(p.endswith("/lora_magnitude") for p in flat),
@@ -430,6 +435,19 @@ def _lora_config(flat: Mapping[str, Any], settings: Mapping[str, Any], base_mode
       "init_lora_weights": True,
       "inference_mode": True,
   }
+
+
+def _expert_lora_specs(experts: Mapping[str, Any]) -> list[TensorSpec]:
+  """peft's per-layer tensors of LoRA on the experts (expert_lora.to_peft gives their layout)."""
+  names = expert_lora.names_in(experts)
+  specs = []
+  for path, leaf in experts.items():
+    name, kind = path.split("/")[-2:]
+    L, E, n, m = leaf.shape
+    shape = (E * m, n) if kind == "lora_a" else (m, n * E)
+    specs += [TensorSpec(expert_lora.peft_module(names, name, layer) + lora.PEFT_KEYS[kind], shape, path, layer,
+                         False) for layer in range(L)]
+  return specs
 
 
 def _ia3_config(flat: Mapping[str, Any], base_model: str | None) -> dict:
@@ -492,14 +510,20 @@ def write_peft(out_dir: str, cfg: ModelConfig, params: llama.Params, method: str
     leaves = {p: v for p, v in flat.items() if is_leaf(p)}
     if not leaves:
       raise ExportError(f"peft.method={method} but the params hold no {method} leaves")
-    specs = tensor_specs(leaves, peft_leaf_name)
+    experts = {p: v for p, v in leaves.items() if moe.is_expert_lora_leaf(p)}
+    specs = (tensor_specs({p: v for p, v in leaves.items() if p not in experts}, peft_leaf_name)
+             + _expert_lora_specs(experts))
     if method == "ia3":  # peft keeps an output scale as (out, 1) and an input scale as (1, in)
       config = _ia3_config(leaves, base_model_name_or_path)
       specs = [dataclasses.replace(s, shape=(1, *s.shape) if s.path.endswith("/ia3_in") else (*s.shape, 1))
                for s in specs]
     else:
       config = _lora_config(leaves, peft_settings["lora"], base_model_name_or_path)
-    tensors = (t.reshape(s.shape) for s, t in zip(specs, stream_tensors(specs, lambda path: to_host(leaves[path]))))
+    def fetch(path):
+      host = to_host(leaves[path])
+      return expert_lora.to_peft(path.rsplit("/", 1)[-1], host) if path in experts else host
+
+    tensors = (t.reshape(s.shape) for s, t in zip(specs, stream_tensors(specs, fetch)))
     write_safetensors(out_dir, "adapter_model", specs, tensors, jnp.dtype(next(iter(leaves.values())).dtype).name)
   elif method == "prompt":
     if "prompt_embeddings" not in flat:

@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from jaxtune.models import llama, quantization
+from jaxtune.models import llama, moe, quantization
 from jaxtune.models.config import ModelConfig
 from jaxtune.models.loading import flatten, unflatten
-from jaxtune.peft import ia3, lora
+from jaxtune.peft import expert_lora, ia3, lora
 
 _LINEARS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
             "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
@@ -23,11 +23,14 @@ _LINEARS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
 _LEAF_OF_KEY = {key: leaf for leaf, key in lora.PEFT_KEYS.items()}
 _LORA_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.("
                        + "|".join(re.escape(k) for k in _LEAF_OF_KEY) + ")")
+# LoRA on the experts (peft's target_parameters; expert_lora.py): the module is the experts block
+_EXPERT_LORA_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.mlp\.experts\.(base_layer\.)?"
+                              r"(lora_A\.weight|lora_B\.weight)")
 # LoRA options whose default is the only value jaxtune's LoRA reproduces exactly.
 _LORA_DEFAULTS = {"fan_in_fan_out": False, "bias": "none", "lora_bias": False,
                   "modules_to_save": None, "layers_to_transform": None, "layer_replication": None,
                   "rank_pattern": {}, "alpha_pattern": {}, "trainable_token_indices": None,
-                  "target_parameters": None, "use_qalora": False, "alora_invocation_tokens": None,
+                  "use_qalora": False, "alora_invocation_tokens": None,
                   "kasa_config": None, "monteclora_config": None, "use_bdlora": None, "arrow_config": None}
 
 
@@ -59,11 +62,21 @@ def _check_lora_options(folder: str, config: dict[str, Any]):
                             f"(jaxtune's LoRA needs {key}={default!r})")
 
 
-def _lora_leaves(folder: str, cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _lora_leaves(folder: str, cfg: ModelConfig, tensors: dict[str, np.ndarray], config: dict[str, Any]
+                 ) -> dict[str, np.ndarray]:
   """{'layers/self_attn/q_proj/lora_a': (L, in, r), ...} from peft's per-layer (r, in) / (out, r)
   (and DoRA's magnitudes, (out,) per layer)."""
   per_layer: dict[str, dict[int, np.ndarray]] = {}
+  experts = _expert_names(folder, cfg, config)
   for key, t in sorted(tensors.items()):
+    e = _EXPERT_LORA_KEY.fullmatch(key)
+    if e and experts:
+      layer, nested, leaf = int(e.group(1)), bool(e.group(2)), _LEAF_OF_KEY[e.group(3)]
+      name = next(n for n in experts if expert_lora.peft_module(experts, n, layer).endswith(
+          "base_layer." if nested else "experts."))
+      per_layer.setdefault(f"layers/mlp/expert_lora/{name}/{leaf}", {})[layer] = expert_lora.from_peft(
+          leaf, t, cfg.num_experts)
+      continue
     m = _LORA_KEY.fullmatch(key)
     if not m or _LINEARS.get(m.group(3)) != m.group(2):
       raise PeftImportError(f"{folder}: adapter tensor {key!r} is not a LoRA matrix of a decoder-layer "
@@ -72,6 +85,19 @@ def _lora_leaves(folder: str, cfg: ModelConfig, tensors: dict[str, np.ndarray]) 
     path = f"layers/{parent}/{module}/{leaf}"
     per_layer.setdefault(path, {})[layer] = t.T  # peft stores (r, in) and (out, r); .T keeps 1-d as is
   return _stack_layers(folder, cfg, per_layer)
+
+
+def _expert_names(folder: str, cfg: ModelConfig, config: dict[str, Any]) -> list[str]:
+  """The expert matrices an adapter's target_parameters name (expert_lora.PEFT_PARAMETERS)."""
+  wanted = config.get("target_parameters") or []
+  known = {p: name for name, p in expert_lora.PEFT_PARAMETERS.items()}
+  unknown = [p for p in wanted if p not in known]
+  if unknown:
+    raise PeftImportError(f"{folder}/adapter_config.json: target_parameters {unknown} are not supported "
+                          f"(jaxtune's LoRA on experts covers {', '.join(known)})")
+  if wanted and not cfg.num_experts:
+    raise PeftImportError(f"{folder}/adapter_config.json: target_parameters {wanted} but the model has no experts")
+  return [name for name in expert_lora.PEFT_PARAMETERS if expert_lora.PEFT_PARAMETERS[name] in wanted]
 
 
 def _stack_layers(folder: str, cfg: ModelConfig, per_layer: dict[str, dict[int, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -87,6 +113,9 @@ def _stack_layers(folder: str, cfg: ModelConfig, per_layer: dict[str, dict[int, 
 
 def _check_shapes(folder: str, base: dict[str, Any], leaves: dict[str, np.ndarray]):
   for path, leaf in leaves.items():
+    if moe.is_expert_lora_leaf(path):
+      _check_expert_shape(folder, base, path, leaf)
+      continue
     kernel = quantization.kernel_shape(lora.linear_at(base, path.rsplit("/", 1)[0]))
     expected = kernel[1] if path.endswith(("lora_a", "ia3_in")) else kernel[2]  # the input or output size
     got = leaf.shape[2] if path.endswith("lora_b") else leaf.shape[1]
@@ -95,9 +124,20 @@ def _check_shapes(folder: str, base: dict[str, Any], leaves: dict[str, np.ndarra
                             f"needs {expected} (adapter made for another base model?)")
 
 
+def _check_expert_shape(folder: str, base: dict[str, Any], path: str, leaf: np.ndarray):
+  """An expert LoRA leaf (L x E x in x r or L x E x r x out) against the experts' L x E x D x F."""
+  L, E, D, F = base["layers/mlp/experts/gate_proj"].shape
+  name, kind = path.split("/")[-2:]
+  n_in, n_out = (D, 2 * F) if name == "gate_up_proj" else (F, D)
+  got = (leaf.shape[:2], leaf.shape[2] if kind == "lora_a" else leaf.shape[3])
+  if got != ((L, E), n_in if kind == "lora_a" else n_out):
+    raise PeftImportError(f"{folder}: {path} has shape {leaf.shape}, which does not fit {E} experts of "
+                          f"{n_in} x {n_out} (adapter made for another base model?)")
+
+
 def _load_lora(params, cfg, folder, config, tensors):
   _check_lora_options(folder, config)
-  leaves = _lora_leaves(folder, cfg, tensors)
+  leaves = _lora_leaves(folder, cfg, tensors, config)
   if not leaves:
     raise PeftImportError(f"{folder}: adapter_model.safetensors holds no LoRA tensors")
   missing = sorted(p for p in leaves if p.endswith("/lora_a") and config.get("use_dora")

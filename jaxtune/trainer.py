@@ -252,6 +252,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=None, load=
                       "model does (Gemma 2): use auto or blocked")
   if config.train.router_aux_loss_coef and not model_cfg.num_experts:
     raise ConfigError("train.router_aux_loss_coef", f"{config.model.path} has no mixture-of-experts layers")
+  if config.peft.method in partition.LORA_METHODS and config.peft.lora.expert_targets and not model_cfg.num_experts:
+    raise ConfigError("peft.lora.expert_targets", f"{config.model.path} has no mixture-of-experts layers")
   check_workdir(workdir, config)  # the config errors come before anything touches the workdir
   jax.set_mesh(mesh)  # the run's mesh, seen while tracing (model.attention=splash shards its kernel by it)
   if config.model.attention == "splash" and jax.default_backend() != "tpu" and is_main:

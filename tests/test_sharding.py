@@ -65,6 +65,14 @@ def test_phi3_on_an_fsdp_tensor_mesh_matches_one_device(tmp_path):
   assert_meshes_match_one_device(*make_tiny_setup(str(tmp_path), "phi3_longrope"), tmp_path, "lora", ["1,4,2"])
 
 
+def test_lora_on_experts_on_an_fsdp_tensor_mesh_matches_one_device(tmp_path):
+  """LoRA on every expert (peft.lora.expert_targets; the experts frozen, sharded like their kernels),
+  through the ragged dispatch's grouped matmuls on the mesh."""
+  assert_meshes_match_one_device(*make_tiny_setup(str(tmp_path), "qwen3_moe"), tmp_path, "lora", ["1,4,2"],
+                                 {"model.moe_dispatch": "dense", "peft.lora.expert_targets": ".*"},
+                                 mesh_overrides={"model.moe_dispatch": "ragged"})
+
+
 def test_qlora_on_an_fsdp_tensor_mesh_matches_one_device(tiny_setup, tmp_path):
   """NF4 codes (out x in/2) and block scales sharded like their kernels: each device dequantizes its
   slice, and the losses are one device's."""

@@ -301,7 +301,8 @@ def _layer(cfg, peft, x, layer, cos, sin, mask, cache_kv, cache_index, rngs, seg
   stats = None
   if cfg.num_experts:
     out, stats = moe.moe_mlp(mlp, h, cfg.num_experts_per_tok, cfg.norm_topk_prob,
-                             lambda gate, up: gated_activation(gate, up, cfg.hidden_act), cfg.moe_dispatch, valid_N)
+                             lambda gate, up: gated_activation(gate, up, cfg.hidden_act), cfg.moe_dispatch, valid_N,
+                             peft.lora_scale)
     if "shared_expert" in mlp:  # Qwen2-MoE: a dense MLP every token takes, scaled by a sigmoid gate
       scale = jax.nn.sigmoid(dense(mlp["shared_expert_gate"], h, peft).astype(jnp.float32)).astype(h.dtype)
       out = out + scale * _gated_mlp(mlp["shared_expert"], h, cfg, peft, rngs)

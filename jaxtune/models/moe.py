@@ -7,7 +7,8 @@ MLP; the block's output is the weighted sum of the chosen experts' outputs.
 Leaves, per layer (stacked L first): `mlp/router/kernel` (D x E) and `mlp/experts/gate_proj`,
 `up_proj` (E x D x F), `down_proj` (E x F x D). The experts are plain arrays, not `{kernel}`
 layers, so LoRA, IA3 and NF4 quantization (which look for kernels) leave them alone: PEFT methods
-train attention and the router stays frozen with the experts. Qwen2-MoE's shared expert
+train attention and the router stays frozen with the experts. LoRA on the experts themselves is
+peft/expert_lora.py (leaves under `mlp/expert_lora`), run and merged here. Qwen2-MoE's shared expert
 (`mlp/shared_expert/*_proj`, `mlp/shared_expert_gate`) is ordinary linear layers, run in llama._layer.
 
 Two ways to run the experts (`model.moe_dispatch`, DISPATCHES; auto: dense on CPU, ragged elsewhere):
@@ -32,12 +33,19 @@ import jax.numpy as jnp
 from jaxtune.models.matmul import matmul
 
 EXPERTS = ("gate_proj", "up_proj", "down_proj")
+# LoRA on the experts (peft.lora.expert_targets) adapts transformers' two expert matrices, as peft's
+# target_parameters do: gate_up_proj (gate and up in one, one A and one B per expert) and down_proj
+EXPERT_LORA_TARGETS = ("gate_up_proj", "down_proj")
 DISPATCHES = ("auto", "dense", "ragged")
 _MIXTRAL_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 
 
 def is_expert_leaf(path: str) -> bool:
   return path.startswith("layers/mlp/experts/")
+
+
+def is_expert_lora_leaf(path: str) -> bool:
+  return path.startswith("layers/mlp/expert_lora/")
 
 
 def is_router_leaf(path: str) -> bool:
@@ -89,32 +97,64 @@ def load_balancing_loss(chosen_E, probs_E, tokens):
   return chosen_E.shape[-1] * jnp.sum((chosen_E / tokens) * (probs_E / tokens))
 
 
+def merge_expert_lora(experts: dict, lora: dict, scale: float) -> dict:
+  """The experts' arrays with scale * A @ B folded in (gate_up_proj's first half into gate_proj)."""
+  out = dict(experts)
+  for name, ab in lora.items():
+    delta = scale * jnp.matmul(ab["lora_a"].astype(jnp.float32), ab["lora_b"].astype(jnp.float32))
+    parts = {"down_proj": delta} if name == "down_proj" else dict(zip(("gate_proj", "up_proj"), jnp.split(delta, 2, -1)))
+    for part, d in parts.items():
+      out[part] = (experts[part].astype(jnp.float32) + d).astype(experts[part].dtype)
+  return out
+
+
 def uses_ragged(dispatch: str) -> bool:
   return dispatch == "ragged" or (dispatch == "auto" and jax.default_backend() != "cpu")
 
 
-def moe_mlp(mlp, h_NxD, top_k: int, normalize: bool, activation, dispatch: str = "auto", valid_N=None):
+def moe_mlp(mlp, h_NxD, top_k: int, normalize: bool, activation, dispatch: str = "auto", valid_N=None,
+            lora_scale: float = 1.0):
   """(the block's output N x D in h's dtype, `router_stats` over `valid_N` (default: every token));
-  `activation(gate, up)` is the experts' gated activation."""
+  `activation(gate, up)` is the experts' gated activation; LoRA on the experts (`expert_lora`) adds
+  lora_scale * x A_e B_e to each expert's matrices."""
   probs_NxE, weights_NxK, experts_NxK = top_experts(matmul(h_NxD, mlp["router"]["kernel"]), top_k, normalize)
   run = _ragged_experts if uses_ragged(dispatch) else _dense_experts
-  out = run(mlp["experts"], h_NxD, weights_NxK, experts_NxK, activation).astype(h_NxD.dtype)
+  lora = {name: (ab["lora_a"], ab["lora_b"] * lora_scale) for name, ab in mlp.get("expert_lora", {}).items()}
+  out = run(mlp["experts"], lora, h_NxD, weights_NxK, experts_NxK, activation).astype(h_NxD.dtype)
   valid_N = jnp.ones(h_NxD.shape[:1], bool) if valid_N is None else valid_N
   return out, router_stats(probs_NxE, experts_NxK, valid_N)
 
 
-def _dense_experts(experts, h_NxD, weights_NxK, experts_NxK, activation):
+def _expert_mlp(x, experts, lora, apply, activation, dtype):
+  """The experts' gated MLP on `x`, their LoRA included (float32 out); `apply(x, w)` runs each expert's
+  matrix (E x in x out) on that expert's rows of x."""
+  gate, up = apply(x, experts["gate_proj"]), apply(x, experts["up_proj"])
+  if "gate_up_proj" in lora:
+    a, b = lora["gate_up_proj"]
+    delta_gate, delta_up = jnp.split(apply(apply(x, a).astype(dtype), b), 2, axis=-1)
+    gate, up = gate + delta_gate, up + delta_up
+  hidden = activation(gate.astype(dtype), up.astype(dtype))
+  out = apply(hidden, experts["down_proj"])
+  if "down_proj" in lora:
+    a, b = lora["down_proj"]
+    out = out + apply(apply(hidden, a).astype(dtype), b)
+  return out
+
+
+def _dense_experts(experts, lora, h_NxD, weights_NxK, experts_NxK, activation):
   dtype = h_NxD.dtype
   one_hot = jax.nn.one_hot(experts_NxK, experts["gate_proj"].shape[0], dtype=jnp.float32)  # N x k x E
   weights_NxE = jnp.einsum("nke,nk->ne", one_hot, weights_NxK)
-  gate = jnp.einsum("nd,edf->enf", h_NxD, experts["gate_proj"].astype(dtype), preferred_element_type=jnp.float32)
-  up = jnp.einsum("nd,edf->enf", h_NxD, experts["up_proj"].astype(dtype), preferred_element_type=jnp.float32)
-  hidden = activation(gate.astype(dtype), up.astype(dtype))
-  out = jnp.einsum("enf,efd->end", hidden, experts["down_proj"].astype(dtype), preferred_element_type=jnp.float32)
+
+  def each_expert(x, w):  # x: N x in (every expert sees every token) or E x N x in
+    spec = "nd,edf->enf" if x.ndim == 2 else "end,edf->enf"
+    return jnp.einsum(spec, x, w.astype(dtype), preferred_element_type=jnp.float32)
+
+  out = _expert_mlp(h_NxD, experts, lora, each_expert, activation, dtype)
   return jnp.einsum("end,ne->nd", out, weights_NxE)
 
 
-def _ragged_experts(experts, h_NxD, weights_NxK, experts_NxK, activation):
+def _ragged_experts(experts, lora, h_NxD, weights_NxK, experts_NxK, activation):
   dtype = h_NxD.dtype
   N, k = experts_NxK.shape
   flat = experts_NxK.reshape(-1)
@@ -125,7 +165,5 @@ def _ragged_experts(experts, h_NxD, weights_NxK, experts_NxK, activation):
   def grouped(x, w):
     return jax.lax.ragged_dot(x, w.astype(dtype), sizes, preferred_element_type=jnp.float32)
 
-  rows = h_NxD[tokens]
-  hidden = activation(grouped(rows, experts["gate_proj"]).astype(dtype), grouped(rows, experts["up_proj"]).astype(dtype))
-  out = grouped(hidden, experts["down_proj"]) * weights_NxK.reshape(-1)[order][:, None]
+  out = _expert_mlp(h_NxD[tokens], experts, lora, grouped, activation, dtype) * weights_NxK.reshape(-1)[order][:, None]
   return jnp.zeros(h_NxD.shape, jnp.float32).at[tokens].add(out)

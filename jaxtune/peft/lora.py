@@ -14,7 +14,7 @@ import re
 import jax
 import jax.numpy as jnp
 
-from jaxtune.models import llama, quantization
+from jaxtune.models import llama, moe, quantization
 from jaxtune.models.loading import flatten, unflatten
 
 DEFAULT_TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -77,10 +77,16 @@ def is_lora_leaf(path: str) -> bool:
 
 def merge_lora(params: llama.Params, scale: float) -> llama.Params:
   """Folds every A @ B * scale into its kernel (DoRA: then rescales each output column to its
-  magnitude) and drops the LoRA leaves."""
+  magnitude; experts: moe.merge_expert_lora) and drops the LoRA leaves."""
   flat = flatten(params)
   out = {p: v for p, v in flat.items() if not is_lora_leaf(p)}
-  for path in [p[: -len("/lora_a")] for p in flat if p.endswith("/lora_a")]:
+  expert_lora = unflatten({p: v for p, v in flat.items() if moe.is_expert_lora_leaf(p)})
+  if expert_lora:
+    experts = {p: v for p, v in out.items() if moe.is_expert_leaf(p)}
+    merged = moe.merge_expert_lora(unflatten(experts)["layers"]["mlp"]["experts"],
+                                   expert_lora["layers"]["mlp"]["expert_lora"], scale)
+    out.update({f"layers/mlp/experts/{name}": v for name, v in merged.items()})
+  for path in [p[: -len("/lora_a")] for p in flat if p.endswith("/lora_a") and not moe.is_expert_lora_leaf(p)]:
     a, b = flat[path + "/lora_a"].astype(jnp.float32), flat[path + "/lora_b"].astype(jnp.float32)
     kernel = out[path + "/kernel"]
     merged = kernel.astype(jnp.float32) + jnp.matmul(a, b) * scale
