@@ -149,15 +149,16 @@ def _leaves(tree, prefix=""):
 
 
 def peft_settings(method: str = "lora", rank: int = 8, targets: str = lora.DEFAULT_TARGETS,
-                  length: int = 16, adapter_size: int = 64) -> ml_collections.ConfigDict:
-  """The `peft` config section the planner assumes: `targets` is LoRA's/DoRA's, `length` prefix's and
-  prompt's; the rest as configs/base.py (IA3's peft defaults, adapters in both places, no reparam)."""
+                  length: int = 16, adapter_size: int = 64, expert_targets: str = "") -> ml_collections.ConfigDict:
+  """The `peft` config section the planner assumes: `targets` and `expert_targets` are LoRA's/DoRA's,
+  `length` prefix's and prompt's; the rest as configs/base.py (IA3's peft defaults, adapters in both
+  places, no reparam)."""
   if method not in partition.METHODS:
     raise ValueError(f"method {method!r} is not one of {', '.join(partition.METHODS)}")
   return ml_collections.ConfigDict({
       "method": method,
       "lora": {"rank": rank, "alpha": 2.0 * rank, "dropout": 0.0, "targets": targets,
-               "use_rslora": False, "use_dora": method == "dora"},
+               "use_rslora": False, "use_dora": method == "dora", "expert_targets": expert_targets},
       "ia3": {"targets": ia3.DEFAULT_TARGETS, "feedforward": ia3.DEFAULT_FEEDFORWARD},
       "adapter": {"size": adapter_size, "placement": "attn,mlp"},
       "prefix": {"length": length, "reparam_hidden": 0},
@@ -220,11 +221,11 @@ def plan(cfg: ModelConfig, mesh: Mesh, chip: str, batch_size: int, seq_len: int,
          method: str = "lora", lora_rank: int = 8, lora_targets: str = lora.DEFAULT_TARGETS,
          peft_length: int = 16, adapter_size: int = 64,
          param_dtype: str = "bfloat16", compute_dtype: str = "bfloat16", remat: bool = True,
-         fused_attention: bool = False, reserve: float = 0.1, quantize: str = "") -> Plan:
+         fused_attention: bool = False, reserve: float = 0.1, quantize: str = "", expert_targets: str = "") -> Plan:
   """Per-chip memory of a fine-tuning step (AdamW) of `cfg` on `mesh` of `chip`s with any PEFT method."""
   if chip not in CHIPS:
     raise ValueError(f"chip {chip!r} is not one of {', '.join(CHIPS)}")
-  peft = peft_settings(method, lora_rank, lora_targets, peft_length, adapter_size)
+  peft = peft_settings(method, lora_rank, lora_targets, peft_length, adapter_size, expert_targets)
   rows = mesh.data * mesh.fsdp
   if batch_size % rows:
     raise ValueError(f"batch_size {batch_size} is not divisible by data x fsdp = {rows}")
@@ -320,6 +321,8 @@ def main(argv=None) -> int:
   ap.add_argument("--fused_attention", action="store_true")
   ap.add_argument("--quantize", choices=quantization.CHOICES, default="",
                   help="nf4: the frozen base's layer kernels in 4-bit NF4 (QLoRA, model.quantize)")
+  ap.add_argument("--expert_targets", default="",
+                  help="lora: LoRA on every expert too (peft.lora.expert_targets, e.g. 'gate_up_proj|down_proj')")
   args = ap.parse_args(argv)
   try:
     cfg = PRESETS[args.preset] if args.preset else config_from_hf(read_hf_config(args.model))
@@ -334,7 +337,7 @@ def main(argv=None) -> int:
                   lora_targets=args.targets, peft_length=args.length, adapter_size=args.adapter_size,
                   param_dtype=args.param_dtype,
                   compute_dtype=args.compute_dtype, remat=args.remat,
-                  fused_attention=args.fused_attention, quantize=args.quantize)
+                  fused_attention=args.fused_attention, quantize=args.quantize, expert_targets=args.expert_targets)
   except (ValueError, TypeError, OSError, KeyError) as e:
     print(f"planner: {e}", file=sys.stderr)
     return 2

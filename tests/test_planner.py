@@ -224,3 +224,18 @@ def test_cli(capsys):
   assert planner.main(["--preset", "smollm2-135m", "--chip", "v6e", "--method", "lora", "--targets", "q_proj"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "peft.lora.targets='q_proj' matches no linear layer" in err[0]
+
+
+def test_lora_on_experts_counts_match_peft():
+  """Mixtral-8x7B, LoRA r=16 on q/v and on every expert's gate_up_proj and down_proj (peft's
+  target_parameters): 8 experts x 32 layers x 16 x ((4096 + 2 x 14336) + (14336 + 4096)) more."""
+  peft = pytest.importorskip("peft")
+  cfg = planner.PRESETS["mixtral-8x7b"]
+  model = peft.get_peft_model(_meta_hf_model(cfg), peft.LoraConfig(
+      r=16, target_modules=["q_proj", "v_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+  trainable, total = model.get_nb_trainable_parameters()
+  attention = 32 * 16 * ((4096 + 4096) + (4096 + 1024))
+  assert trainable == attention + 32 * 8 * 16 * ((4096 + 2 * 14336) + (14336 + 4096)) == 216_530_944
+  p = planner.plan(cfg, planner.Mesh(fsdp=8), "v5p", 8, 128, lora_rank=16, lora_targets=".*(q_proj|v_proj)",
+                   expert_targets="gate_up_proj|down_proj")
+  assert (p.trainable_params, p.total_params) == (trainable, total)

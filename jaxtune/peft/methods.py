@@ -21,12 +21,12 @@ def add_peft(params: llama.Params, cfg: ModelConfig, peft: ml_collections.Config
              dtype) -> llama.Params:
   """Base params + the method's (freshly initialised) leaves."""
   if peft.method in partition.LORA_METHODS:
-    attention_rng, experts_rng = jax.random.split(rng)
-    params = lora.add_lora(params, attention_rng, peft.lora.rank, peft.lora.targets, dtype,
+    params = lora.add_lora(params, rng, peft.lora.rank, peft.lora.targets, dtype,
                            use_dora=peft.method == "dora" or peft.lora.use_dora)
     if peft.lora.expert_targets:
       from jaxtune.peft import expert_lora
-      params = expert_lora.add_expert_lora(params, experts_rng, peft.lora.rank, peft.lora.expert_targets, dtype)
+      params = expert_lora.add_expert_lora(params, jax.random.fold_in(rng, 1), peft.lora.rank,
+                                           peft.lora.expert_targets, dtype)
     return params
   if peft.method == "ia3":
     from jaxtune.peft import ia3
