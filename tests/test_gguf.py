@@ -82,6 +82,14 @@ def write_gguf(model, path: str, arch: str, tokenizer=None) -> str:
     w.add_rope_scaling_yarn_beta_slow(cfg.rope_parameters["beta_slow"])
   if arch == "phi3":
     add_phi3_settings(w, cfg)
+  experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+  if experts:
+    w.add_expert_count(experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    if hasattr(cfg, "moe_intermediate_size"):
+      w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    if hasattr(cfg, "shared_expert_intermediate_size"):
+      w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
   if getattr(cfg, "sliding_window", None) and arch.startswith("gemma"):
     w.add_sliding_window(cfg.sliding_window)
     w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
@@ -94,7 +102,7 @@ def write_gguf(model, path: str, arch: str, tokenizer=None) -> str:
     add_tokenizer(w, tokenizer)
   arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
   names = gguf.get_tensor_name_map(arch_enum, cfg.num_hidden_layers)
-  for name, t in model.state_dict().items():
+  for name, t in _llama_cpp_tensors(model.state_dict()):
     if name == "lm_head.weight" and cfg.tie_word_embeddings:
       continue
     a = t.detach().numpy().astype(np.float32)
@@ -106,6 +114,23 @@ def write_gguf(model, path: str, arch: str, tokenizer=None) -> str:
       a = a + 1.0  # llama.cpp stores Gemma's norms as the 1 + w they scale by
     w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), a)
   return close(w, path)
+
+
+def _llama_cpp_tensors(state_dict):
+  """(name, tensor) as convert_hf_to_gguf.py sees them: each layer's experts stacked as gate, up and
+  down (E x out x in; transformers 5 keeps gate and up as one matrix), Qwen2-MoE's shared-expert gate
+  as a vector."""
+  for name, t in state_dict.items():
+    if name.endswith("experts.gate_up_proj"):
+      gate, up = t.chunk(2, dim=1)
+      yield name.replace("gate_up_proj", "gate_proj.weight"), gate
+      yield name.replace("gate_up_proj", "up_proj.weight"), up
+    elif name.endswith("experts.down_proj"):
+      yield name + ".weight", t
+    elif name.endswith("shared_expert_gate.weight"):
+      yield name, t.reshape(-1)
+    else:
+      yield name, t
 
 
 def add_phi3_settings(w: gguf.GGUFWriter, cfg):
@@ -213,7 +238,8 @@ def llama31_model():
 TINY_CASES = [("llama_untied", "llama"), ("smollm2", "llama"), ("llama_bias", "llama"),
               ("llama_linear_rope", "llama"), ("llama31", "llama"), ("qwen2", "qwen2"), ("qwen2_yarn", "qwen2"),
               ("qwen3", "qwen3"), ("gemma", "gemma"), ("gemma2", "gemma2"), ("gemma3", "gemma3"),
-              ("phi3", "phi3"), ("phi3_longrope", "phi3")]
+              ("phi3", "phi3"), ("phi3_longrope", "phi3"),
+              ("mixtral", "llama"), ("qwen3_moe", "qwen3moe"), ("qwen2_moe", "qwen2moe")]
 
 
 def tiny_model(family):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import mmap
 import os
+import re
 from typing import Any, Callable
 
 import numpy as np
@@ -18,9 +19,11 @@ from jaxtune.models.config import CAUSAL_LM_CLASSES, UnsupportedModelError
 
 # llama.cpp architectures whose tensors map onto jaxtune's decoder. "llama" covers Llama 1-3,
 # Mistral and SmolLM2 (llama.cpp writes them all as llama).
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe")
 _GEMMA = ("gemma", "gemma2", "gemma3")  # norms stored as 1 + weight (llama.cpp adds the 1 when converting)
-_MODEL_TYPES = {"gemma3": "gemma3_text"}  # llama.cpp architecture -> transformers model_type, where they differ
+# llama.cpp architecture -> transformers model_type, where they differ ("llama" with experts: Mixtral)
+_MODEL_TYPES = {"gemma3": "gemma3_text", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+_EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(\w+)\.weight")  # one expert's matrix, as loading asks for it
 # llama.cpp's converter permutes the rows of Q and K (and their biases) for these architectures only.
 _PERMUTED_QK = ("llama",)
 
@@ -113,12 +116,11 @@ def hf_config_of(reader, path: str) -> dict[str, Any]:
                      key("rope.dimension_count", hidden // heads)))
   if arch != "phi3" and int(key("rope.dimension_count", head_dim)) != head_dim:
     raise UnsupportedModelError(f"{path}: partial rotary embeddings (rope.dimension_count != head_dim)")
-  if int(key("expert_count", 0) or 0):
-    raise UnsupportedModelError(f"{path}: GGUF mixture-of-experts models are not supported (load the HF folder)")
   vocab = key("vocab_size")
   if vocab is None:  # older files only state it through the vocabulary's length
     vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
-  model_type = _MODEL_TYPES.get(arch, arch)
+  experts = int(key("expert_count", 0) or 0)
+  model_type = "mixtral" if arch == "llama" and experts else _MODEL_TYPES.get(arch, arch)
   hf_config = {
       "model_type": model_type,
       "architectures": [CAUSAL_LM_CLASSES[model_type]],
@@ -153,7 +155,23 @@ def hf_config_of(reader, path: str) -> dict[str, Any]:
     hf_config.update(_gemma_config(arch, key, hf_config))
   if arch == "phi3":
     hf_config.update(_phi3_config(reader, key, hf_config))
+  if experts:
+    hf_config.update(_moe_config(arch, key, experts, tensor_names))
   return hf_config
+
+
+def _moe_config(arch: str, key: Callable[..., Any], experts: int, tensor_names: set[str]) -> dict[str, Any]:
+  """Mixtral (llama.cpp's `llama` with experts), Qwen2-MoE and Qwen3-MoE as llama.cpp runs them:
+  Mixtral's and Qwen3-MoE's expert weights renormalised, Qwen2-MoE's not; Qwen2-MoE's shared expert."""
+  used = int(key("expert_used_count"))
+  if arch == "llama":
+    return {"num_local_experts": experts, "num_experts_per_tok": used}
+  out = {"num_experts": experts, "num_experts_per_tok": used, "decoder_sparse_step": 1, "mlp_only_layers": [],
+         "moe_intermediate_size": int(key("expert_feed_forward_length")), "norm_topk_prob": arch == "qwen3moe"}
+  if arch == "qwen2moe":
+    out.update(shared_expert_intermediate_size=int(key("expert_shared_feed_forward_length")),
+               qkv_bias="blk.0.attn_q.bias" in tensor_names)
+  return out
 
 
 def _phi3_config(reader, key: Callable[..., Any], hf_config: dict[str, Any]) -> dict[str, Any]:
@@ -241,12 +259,27 @@ def gguf_tensors(path: str) -> tuple[dict[str, Any], Callable[[str], np.ndarray]
   tensors = {t.name: t for t in reader.tensors}
   heads_of = {"attn_q": hf_config["num_attention_heads"], "attn_k": hf_config["num_key_value_heads"]}
 
+  @functools.lru_cache(maxsize=1)  # loading asks for a layer's experts one after another
+  def experts_of(gguf_name: str) -> np.ndarray:
+    tensor = tensors[gguf_name]
+    w = _dequantize(tensor).copy()
+    release_pages(reader.data, tensor.data_offset, tensor.n_bytes)
+    return w
+
   def get(hf_name: str) -> np.ndarray:
+    expert = _EXPERT.fullmatch(hf_name)
+    if expert:  # llama.cpp stacks a layer's experts: E x out x in
+      gguf_name = name_map.get_name(f"{expert.group(1)}.{expert.group(3)}") + ".weight"
+      if gguf_name not in tensors:
+        raise KeyError(f"{path}: tensor {hf_name!r} (GGUF {gguf_name!r}) not found in the file")
+      return experts_of(gguf_name)[int(expert.group(2))]
     gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if gguf_name not in tensors:
       raise KeyError(f"{path}: tensor {hf_name!r} (GGUF {gguf_name!r}) not found in the file")
     tensor = tensors[gguf_name]
     w = _dequantize(tensor)
+    if hf_name.endswith("shared_expert_gate.weight") and w.ndim == 1:  # llama.cpp keeps it as a vector
+      w = w[None]
     kind = gguf_name.split(".")[-2]
     if arch in _PERMUTED_QK and kind in heads_of:
       w = unpermute_qk(w, heads_of[kind])
