@@ -82,6 +82,11 @@ def write_gguf(model, path: str, arch: str, tokenizer=None) -> str:
     w.add_rope_scaling_yarn_beta_slow(cfg.rope_parameters["beta_slow"])
   if arch == "phi3":
     add_phi3_settings(w, cfg)
+  if arch == "granite":  # convert_hf_to_gguf.py GraniteModel
+    w.add_embedding_scale(cfg.embedding_multiplier)
+    w.add_attention_scale(cfg.attention_multiplier)
+    w.add_residual_scale(cfg.residual_multiplier)
+    w.add_logit_scale(cfg.logits_scaling)
   experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
   if experts:
     w.add_expert_count(experts)
@@ -106,9 +111,9 @@ def write_gguf(model, path: str, arch: str, tokenizer=None) -> str:
     if name == "lm_head.weight" and cfg.tie_word_embeddings:
       continue
     a = t.detach().numpy().astype(np.float32)
-    if arch == "llama" and ".q_proj." in name:
+    if arch in ("llama", "granite") and ".q_proj." in name:
       a = llama_cpp_permute(a, cfg.num_attention_heads)
-    elif arch == "llama" and ".k_proj." in name:
+    elif arch in ("llama", "granite") and ".k_proj." in name:
       a = llama_cpp_permute(a, cfg.num_key_value_heads)
     elif arch.startswith("gemma") and name.endswith("norm.weight"):
       a = a + 1.0  # llama.cpp stores Gemma's norms as the 1 + w they scale by
@@ -239,7 +244,8 @@ TINY_CASES = [("llama_untied", "llama"), ("smollm2", "llama"), ("llama_bias", "l
               ("llama_linear_rope", "llama"), ("llama31", "llama"), ("qwen2", "qwen2"), ("qwen2_yarn", "qwen2"),
               ("qwen3", "qwen3"), ("gemma", "gemma"), ("gemma2", "gemma2"), ("gemma3", "gemma3"),
               ("phi3", "phi3"), ("phi3_longrope", "phi3"),
-              ("mixtral", "llama"), ("qwen3_moe", "qwen3moe"), ("qwen2_moe", "qwen2moe")]
+              ("mixtral", "llama"), ("qwen3_moe", "qwen3moe"), ("qwen2_moe", "qwen2moe"), ("olmo2", "olmo2"),
+              ("granite", "granite")]
 
 
 def tiny_model(family):
@@ -251,6 +257,9 @@ def tiny_model(family):
   if family in ("gemma2", "gemma3"):
     head_dim = hf_tiny.FAMILIES[family][1]["head_dim"]
     return hf_tiny.sharpen(hf_tiny.build_hf_model(family, query_pre_attn_scalar=head_dim))
+  if family in ("granite", "mixtral", "qwen2_moe", "qwen3_moe"):
+    # Granite's small multipliers (x0.05 scores, /8 logits) and small experts would hide mistakes
+    return hf_tiny.sharpen(hf_tiny.build_hf_model(family))
   return hf_tiny.build_hf_model(family)
 
 

@@ -19,13 +19,14 @@ from jaxtune.models.config import CAUSAL_LM_CLASSES, UnsupportedModelError
 
 # llama.cpp architectures whose tensors map onto jaxtune's decoder. "llama" covers Llama 1-3,
 # Mistral and SmolLM2 (llama.cpp writes them all as llama).
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe",
+                           "olmo2", "granite")
 _GEMMA = ("gemma", "gemma2", "gemma3")  # norms stored as 1 + weight (llama.cpp adds the 1 when converting)
 # llama.cpp architecture -> transformers model_type, where they differ ("llama" with experts: Mixtral)
 _MODEL_TYPES = {"gemma3": "gemma3_text", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
 _EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(\w+)\.weight")  # one expert's matrix, as loading asks for it
 # llama.cpp's converter permutes the rows of Q and K (and their biases) for these architectures only.
-_PERMUTED_QK = ("llama",)
+_PERMUTED_QK = ("llama", "granite")
 
 
 def _reader(path: str):
@@ -157,6 +158,11 @@ def hf_config_of(reader, path: str) -> dict[str, Any]:
     hf_config.update(_phi3_config(reader, key, hf_config))
   if experts:
     hf_config.update(_moe_config(arch, key, experts, tensor_names))
+  if arch == "granite":  # its four multipliers, as llama.cpp's converter names them
+    hf_config.update(embedding_multiplier=float(key("embedding_scale", 1.0)),
+                     attention_multiplier=float(key("attention.scale", 1.0)),
+                     residual_multiplier=float(key("residual_scale", 1.0)),
+                     logits_scaling=float(key("logit_scale", 1.0)))
   return hf_config
 
 
