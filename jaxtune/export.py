@@ -325,7 +325,7 @@ def _merged_leaf(params: llama.Params, path: str, lora_scale: float):
   if last == "kernel" and "lora_a" in node:
     return lora.merge_lora({"linear": node}, lora_scale)["linear"]["kernel"]
   if moe.is_expert_leaf(path) and "expert_lora" in params["layers"]["mlp"]:
-    return moe.merge_expert_lora(node, params["layers"]["mlp"]["expert_lora"], lora_scale)[last]
+    return moe.merged_expert(node, params["layers"]["mlp"]["expert_lora"], lora_scale, last)
   if last in ("kernel", "bias") and ("ia3_in" in node or "ia3_out" in node):
     return ia3.merge_ia3({"linear": node})["linear"][last]
   return node[last]

@@ -65,3 +65,12 @@ def test_dora_and_ia3_on_the_fused_projections_match_peft(tmp_path, data_file, k
   else:
     model = peft_ia3(folder, out, target_modules=["qkv_proj", "down_proj"], feedforward_modules=["down_proj"])
   assert_jaxtune_matches_peft(model, folder, data_file, out, f"{kind} on phi3's fused projections")
+
+
+def test_longrope_factor_lists_must_cover_the_rotary_dims():
+  import hf_tiny
+  from jaxtune.models.config import UnsupportedModelError, config_from_hf
+  hf = hf_tiny.build_hf_model("phi3_longrope").config.to_dict()
+  hf["rope_parameters"]["short_factor"] = hf["rope_parameters"]["short_factor"][:5]
+  with pytest.raises(UnsupportedModelError, match="need 6 values each .* not 5 and 6"):
+    config_from_hf(hf)

@@ -302,12 +302,6 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
   rope = _rope_fields(hf)
   if rope["partial_rotary_factor"] != 1.0 and model_type != "phi3":
     raise UnsupportedModelError(f"{model_type}: partial_rotary_factor != 1 is not supported")
-  half_rotary = int(int(head_dim) * rope["partial_rotary_factor"]) // 2
-  if rope["rope_type"] == "longrope" and not (len(rope["rope_short_factor"]) == len(rope["rope_long_factor"])
-                                              == half_rotary):
-    raise UnsupportedModelError(f"longrope: short_factor and long_factor need {half_rotary} values each "
-                                f"(half the rotary dims), not {len(rope['rope_short_factor'])} and "
-                                f"{len(rope['rope_long_factor'])}")
   if model_type.startswith("gemma"):
     family = _gemma_fields(hf, model_type, rope)
   if model_type in ("mixtral", "qwen2_moe", "qwen3_moe"):
@@ -337,7 +331,12 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
       pad_token_id=hf.get("pad_token_id"),
       **rope,
   )
-  return ModelConfig(**{**fields, **family})
+  cfg = ModelConfig(**{**fields, **family})
+  lengths = (len(cfg.rope_short_factor), len(cfg.rope_long_factor))
+  if cfg.rope_type == "longrope" and lengths != (cfg.rotary_dim // 2,) * 2:
+    raise UnsupportedModelError(f"longrope: short_factor and long_factor need {cfg.rotary_dim // 2} values each "
+                                f"(half the rotary dims), not {lengths[0]} and {lengths[1]}")
+  return cfg
 
 
 def read_hf_config(folder: str) -> dict[str, Any]:

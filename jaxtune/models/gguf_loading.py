@@ -273,15 +273,13 @@ def gguf_tensors(path: str) -> tuple[dict[str, Any], Callable[[str], np.ndarray]
     return w
 
   def get(hf_name: str) -> np.ndarray:
-    expert = _EXPERT.fullmatch(hf_name)
-    if expert:  # llama.cpp stacks a layer's experts: E x out x in
-      gguf_name = name_map.get_name(f"{expert.group(1)}.{expert.group(3)}") + ".weight"
-      if gguf_name not in tensors:
-        raise KeyError(f"{path}: tensor {hf_name!r} (GGUF {gguf_name!r}) not found in the file")
-      return experts_of(gguf_name)[int(expert.group(2))]
-    gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    expert = _EXPERT.fullmatch(hf_name)  # llama.cpp stacks a layer's experts: E x out x in
+    gguf_name = (f"{name_map.get_name(f'{expert.group(1)}.{expert.group(3)}')}.weight" if expert
+                 else name_map.get_name(hf_name, try_suffixes=(".weight", ".bias")))
     if gguf_name not in tensors:
       raise KeyError(f"{path}: tensor {hf_name!r} (GGUF {gguf_name!r}) not found in the file")
+    if expert:
+      return experts_of(gguf_name)[int(expert.group(2))]
     tensor = tensors[gguf_name]
     w = _dequantize(tensor)
     if hf_name.endswith("shared_expert_gate.weight") and w.ndim == 1:  # llama.cpp keeps it as a vector

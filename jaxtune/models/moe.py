@@ -97,15 +97,18 @@ def load_balancing_loss(chosen_E, probs_E, tokens):
   return chosen_E.shape[-1] * jnp.sum((chosen_E / tokens) * (probs_E / tokens))
 
 
-def merge_expert_lora(experts: dict, lora: dict, scale: float) -> dict:
-  """The experts' arrays with scale * A @ B folded in (gate_up_proj's first half into gate_proj)."""
-  out = dict(experts)
-  for name, ab in lora.items():
-    delta = scale * jnp.matmul(ab["lora_a"].astype(jnp.float32), ab["lora_b"].astype(jnp.float32))
-    parts = {"down_proj": delta} if name == "down_proj" else dict(zip(("gate_proj", "up_proj"), jnp.split(delta, 2, -1)))
-    for part, d in parts.items():
-      out[part] = (experts[part].astype(jnp.float32) + d).astype(experts[part].dtype)
-  return out
+def merged_expert(experts: dict, lora: dict, scale: float, part: str) -> jax.Array:
+  """The experts' array `part` (one of EXPERTS) with its LoRA's scale * A @ B folded in: gate_proj
+  and up_proj take their half of gate_up_proj's B (only that half is multiplied)."""
+  name = "down_proj" if part == "down_proj" else "gate_up_proj"
+  if name not in lora:
+    return experts[part]
+  b = lora[name]["lora_b"]
+  if name == "gate_up_proj":
+    half = b.shape[-1] // 2
+    b = b[..., :half] if part == "gate_proj" else b[..., half:]
+  delta = scale * jnp.matmul(lora[name]["lora_a"].astype(jnp.float32), b.astype(jnp.float32))
+  return (experts[part].astype(jnp.float32) + delta).astype(experts[part].dtype)
 
 
 def uses_ragged(dispatch: str) -> bool:

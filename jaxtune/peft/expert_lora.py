@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtune.models import moe
+from jaxtune.peft.lora import init_lora
 
 PEFT_PARAMETERS = {name: f"mlp.experts.{name}" for name in moe.EXPERT_LORA_TARGETS}  # peft's target_parameters
 _PREFIX = "layers/mlp/expert_lora/"
@@ -42,10 +43,7 @@ def add_expert_lora(params: dict, rng: jax.Array, rank: int, targets: str, dtype
   sizes = {"gate_up_proj": (D, 2 * F), "down_proj": (F, D)}
   lora = {}
   for name, key in zip(names, jax.random.split(rng, len(names))):
-    n_in, n_out = sizes[name]
-    bound = 1.0 / np.sqrt(n_in)  # kaiming_uniform(a=sqrt(5)) of an r x in matrix, as peft's lora_A
-    lora[name] = {"lora_a": jax.random.uniform(key, (L, E, n_in, rank), jnp.float32, -bound, bound).astype(dtype),
-                  "lora_b": jnp.zeros((L, E, rank, n_out), dtype)}
+    lora[name] = dict(zip(("lora_a", "lora_b"), init_lora(key, (L, E), *sizes[name], rank, dtype)))
   mlp = {**params["layers"]["mlp"], "expert_lora": lora}
   return {**params, "layers": {**params["layers"], "mlp": mlp}}
 

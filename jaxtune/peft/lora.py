@@ -62,13 +62,19 @@ def add_lora(params: llama.Params, rng: jax.Array, rank: int, targets: str = DEF
   for path, key in zip(paths, jax.random.split(rng, len(paths))):
     linear = linear_at(flat, path)
     *lead, n_in, n_out = quantization.kernel_shape(linear)
-    bound = 1.0 / math.sqrt(n_in)  # kaiming_uniform(a=sqrt(5)) on an r x in matrix, as peft
-    flat[path + "/lora_a"] = jax.random.uniform(key, (*lead, n_in, rank), jnp.float32, -bound, bound).astype(dtype)
-    flat[path + "/lora_b"] = jnp.zeros((*lead, rank, n_out), dtype)
+    flat[path + "/lora_a"], flat[path + "/lora_b"] = init_lora(key, lead, n_in, n_out, rank, dtype)
     if use_dora:  # B = 0: the magnitude starts at ||W|| per output, so the model starts as the base
       kernel = quantization.kernel_of(linear).astype(jnp.float32)  # a quantized base: as it computes
       flat[path + "/lora_magnitude"] = jnp.linalg.norm(kernel, axis=-2).astype(dtype)
   return unflatten(flat)
+
+
+def init_lora(key: jax.Array, lead: tuple[int, ...] | list[int], n_in: int, n_out: int, rank: int, dtype):
+  """A fresh (A: lead x in x r, B: lead x r x out): A kaiming_uniform(a=sqrt(5)) as peft's r x in
+  lora_A, B zeros, so the adapted layer starts as the base."""
+  bound = 1.0 / math.sqrt(n_in)
+  return (jax.random.uniform(key, (*lead, n_in, rank), jnp.float32, -bound, bound).astype(dtype),
+          jnp.zeros((*lead, rank, n_out), dtype))
 
 
 def is_lora_leaf(path: str) -> bool:
@@ -77,15 +83,13 @@ def is_lora_leaf(path: str) -> bool:
 
 def merge_lora(params: llama.Params, scale: float) -> llama.Params:
   """Folds every A @ B * scale into its kernel (DoRA: then rescales each output column to its
-  magnitude; experts: moe.merge_expert_lora) and drops the LoRA leaves."""
+  magnitude; experts: moe.merged_expert) and drops the LoRA leaves."""
   flat = flatten(params)
   out = {p: v for p, v in flat.items() if not is_lora_leaf(p)}
-  expert_lora = unflatten({p: v for p, v in flat.items() if moe.is_expert_lora_leaf(p)})
-  if expert_lora:
-    experts = {p: v for p, v in out.items() if moe.is_expert_leaf(p)}
-    merged = moe.merge_expert_lora(unflatten(experts)["layers"]["mlp"]["experts"],
-                                   expert_lora["layers"]["mlp"]["expert_lora"], scale)
-    out.update({f"layers/mlp/experts/{name}": v for name, v in merged.items()})
+  if any(moe.is_expert_lora_leaf(p) for p in flat):
+    mlp = unflatten(flat)["layers"]["mlp"]
+    out.update({f"layers/mlp/experts/{part}": moe.merged_expert(mlp["experts"], mlp["expert_lora"], scale, part)
+                for part in moe.EXPERTS})
   for path in [p[: -len("/lora_a")] for p in flat if p.endswith("/lora_a") and not moe.is_expert_lora_leaf(p)]:
     a, b = flat[path + "/lora_a"].astype(jnp.float32), flat[path + "/lora_b"].astype(jnp.float32)
     kernel = out[path + "/kernel"]
