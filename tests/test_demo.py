@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from train_helpers import without_torch
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
@@ -23,7 +25,7 @@ def test_demo_runs_end_to_end(tmp_path):
   cmd = [sys.executable, os.path.join(ROOT, "scripts", "demo.py"), f"--workdir={workdir}",
          "--config.train.steps=3", "--config.train.log_every=1", "--config.train.batch_size=4",
          "--config.optimizer.warmup_steps=1", f"--config.data.eval={eval_path}"]
-  out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=without_torch())
   assert out.returncode == 0, out.stderr[-3000:]
   assert "exact match" in out.stdout and "before" in out.stdout
   summary = json.load(open(workdir / "demo_summary.json"))

@@ -9,12 +9,13 @@ import pytest
 
 import hf_tiny
 from jaxtune import evaluation, inference, sampling
+from train_helpers import without_torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_script(name, *args):
-  env = dict(os.environ, PYTHONIOENCODING="utf-8", JAX_PLATFORMS="cpu")
+  env = without_torch(dict(os.environ, PYTHONIOENCODING="utf-8", JAX_PLATFORMS="cpu"))
   return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", name), *args],
                         capture_output=True, text=True, env=env, timeout=600)
 

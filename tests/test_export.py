@@ -19,6 +19,7 @@ from jaxtune import evaluation, export, peft_io
 from jaxtune.models import llama, loading
 from jaxtune.models.config import CAUSAL_LM_CLASSES, config_from_hf
 from jaxtune.peft import adapter, ia3, lora, prefix
+from train_helpers import without_torch
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "jaxtune exports to peft and transformers",
          "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello there<|im_end|>"]
@@ -337,7 +338,8 @@ def test_multihost_export_is_written_once_by_process_0(tmp_path):
     port = str(sock.getsockname()[1])
   out = str(tmp_path / "out")
   procs = [subprocess.Popen([sys.executable, str(worker), str(i), port, folder, adapter_dir, out],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=without_torch())
+           for i in range(2)]
   logs = [p.communicate(timeout=300)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), logs
   assert not os.path.exists(out + "1")
@@ -353,7 +355,7 @@ SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 def run_export(workdir, out, fmt):
   return subprocess.run([sys.executable, SCRIPT, "--workdir", workdir, "--out", out, "--format", fmt],
-                        capture_output=True, text=True, timeout=600)
+                        capture_output=True, text=True, timeout=600, env=without_torch())
 
 
 @pytest.mark.parametrize("method,formats,refused", [("lora", ["peft", "hf"], "none"),

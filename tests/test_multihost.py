@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from jaxtune.metrics_log import read_metrics
+from train_helpers import without_torch
 
 RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_run.py")
 
@@ -26,7 +27,7 @@ def free_port() -> int:
 
 
 def start(*args) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, RUNNER, *map(str, args)], stdout=subprocess.PIPE,
+  return subprocess.Popen([sys.executable, RUNNER, *map(str, args)], env=without_torch(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
 
 

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from train_helpers import without_torch
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
@@ -22,7 +24,7 @@ def test_make_tiny_model_then_train_tiny_config(tmp_path):
                         f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}", f"--workdir={workdir}",
                         f"--config.model.path={model}", "--config.train.steps=3",
                         "--config.train.log_every=1", "--config.optimizer.warmup_steps=1"],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, env=without_torch())
   assert run.returncode == 0, run.stderr[-2000:]
   rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]

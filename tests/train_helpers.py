@@ -19,6 +19,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(HERE, "..", "scripts", "train.py")
 
 
+def without_torch(env=None) -> dict:
+  """`env` (default: this process's) for a jaxtune script's subprocess, torch hidden (tests/without_torch)."""
+  env = dict(os.environ if env is None else env)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.join(HERE, "without_torch"), env.get("PYTHONPATH")) if p)
+  return env
+
+
 def write_instruction_data(path: str, n: int = 64, seed: int = 0) -> str:
   rng = random.Random(seed)
   with open(path, "w") as f:
@@ -108,7 +115,7 @@ def train_args(tiny_setup, workdir, steps=40, every=10, **overrides) -> list[str
 def start(args, env, devices=None, script=TRAIN):
   if devices:
     env = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  return subprocess.Popen([sys.executable, script, *args], env=env, stdout=subprocess.PIPE,
+  return subprocess.Popen([sys.executable, script, *args], env=without_torch(env), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
 
 
