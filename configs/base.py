@@ -130,6 +130,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # -1 = the remaining devices
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  c.mesh.expert = 1  # MoE: experts split over it; otherwise one more data axis
 
   c.precision = ml_collections.ConfigDict()
   c.precision.param_dtype = "float32"

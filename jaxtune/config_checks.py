@@ -129,12 +129,14 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     raise ConfigError("dpo.label_smoothing", f"must be in [0, 0.5), got {c.dpo.label_smoothing}")
   if c.objective == "grpo":
     _check_grpo(c)
-  for key in ("mesh.data", "mesh.fsdp", "mesh.tensor"):
+  from jaxtune import sharding  # it imports this module (ConfigError)
+  mesh_keys = [f"mesh.{axis}" for axis in sharding.MESH_AXES]
+  for key in mesh_keys:
     value = _get(c, key)
     if not isinstance(value, int) or (value < 1 and value != -1):
       raise ConfigError(key, f"must be a positive integer or -1 (fill), got {value!r}")
-  if sum(_get(c, k) == -1 for k in ("mesh.data", "mesh.fsdp", "mesh.tensor")) > 1:
-    raise ConfigError("mesh", "at most one of mesh.data/fsdp/tensor may be -1")
+  if sum(_get(c, k) == -1 for k in mesh_keys) > 1:
+    raise ConfigError("mesh", f"at most one of mesh.{'/'.join(sharding.MESH_AXES)} may be -1")
   for key in ("precision.param_dtype", "precision.compute_dtype"):
     _choice(c, key, DTYPES)
   _choice(c, "model.attention", attention.IMPLEMENTATIONS)

@@ -10,7 +10,7 @@ Model of the run (jaxtune's own sharding: `sharding.LOGICAL_RULES` applied leaf 
   (embed -> fsdp; heads, mlp, vocab -> tensor; norms replicated) and replicated over data; with
   fsdp > 1 a layer's weights are all-gathered over fsdp just before use, and XLA keeps two
   layers gathered (the current one and the prefetched next);
-- the global batch is split over data x fsdp; head/MLP activations are also split over tensor,
+- the global batch is split over data x fsdp x expert; head/MLP activations are also split over tensor,
   the residual stream (hidden_size wide) is not (no sequence parallelism);
 - AdamW keeps two moments per trainable parameter in float32; gradients have the trainable
   parameters' dtype; only trainable parameters get gradients and moments;
@@ -34,7 +34,8 @@ Model of the run (jaxtune's own sharding: `sharding.LOGICAL_RULES` applied leaf 
 - mixtures of experts (the `mixtral-8x7b` preset) as TPU runs them (`model.moe_dispatch` ragged):
   per token and layer, k copies of its input and the router's E probabilities, and the chosen
   experts' gate, up, activation and product (4 x k x expert width, split over tensor); experts
-  shard like dense MLP kernels.
+  shard like dense MLP kernels and, with `--mesh expert=N`, split E over the expert axis (kept
+  there when fsdp gathers a layer); everything else is replicated over it, as over data.
 Left out as small: adapters' bottleneck activations, prompt tuning's P-token pass for its keys
 and values, IA3's scaled activations. It also ignores XLA's scratch space and fragmentation: `fits` keeps a `reserve` fraction of HBM free.
 """
@@ -98,10 +99,16 @@ class Mesh:
   data: int = 1
   fsdp: int = 1
   tensor: int = 1
+  expert: int = 1
 
   @property
   def size(self) -> int:
-    return self.data * self.fsdp * self.tensor
+    return self.data * self.fsdp * self.tensor * self.expert
+
+  @property
+  def rows(self) -> int:
+    """The batch's split: data x fsdp x expert (sharding.BATCH_AXES)."""
+    return self.data * self.fsdp * self.expert
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,9 +141,9 @@ def slice_chips(name: str) -> tuple[str, int]:
   raise ValueError(f"slice {name!r} is not a known TPU accelerator type ({prefixes})")
 
 
-def resolve_mesh(devices: int, data: int = 1, fsdp: int = -1, tensor: int = 1) -> Mesh:
+def resolve_mesh(devices: int, data: int = 1, fsdp: int = -1, tensor: int = 1, expert: int = 1) -> Mesh:
   """Fills the -1 axis with the remaining devices, as the trainer does for mesh.* = -1."""
-  return Mesh(*sharding.mesh_shape(data, fsdp, tensor, devices))
+  return Mesh(**sharding.mesh_shape(data, fsdp, tensor, devices, expert))
 
 
 def _leaves(tree, prefix=""):
@@ -226,9 +233,9 @@ def plan(cfg: ModelConfig, mesh: Mesh, chip: str, batch_size: int, seq_len: int,
   if chip not in CHIPS:
     raise ValueError(f"chip {chip!r} is not one of {', '.join(CHIPS)}")
   peft = peft_settings(method, lora_rank, lora_targets, peft_length, adapter_size, expert_targets)
-  rows = mesh.data * mesh.fsdp
+  rows = mesh.rows
   if batch_size % rows:
-    raise ValueError(f"batch_size {batch_size} is not divisible by data x fsdp = {rows}")
+    raise ValueError(f"batch_size {batch_size} is not divisible by data x fsdp x expert = {rows}")
   p_bytes, c_bytes = jnp.dtype(param_dtype).itemsize, jnp.dtype(compute_dtype).itemsize
   base = list(_leaves(param_shapes(cfg)))
   added = method_leaves(cfg, peft)
@@ -291,8 +298,8 @@ def _parse_mesh(text: str) -> dict[str, int]:
   sizes = {}
   for item in text.split(","):
     key, _, value = item.partition("=")
-    if key not in ("data", "fsdp", "tensor") or not re.fullmatch(r"-?\d+", value):
-      raise ValueError(f"--mesh item {item!r} is not data=N, fsdp=N or tensor=N")
+    if key not in sharding.MESH_AXES or not re.fullmatch(r"-?\d+", value):
+      raise ValueError(f"--mesh item {item!r} is not data=N, fsdp=N, expert=N or tensor=N")
     sizes[key] = int(value)
   return sizes
 
@@ -305,7 +312,7 @@ def main(argv=None) -> int:
   hw = ap.add_mutually_exclusive_group(required=True)
   hw.add_argument("--slice", help="TPU accelerator type, e.g. v5p-64 (sets the chip and device count)")
   hw.add_argument("--chip", choices=sorted(CHIPS), help="chip generation; the mesh gives the device count")
-  ap.add_argument("--mesh", default="fsdp=-1", help="data=N,fsdp=N,tensor=N (-1 fills; default fsdp=-1)")
+  ap.add_argument("--mesh", default="fsdp=-1", help="data=N,fsdp=N,expert=N,tensor=N (-1 fills; default fsdp=-1)")
   ap.add_argument("--method", choices=partition.METHODS, default="lora")
   ap.add_argument("--rank", type=int, default=8, help="lora/dora rank")
   ap.add_argument("--targets", default=lora.DEFAULT_TARGETS,
@@ -332,7 +339,7 @@ def main(argv=None) -> int:
     else:
       chip, devices = args.chip, math.prod(v for v in sizes.values() if v > 0)
     mesh = resolve_mesh(devices, **sizes)
-    batch = args.batch or mesh.data * mesh.fsdp
+    batch = args.batch or mesh.rows
     result = plan(cfg, mesh, chip, batch, args.seq, method=args.method, lora_rank=args.rank,
                   lora_targets=args.targets, peft_length=args.length, adapter_size=args.adapter_size,
                   param_dtype=args.param_dtype,

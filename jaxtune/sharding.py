@@ -14,8 +14,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from jaxtune.config_checks import ConfigError
 from jaxtune.models import llama
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+# tensor last: the innermost (fastest) links. expert: the experts of MoE layers are split over it; for
+# everything else it is one more data-parallel axis (the batch is split over it too).
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # Logical axis -> mesh axis (MaxText-style single rules table). Unlisted logical axes replicate.
 LOGICAL_RULES = {
@@ -24,6 +26,7 @@ LOGICAL_RULES = {
     "q_heads": "tensor",
     "kv_heads": "tensor",
     "mlp": "tensor",
+    "experts": "expert",
 }
 
 
@@ -43,9 +46,10 @@ def on_tpu_vm() -> bool:
               or glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
-def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[int, int, int]:
-  """Resolves one -1 to the remaining devices; the product must equal the device count."""
-  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int, expert: int = 1) -> dict[str, int]:
+  """{axis: size} in MESH_AXES order: one -1 resolved to the remaining devices; the product must
+  equal the device count."""
+  sizes = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
   fixed = math.prod(v for v in sizes.values() if v != -1)
   for name, value in sizes.items():
     if value == -1:
@@ -54,15 +58,16 @@ def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[int, 
                           f"the other mesh axes' product {fixed}")
       sizes[name] = n_devices // fixed
   if math.prod(sizes.values()) != n_devices:
-    raise ConfigError("mesh", f"data*fsdp*tensor = {sizes['data']}*{sizes['fsdp']}*{sizes['tensor']}"
+    raise ConfigError("mesh", f"{'*'.join(MESH_AXES)} = {'*'.join(str(v) for v in sizes.values())}"
                       f" = {math.prod(sizes.values())} != {n_devices} devices")
-  return sizes["data"], sizes["fsdp"], sizes["tensor"]
+  return sizes
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, expert: int = 1) -> Mesh:
   devices = jax.devices() if devices is None else devices
-  shape = mesh_shape(data, fsdp, tensor, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+  shape = mesh_shape(data, fsdp, tensor, len(devices), expert)
+  return jax.make_mesh(tuple(shape.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
 
 
 def spec_for(logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
@@ -96,7 +101,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def batch_divisor(mesh: Mesh) -> int:
-  return mesh.shape["data"] * mesh.shape["fsdp"]
+  return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 
 
 def put_global(tree, shardings):

@@ -236,12 +236,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=None, load=
   the jitted step for `loss_sums` (default: config.objective's)."""
   loss_sums = loss_sums or objectives.objective_loss_sums(config)
   is_main = jax.process_index() == 0
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, expert=config.mesh.expert)
+  data_axes = "*".join(f"mesh.{axis}" for axis in sharding.BATCH_AXES)
   if config.train.batch_size % sharding.batch_divisor(mesh):
     raise ConfigError("train.batch_size", f"{config.train.batch_size} is not divisible by the data axes "
-                      f"(mesh.data*mesh.fsdp = {sharding.batch_divisor(mesh)})")
+                      f"({data_axes} = {sharding.batch_divisor(mesh)})")
   if (config.train.batch_size // config.train.grad_accum) % sharding.batch_divisor(mesh):
-    raise ConfigError("train.grad_accum", "each micro-batch must still divide over mesh.data*mesh.fsdp")
+    raise ConfigError("train.grad_accum", f"each micro-batch must still divide over {data_axes}")
   if config.model.attention == "cudnn" and jax.default_backend() != "gpu":
     raise ConfigError("model.attention", f"cudnn needs a GPU; this run's devices are {jax.default_backend()}")
   if problem := loading.model_path_problem(config.model.path):
@@ -250,6 +251,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=None, load=
   if config.model.attention in ("xla", "cudnn", "splash") and model_cfg.attn_logit_softcap:
     raise ConfigError("model.attention", f"{config.model.attention} cannot soft-cap attention scores, which this "
                       "model does (Gemma 2): use auto or blocked")
+  if model_cfg.num_experts % mesh.shape["expert"]:
+    raise ConfigError("mesh.expert", f"{config.model.path} has {model_cfg.num_experts} experts per layer, "
+                      f"which do not split over {mesh.shape['expert']} devices")
   if config.train.router_aux_loss_coef and not model_cfg.num_experts:
     raise ConfigError("train.router_aux_loss_coef", f"{config.model.path} has no mixture-of-experts layers")
   if config.peft.method in partition.LORA_METHODS and config.peft.lora.expert_targets and not model_cfg.num_experts:

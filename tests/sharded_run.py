@@ -1,6 +1,6 @@
 """Runs tiny training on a fake 8-device CPU mesh; prints one JSON line per mesh (for test_sharding.py).
 
-usage: python tests/sharded_run.py MODEL DATA WORKDIR METHOD MESH [MESH ...]   (MESH = data,fsdp,tensor)
+usage: python tests/sharded_run.py MODEL DATA WORKDIR METHOD MESH [MESH ...]   (MESH = data,fsdp,tensor[,expert])
 Env SHARDED_RUN_OVERRIDES: more config overrides, a JSON object of dotted keys.
 """
 
@@ -36,10 +36,10 @@ def main(model, data, workdir, method, *meshes):
   splash.splash_attention = counted_splash
   overrides = json.loads(os.environ.get("SHARDED_RUN_OVERRIDES", "{}"))
   for mesh in meshes:
-    d, f, t = (int(x) for x in mesh.split(","))
+    d, f, t, e = (int(x) for x in (mesh + ",1").split(",")[:4])
     traces.clear()
-    config = tiny_config(model, data, **{"peft.method": method, "mesh.data": d, "mesh.fsdp": f,
-                                         "mesh.tensor": t, "optimizer.learning_rate": 1e-3, **overrides})
+    config = tiny_config(model, data, **{"peft.method": method, "mesh.data": d, "mesh.fsdp": f, "mesh.tensor": t,
+                                         "mesh.expert": e, "optimizer.learning_rate": 1e-3, **overrides})
     splash_traces.clear()
     rows = trainer.run(config, os.path.join(workdir, mesh.replace(",", "_")))
     print(json.dumps({"mesh": mesh, "losses": losses(rows), "traces": len(traces),

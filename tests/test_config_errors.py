@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from train_helpers import without_torch
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(HERE, "..", "scripts", "train.py")
 TINY = os.path.join(HERE, "..", "configs", "tiny.py")
@@ -70,13 +72,17 @@ CASES = [
     ("adam_beta_too_big", ["--config.optimizer.b1=1.5"], 1, "error: config.optimizer.b1: must be in [0, 1), got 1.5"),
     ("adam_beta_negative", ["--config.optimizer.b2=-3"], 1, "error: config.optimizer.b2: must be in [0, 1), got -3.0"),
     ("adam_eps_negative", ["--config.optimizer.eps=-1"], 1, "error: config.optimizer.eps: must be >= 0, got -1.0"),
-    ("mesh_not_devices", ["--config.mesh.data=3"], 1, "error: config.mesh: data*fsdp*tensor = 3*1*1 = 3 != 1 devices"),
+    ("mesh_not_devices", ["--config.mesh.data=3"], 1, "error: config.mesh: data*fsdp*expert*tensor = 3*1*1*1 = 3 != 1 devices"),
+    ("mesh_expert_zero", ["--config.mesh.expert=0"], 1,
+     "error: config.mesh.expert: must be a positive integer or -1 (fill), got 0"),
+    ("mesh_two_fills", ["--config.mesh.expert=-1"], 1,
+     "error: config.mesh: at most one of mesh.data/fsdp/expert/tensor may be -1"),
     ("mesh_cannot_fill", ["--config.mesh.fsdp=3"], 8,
      "error: config.mesh.data: cannot fill: 8 devices are not divisible by the other mesh axes' product 3"),
     ("batch_not_divisible", ["--config.train.batch_size=6"], 4,
-     "error: config.train.batch_size: 6 is not divisible by the data axes (mesh.data*mesh.fsdp = 4)"),
+     "error: config.train.batch_size: 6 is not divisible by the data axes (mesh.data*mesh.fsdp*mesh.expert = 4)"),
     ("micro_batch_not_divisible", ["--config.train.batch_size=8", "--config.train.grad_accum=4"], 4,
-     "error: config.train.grad_accum: each micro-batch must still divide over mesh.data*mesh.fsdp"),
+     "error: config.train.grad_accum: each micro-batch must still divide over mesh.data*mesh.fsdp*mesh.expert"),
     ("missing_config_file", ["--config=configs/nope.py"], 1,
      "error: --config: cannot load: OSError: [Errno 2] No such file or directory: 'configs/nope.py'"),
 ]
@@ -94,7 +100,7 @@ def snapshot(folder) -> dict[str, tuple[int, str]]:
 
 
 def train(workdir, extra, model, data, devices=1, wait=True, cwd=None):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = without_torch(dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"))
   args = [sys.executable, TRAIN, "--config", TINY, "--workdir", str(workdir), f"--config.model.path={model}",
           "--config.optimizer.warmup_steps=0",
           f"--config.data.train={data}", "--config.data.eval=", "--config.data.seq_len=64", *extra]
@@ -186,6 +192,15 @@ def test_bad_data_and_model_paths_are_one_line(tiny_setup, tmp_path):
   assert not any(os.path.exists(tmp_path / name) for name in "abcde"), "a workdir was created"
 
 
+def test_expert_axis_must_divide_the_experts(tmp_path):
+  from train_helpers import make_tiny_setup
+  model, data = make_tiny_setup(str(tmp_path / "setup"), "mixtral")  # 4 experts per layer
+  assert_one_line_error(*train(tmp_path / "run", ["--config.mesh.data=1", "--config.mesh.expert=8",
+                                                  "--config.train.batch_size=8"], model, data, devices=8),
+                        f"error: config.mesh.expert: {model} has 4 experts per layer, which do not split over 8 devices")
+  assert not os.path.exists(tmp_path / "run"), "the workdir was created"
+
+
 def test_attention_without_soft_caps_is_refused_for_gemma2(tmp_path):
   """Only the blocked attention soft-caps scores: asking a Gemma 2 run for another is one line."""
   from train_helpers import make_tiny_setup
@@ -208,7 +223,7 @@ def test_relative_paths_are_stored_absolute(tiny_setup, tmp_path, monkeypatch):
   assert (stored["model"]["path"], stored["data"]["train"]) == (str(tmp_path / "model"), str(tmp_path / "train.jsonl"))
   export = subprocess.run([sys.executable, os.path.join(HERE, "..", "scripts", "export.py"), "--workdir",
                            str(tmp_path / "run"), "--out", str(tmp_path / "adapter"), "--format", "peft"],
-                          capture_output=True, text=True, cwd=HERE, timeout=300)
+                          capture_output=True, text=True, cwd=HERE, timeout=300, env=without_torch())
   assert export.returncode == 0, export.stderr[-2000:]
   out, err, rc = train("run", ["--config.train.steps=2", "--config.train.batch_size=2"], "model", "train.jsonl",
                        cwd=tmp_path)

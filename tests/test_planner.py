@@ -183,6 +183,26 @@ def test_mixtral_activations_by_hand():
   assert p.fits
 
 
+def test_mixtral_expert_axis_by_hand():
+  """Mixtral-8x7B on a v5p-64 (32 chips) as fsdp=4 x expert=8: each chip holds one expert's weights
+  split four ways; attention, embeddings and LM head are split over fsdp only (replicated over
+  expert, as over data), the router and norms everywhere; the batch splits over all 32."""
+  cfg = planner.PRESETS["mixtral-8x7b"]
+  mesh = planner.resolve_mesh(32, fsdp=4, expert=-1)
+  assert mesh == planner.Mesh(fsdp=4, expert=8) and mesh.rows == 32
+  p = planner.plan(cfg, mesh, "v5p", 32, 4096, lora_rank=16)
+  L, D, F, E, V, q, kv = 32, 4096, 14336, 8, 32000, 4096, 1024
+  experts = L * E * 3 * D * F
+  split_over_fsdp = 2 * V * D + L * (2 * D * q + 2 * D * kv)  # embeddings, LM head, q/k/v/o
+  everywhere = L * D * E + (2 * L + 1) * D                   # router, norms
+  assert p.params == (experts / 32 + split_over_fsdp / 4 + everywhere) * 2  # bfloat16
+  # two layers gathered over fsdp at a time; the experts stay split over expert
+  assert p.gathered_weights == 2 * (E * 3 * D * F / 8 + 2 * D * q + 2 * D * kv + D * E + 2 * D) * 2
+  no_expert_axis = planner.plan(cfg, planner.Mesh(fsdp=32), "v5p", 32, 4096, lora_rank=16)
+  assert no_expert_axis.params < p.params  # fsdp=32 splits attention 32 ways too; experts the same
+  assert planner.main(["--preset", "mixtral-8x7b", "--slice", "v5p-64", "--mesh", "fsdp=4,expert=-1"]) == 0
+
+
 def test_70b_lora_fits_v5p64_but_full_does_not_fit_v5e16():
   cfg = planner.PRESETS["llama3-70b"]
   gen, chips = planner.slice_chips("v5p-64")
@@ -213,7 +233,7 @@ def test_cli(capsys):
                        "--method", "full", "--batch", "8", "--seq", "512"]) == 0
   out = capsys.readouterr().out
   assert "total params 134,515,008   trainable 134,515,008" in out
-  assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in out and "fits: yes" in out
+  assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1, 'expert': 1}" in out and "fits: yes" in out
   assert "DoRA weight norms" not in out  # shown for DoRA only
   assert planner.main(["--preset", "llama3-70b", "--slice", "v5p-64", "--mesh", "fsdp=-1,tensor=3"]) == 2
   err = capsys.readouterr().err.strip().splitlines()

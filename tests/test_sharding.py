@@ -4,13 +4,15 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
 import pytest
 
 from jaxtune import sharding, trainer
-from train_helpers import losses, make_tiny_setup, tiny_config
+from jaxtune.models import llama
+from train_helpers import losses, make_tiny_setup, tiny_config, without_torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -51,11 +53,12 @@ def test_gemma2_on_an_fsdp_tensor_mesh_matches_one_device(tmp_path):
   assert_meshes_match_one_device(*make_tiny_setup(str(tmp_path), "gemma2"), tmp_path, "full", ["1,4,2"])
 
 
-def test_mixtral_on_an_fsdp_tensor_mesh_matches_one_device(tmp_path):
-  """Experts (L x E x in x out) shard their in/out dims like the dense MLP's kernels; the router,
-  the routing weights and the tokens grouped by expert follow: the ragged dispatch on the mesh
-  gives the dense dispatch's losses on one device."""
-  assert_meshes_match_one_device(*make_tiny_setup(str(tmp_path), "mixtral"), tmp_path, "full", ["1,4,2"],
+def test_mixtral_on_an_fsdp_tensor_expert_mesh_matches_one_device(tmp_path):
+  """Experts (L x E x in x out) split E over mesh.expert and their in/out dims like the dense MLP's
+  kernels; the batch splits over data, fsdp and expert; the router, the routing weights and the
+  tokens grouped by expert follow: the ragged dispatch on the mesh gives the dense dispatch's losses
+  on one device."""
+  assert_meshes_match_one_device(*make_tiny_setup(str(tmp_path), "mixtral"), tmp_path, "full", ["1,2,2,2"],
                                  {"model.moe_dispatch": "dense"}, mesh_overrides={"model.moe_dispatch": "ragged"})
 
 
@@ -65,12 +68,56 @@ def test_phi3_on_an_fsdp_tensor_mesh_matches_one_device(tmp_path):
   assert_meshes_match_one_device(*make_tiny_setup(str(tmp_path), "phi3_longrope"), tmp_path, "lora", ["1,4,2"])
 
 
-def test_lora_on_experts_on_an_fsdp_tensor_mesh_matches_one_device(tmp_path):
-  """LoRA on every expert (peft.lora.expert_targets; the experts frozen, sharded like their kernels),
-  through the ragged dispatch's grouped matmuls on the mesh."""
-  assert_meshes_match_one_device(*make_tiny_setup(str(tmp_path), "qwen3_moe"), tmp_path, "lora", ["1,4,2"],
-                                 {"model.moe_dispatch": "dense", "peft.lora.expert_targets": ".*"},
-                                 mesh_overrides={"model.moe_dispatch": "ragged"})
+def test_lora_on_experts_on_an_expert_mesh_matches_one_device(tmp_path):
+  """LoRA on every expert (peft.lora.expert_targets; the experts frozen, sharded like their kernels,
+  their A and B split by expert over mesh.expert) through the dense dispatch (the ragged one on an
+  expert mesh: the Mixtral test above)."""
+  assert_meshes_match_one_device(*make_tiny_setup(str(tmp_path), "qwen3_moe"), tmp_path, "lora", ["1,2,1,4"],
+                                 {"model.moe_dispatch": "dense", "peft.lora.expert_targets": ".*"})
+
+
+EXPERTS_STAY_PUT = """
+import re
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jaxtune import sharding
+from jaxtune.models import moe
+E, D, F, N = 8, 64, 96, 256
+keys = jax.random.split(jax.random.PRNGKey(0), 5)
+mlp = {"router": {"kernel": jax.random.normal(keys[0], (D, E))},
+       "experts": {name: jax.random.normal(key, (E, F, D) if name == "down_proj" else (E, D, F)) * 0.1
+                   for name, key in zip(moe.EXPERTS, keys[1:4])}}
+h = jax.random.normal(keys[4], (N, D))
+mesh = sharding.make_mesh(1, 2, 1, expert=4)
+def loss(mlp, h, dispatch):
+  return jnp.sum(moe.moe_mlp(mlp, h, 2, True, lambda g, u: jax.nn.silu(g) * u, dispatch)[0] ** 2)
+for dispatch in ("dense", "ragged"):
+  step = jax.jit(jax.value_and_grad(loss), static_argnums=2)
+  expected = step(mlp, h, dispatch)
+  with jax.set_mesh(mesh):
+    placed = jax.device_put(mlp, {"router": {"kernel": NamedSharding(mesh, P())},
+                                  "experts": {n: NamedSharding(mesh, P("expert")) for n in moe.EXPERTS}})
+    rows = jax.device_put(h, NamedSharding(mesh, P(sharding.BATCH_AXES)))
+    text = step.lower(placed, rows, dispatch).compile().as_text()
+    got = step(placed, rows, dispatch)
+  gathered = re.findall(r"= (\\S+) all-gather(?:-start)?\\(", text)
+  assert gathered, dispatch  # the tokens are gathered over the expert axis
+  assert not [s for s in gathered if s.startswith(f"f32[{E},")], (dispatch, gathered)  # never an expert stack
+  np.testing.assert_allclose(got[0], expected[0], rtol=1e-5)
+  for name in moe.EXPERTS:
+    np.testing.assert_allclose(got[1]["experts"][name], expected[1]["experts"][name], rtol=1e-4, atol=1e-4)
+print("ok")
+"""
+
+
+def test_experts_stay_on_their_devices_on_an_expert_mesh():
+  """On an fsdp=2 x expert=4 mesh each device runs its own two experts: the compiled forward and
+  backward pass gathers tokens, never a stack of experts' weights, in either dispatch, and gives
+  one device's loss and expert gradients."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  out = subprocess.run([sys.executable, "-c", EXPERTS_STAY_PUT], capture_output=True, text=True, timeout=600,
+                       env=without_torch(env), cwd=os.path.dirname(HERE))
+  assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
 def test_qlora_on_an_fsdp_tensor_mesh_matches_one_device(tiny_setup, tmp_path):
@@ -87,7 +134,7 @@ def assert_meshes_match_one_device(model, data, tmp_path, method, meshes, overri
                                  str(tmp_path / "one")))
   env = dict(os.environ, SHARDED_RUN_OVERRIDES=json.dumps({**overrides, **(mesh_overrides or {})}))
   out = subprocess.run([sys.executable, os.path.join(HERE, "sharded_run.py"), model, data, str(tmp_path),
-                        method, *meshes], capture_output=True, text=True, timeout=900, env=env)
+                        method, *meshes], capture_output=True, text=True, timeout=900, env=without_torch(env))
   assert out.returncode == 0, out.stderr[-3000:]
   results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
   assert [r["mesh"] for r in results] == meshes
@@ -106,7 +153,7 @@ def test_splash_attention_sharded_matches_blocked_on_one_device(tiny_setup, tmp_
       "peft.method": "lora", "optimizer.learning_rate": 1e-3, "model.attention": "blocked"}), str(tmp_path / "one")))
   env = dict(os.environ, SHARDED_RUN_OVERRIDES=json.dumps({**rows_of_128, "model.attention": "splash"}))
   out = subprocess.run([sys.executable, os.path.join(HERE, "sharded_run.py"), model, data, str(tmp_path),
-                        "lora", "2,2,2"], capture_output=True, text=True, timeout=900, env=env)
+                        "lora", "2,2,2"], capture_output=True, text=True, timeout=900, env=without_torch(env))
   assert out.returncode == 0, out.stderr[-3000:]
   (result,) = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
   assert result["splash_traces"] >= 1
@@ -115,13 +162,23 @@ def test_splash_attention_sharded_matches_blocked_on_one_device(tiny_setup, tmp_
 
 def test_param_shardings_follow_logical_rules():
   devices = np.array(jax.devices() * 1)
-  mesh = jax.make_mesh((1, 1, 1), sharding.MESH_AXES, devices=list(devices))
-  assert sharding.mesh_shape(-1, 4, 2, 8) == (1, 4, 2)
-  assert sharding.mesh_shape(2, -1, 1, 8) == (2, 4, 1)
+  mesh = jax.make_mesh((1, 1, 1, 1), sharding.MESH_AXES, devices=list(devices))
+  assert sharding.mesh_shape(-1, 4, 2, 8) == dict(data=1, fsdp=4, expert=1, tensor=2)
+  assert sharding.mesh_shape(2, -1, 1, 8) == dict(data=2, fsdp=4, expert=1, tensor=1)
+  assert sharding.mesh_shape(1, 2, 1, 8, expert=-1) == dict(data=1, fsdp=2, expert=4, tensor=1)
   with pytest.raises(Exception, match="mesh"):
     sharding.mesh_shape(3, 1, 1, 8)
   spec = sharding.spec_for(("layers", "embed", "q_heads"), (2, 64, 64), mesh)
   assert tuple(spec) == (None, None, None)  # size-1 axes never shard
+  expert_mesh = types.SimpleNamespace(shape=dict(data=1, fsdp=2, expert=4, tensor=1))  # spec_for reads .shape
+  for path, shape, expected in [
+      ("layers/mlp/experts/gate_proj", (2, 8, 64, 96), (None, "expert", "fsdp", None)),
+      ("layers/mlp/experts/down_proj", (2, 8, 96, 64), (None, "expert", None, "fsdp")),
+      ("layers/mlp/expert_lora/gate_up_proj/lora_a", (2, 8, 64, 4), (None, "expert", None, None)),
+      ("layers/mlp/expert_lora/down_proj/lora_b", (2, 8, 4, 64), (None, "expert", None, None)),
+      ("layers/mlp/experts/up_proj", (2, 6, 64, 96), (None, None, "fsdp", None)),  # 6 experts do not split in 4
+      ("layers/mlp/router/kernel", (2, 64, 8), (None, None, None))]:  # small: every device has it
+    assert tuple(sharding.spec_for(llama.logical_axes(path, len(shape)), shape, expert_mesh)) == expected, path
 
 
 SPLASH_ON_MESH = """

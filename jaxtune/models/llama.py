@@ -144,6 +144,8 @@ def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
     axes = lead + ("head_dim",)
   elif moe.is_expert_leaf(path):
     axes = lead + ("experts",) + _KERNEL_AXES[name]
+  elif moe.is_expert_lora_leaf(path):  # E x in x r, E x r x out: split by expert, each expert's whole
+    axes = lead + ("experts", None, None)
   elif len(parts) >= 2 and parts[-2] in _KERNEL_AXES:
     n_in, n_out = _KERNEL_AXES[parts[-2]]
     axes = {"kernel": lead + (n_in, n_out), "bias": lead + (n_out,),

@@ -144,6 +144,17 @@ def _expert_mlp(x, experts, lora, apply, activation, dtype):
   return out
 
 
+def split_by_expert(x_ExNxF):
+  """Under a mesh with an `expert` axis (sharding.MESH_AXES): x's expert dim split over it, the rest
+  left to XLA. Each device then runs its own experts on every token of its expert group (the tokens
+  are gathered, the outputs summed back) instead of gathering the experts' weights."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.shape.get("expert", 1) == 1 or x_ExNxF.shape[0] % mesh.shape["expert"]:
+    return x_ExNxF
+  free = jax.sharding.PartitionSpec.UNCONSTRAINED
+  return jax.lax.with_sharding_constraint(x_ExNxF, jax.sharding.PartitionSpec("expert", free, free))
+
+
 def _dense_experts(experts, lora, h_NxD, weights_NxK, experts_NxK, activation):
   dtype = h_NxD.dtype
   one_hot = jax.nn.one_hot(experts_NxK, experts["gate_proj"].shape[0], dtype=jnp.float32)  # N x k x E
@@ -151,7 +162,7 @@ def _dense_experts(experts, lora, h_NxD, weights_NxK, experts_NxK, activation):
 
   def each_expert(x, w):  # x: N x in (every expert sees every token) or E x N x in
     spec = "nd,edf->enf" if x.ndim == 2 else "end,edf->enf"
-    return jnp.einsum(spec, x, w.astype(dtype), preferred_element_type=jnp.float32)
+    return split_by_expert(jnp.einsum(spec, x, w.astype(dtype), preferred_element_type=jnp.float32))
 
   out = _expert_mlp(h_NxD, experts, lora, each_expert, activation, dtype)
   return jnp.einsum("end,ne->nd", out, weights_NxE)
