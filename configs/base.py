@@ -26,8 +26,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # mixtures of experts (Mixtral, Qwen3-MoE): auto (dense on CPU, else ragged) | dense (every expert
   # on every token, weighted) | ragged (tokens grouped by expert, jax.lax.ragged_dot) -- models/moe.py
   c.model.moe_dispatch = "auto"
-  # "" | nf4: store the frozen base's decoder-layer kernels in 4-bit NormalFloat (QLoRA; the same
-  # codes as bitsandbytes' load_in_4bit nf4), dequantized as each layer runs. PEFT methods only.
+  # "" | nf4 | nf4_double_quant: store the frozen base's decoder-layer kernels in 4-bit NormalFloat
+  # (QLoRA; the same codes as bitsandbytes' load_in_4bit nf4; nf4_double_quant also codes their block
+  # scales in 8 bits, bnb_4bit_use_double_quant), dequantized as each layer runs. PEFT methods only.
   c.model.quantize = ""
 
   c.objective = "lm"  # lm | dpo | reward | grpo

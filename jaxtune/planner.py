@@ -28,7 +28,8 @@ Model of the run (jaxtune's own sharding: `sharding.LOGICAL_RULES` applied leaf 
   (hidden 512, all seven projections, 13 MB per layer) needed 4.2 MB more than LoRA's with remat
   and 6.8 MB without, as it forms the kernels one or two at a time.
 - `--quantize nf4` (QLoRA, `model.quantize`): the decoder layers' kernels take 0.5 + 4/64 bytes a
-  weight (codes and float32 block scales), sharded and gathered like the kernels; a layer's
+  weight (codes and float32 block scales; `nf4_double_quant`: 0.5 + (1 + 4/256)/64, 8-bit block
+  scales and a float32 per 256 of them), sharded and gathered like the kernels; a layer's
   kernels are dequantized as it runs, counted as one layer's seven kernels in compute dtype
   (fsdp-gathered, split over tensor).
 - mixtures of experts (the `mixtral-8x7b` preset) as TPU runs them (`model.moe_dispatch` ragged):
@@ -60,7 +61,14 @@ from jaxtune.models.llama import logical_axes, param_shapes
 from jaxtune.peft import ia3, lora, methods, partition
 
 GIB = 1024**3
-NF4_BYTES = 0.5 + 4 / quantization.BLOCK  # a 4-bit code and its share of a float32 block scale
+
+
+def nf4_bytes(quantize: str) -> float:
+  """Bytes a quantized weight takes: its 4-bit code and its share of its block's scale (float32, or
+  double-quantized: one byte plus a share of a float32 per 256 scales)."""
+  if quantization.double_quantizes(quantize):
+    return 0.5 + (1 + 4 / quantization.SCALE_BLOCK) / quantization.BLOCK
+  return 0.5 + 4 / quantization.BLOCK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +259,7 @@ def plan(cfg: ModelConfig, mesh: Mesh, chip: str, batch_size: int, seq_len: int,
 
   def base_bytes(gathered_layers: bool) -> float:
     return (_shard_elements(rest, mesh, gathered_layers) * p_bytes
-            + _shard_elements(kernels, mesh, gathered_layers) * NF4_BYTES)
+            + _shard_elements(kernels, mesh, gathered_layers) * nf4_bytes(quantize))
 
   params = base_bytes(False)
   peft_bytes = _shard_elements(added, mesh) * p_bytes

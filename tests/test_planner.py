@@ -161,6 +161,8 @@ def test_nf4_base_by_hand():
   assert nf4.gathered_weights == plain.gathered_weights - 2 * kernels * (2 - 0.5625)
   assert nf4.dequantized == kernels * 2
   assert nf4.total_params == plain.total_params and nf4.trainable_params == plain.trainable_params
+  double = planner.plan(TINY, planner.Mesh(fsdp=2), "v4", 4, 8, lora_rank=4, quantize="nf4_double_quant")
+  assert double.params == plain.params - 2 * kernels / 2 * (2 - (0.5 + (1 + 4 / 256) / 64))  # 4.127 bits
   # 70B: LoRA on a v6e-8 passes the 90% line; with an NF4 base it takes about half the chip
   cfg = planner.PRESETS["llama3-70b"]
   gen, chips = planner.slice_chips("v6e-8")

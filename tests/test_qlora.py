@@ -52,13 +52,15 @@ def test_nf4_codes_and_scales_are_bitsandbytes(shape):
   np.testing.assert_array_equal(quantization.NF4, bnb_functional.get_4bit_type("nf4", device="cpu").numpy())
 
 
-def bnb_model(folder):
-  """transformers' 4-bit NF4 model (float32 compute) on CPU, dequantizing in float32 for every matmul.
+def bnb_model(folder, double_quant: bool = False):
+  """transformers' 4-bit NF4 model (float32 compute) on CPU, dequantizing in float32 for every matmul;
+  `double_quant`: bnb_4bit_use_double_quant.
 
   bitsandbytes' CPU inference path otherwise repacks the weights for a low-precision kernel (off by
   ~1e-2 on these logits); its dequantize-then-matmul path is the one GPUs and training take."""
   config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                           bnb_4bit_compute_dtype=torch.float32)
+                                           bnb_4bit_compute_dtype=torch.float32,
+                                           bnb_4bit_use_double_quant=double_quant)
   model = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=config,
                                                             device_map="cpu", dtype=torch.float32)
   layers = [m for m in model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
@@ -130,11 +132,12 @@ def test_nf4_base_takes_an_eighth_of_float32(tmp_path):
   assert rest == {p for p in nf4 if not p.endswith(("kernel_nf4", "kernel_absmax"))}
 
 
-def test_qlora_trains_and_evaluates_as_it_trained(tiny_setup, tmp_path):
+@pytest.mark.parametrize("quantize", ["nf4", "nf4_double_quant"])
+def test_qlora_trains_and_evaluates_as_it_trained(tiny_setup, tmp_path, quantize):
   """train.py's loop on an NF4 base: LoRA learns, the base stays frozen; evaluate.py on the workdir
   quantizes the base as the run did (quantize=auto) and gives the run's last eval loss."""
   model, data = tiny_setup
-  config = tiny_config(model, data, **{"model.quantize": "nf4", "data.eval": data, "train.eval_every": 6,
+  config = tiny_config(model, data, **{"model.quantize": quantize, "data.eval": data, "train.eval_every": 6,
                                        "train.checkpoint_every": 6})
   rows = trainer.run(config, str(tmp_path / "qlora"))
   series = losses(rows)
@@ -176,18 +179,25 @@ def test_quantizing_params_in_memory_equals_quantizing_while_loading(tmp_path):
     np.testing.assert_array_equal(in_memory[path], leaf, err_msg=path)
 
 
-def test_greedy_generation_with_a_peft_adapter_on_nf4_matches_transformers(tmp_path):
-  """generate.py's path with --quantize nf4 and a PEFT adapter folder: the KV-cache decode on the NF4
-  base + LoRA gives peft-on-bitsandbytes' greedy tokens (with a float32 base they differ)."""
-  from test_generate import hf_greedy
+def lora_on_a_quantized_base(tmp_path, quantize: str):
+  """A sharpened tiny Llama quantized by jaxtune with LoRA (random B, r=4, alpha 16) exported for
+  peft: (model folder, adapter folder, config, flat params)."""
   folder, adapter = str(tmp_path / "model"), str(tmp_path / "adapter")
   hf_tiny.save_hf_model("llama_untied", folder, sharp=True)
-  cfg, base = loading.load_model(folder, quantize="nf4")
+  cfg, base = loading.load_model(folder, quantize=quantize)
   flat = loading.flatten(lora.add_lora(base, jax.random.PRNGKey(1), rank=4))
   for i, path in enumerate(sorted(p for p in flat if p.endswith("lora_b"))):
     flat[path] = 0.5 * jax.random.normal(jax.random.PRNGKey(i), flat[path].shape)
   export.write_peft(adapter, cfg, loading.unflatten(flat), "lora",
                     {"lora": {"alpha": 16.0, "dropout": 0.0, "use_rslora": False}}, folder)
+  return folder, adapter, cfg, flat
+
+
+def test_greedy_generation_with_a_peft_adapter_on_nf4_matches_transformers(tmp_path):
+  """generate.py's path with --quantize nf4 and a PEFT adapter folder: the KV-cache decode on the NF4
+  base + LoRA gives peft-on-bitsandbytes' greedy tokens (with a float32 base they differ)."""
+  from test_generate import hf_greedy
+  folder, adapter, _, _ = lora_on_a_quantized_base(tmp_path, "nf4")
   cfg, params, runtime, tokenizer = inference.load_for_inference(folder, adapter, quantize="nf4")
   assert "kernel_nf4" in params["layers"]["mlp"]["down_proj"]
   model = peft.PeftModel.from_pretrained(bnb_model(folder), adapter).eval()

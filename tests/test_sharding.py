@@ -121,9 +121,10 @@ def test_experts_stay_on_their_devices_on_an_expert_mesh():
 
 
 def test_qlora_on_an_fsdp_tensor_mesh_matches_one_device(tiny_setup, tmp_path):
-  """NF4 codes (out x in/2) and block scales sharded like their kernels: each device dequantizes its
-  slice, and the losses are one device's."""
-  assert_meshes_match_one_device(*tiny_setup, tmp_path, "lora", ["1,4,2"], {"model.quantize": "nf4"})
+  """NF4 codes (out x in/2) and block scales sharded like their kernels, here double-quantized (the
+  8-bit scale codes split like plain float32 scales, their second-level scales and offsets on every
+  device): each device dequantizes its slice, and the losses are one device's."""
+  assert_meshes_match_one_device(*tiny_setup, tmp_path, "lora", ["1,4,2"], {"model.quantize": "nf4_double_quant"})
 
 
 def assert_meshes_match_one_device(model, data, tmp_path, method, meshes, overrides=None, mesh_overrides=None):

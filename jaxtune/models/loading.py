@@ -90,8 +90,8 @@ def _host_leaf(cfg: ModelConfig, path: str, shape: tuple[int, ...], get: TensorG
   return t.astype(np_dtype)
 
 
-def _host_quantized_leaves(cfg: ModelConfig, path: str, shape: tuple[int, ...], get: TensorGetter, dtype
-                           ) -> dict[str, np.ndarray]:
+def _host_quantized_leaves(cfg: ModelConfig, path: str, shape: tuple[int, ...], get: TensorGetter, dtype,
+                           quantize: str) -> dict[str, np.ndarray]:
   """A stacked kernel's NF4 leaves (quantization.py), quantized layer by layer from the checkpoint's
   out x in tensors, as read in `dtype` (what torch would hold after `from_pretrained(torch_dtype=)`)."""
   *_, n_in, n_out = shape
@@ -102,15 +102,17 @@ def _host_quantized_leaves(cfg: ModelConfig, path: str, shape: tuple[int, ...], 
       raise ValueError(f"tensor {hf_name_of(path, i)}: shape {t.shape} != expected {(n_out, n_in)}")
     return t.astype(jnp.dtype(dtype))
 
-  return quantization.quantized_leaves(path, (layer(i) for i in range(cfg.num_layers)))
+  return quantization.quantized_leaves(path, (layer(i) for i in range(cfg.num_layers)),
+                                       quantization.double_quantizes(quantize))
 
 
-def quantize_params(params: llama.Params) -> llama.Params:
+def quantize_params(params: llama.Params, quantize: str = "nf4") -> llama.Params:
   """Base params already in memory with their decoder layers' kernels as NF4 leaves (what
-  `load_model(quantize="nf4")` builds while reading; for params made some other way)."""
+  `load_model(quantize=...)` builds while reading; for params made some other way)."""
   flat = flatten(params)
   for path in [p for p in flat if quantization.is_quantizable(p)]:
-    leaves = quantization.quantized_leaves(path, (layer.T for layer in np.asarray(flat.pop(path))))
+    leaves = quantization.quantized_leaves(path, (layer.T for layer in np.asarray(flat.pop(path))),
+                                           quantization.double_quantizes(quantize))
     flat.update({name: jnp.asarray(leaf) for name, leaf in leaves.items()})
   return unflatten(flat)
 
@@ -132,7 +134,7 @@ def params_from_tensors(
   out = {}
   for path, shape in flat.items():
     if quantize and quantization.is_quantizable(path):
-      leaves = _host_quantized_leaves(cfg, path, shape, get, dtype)
+      leaves = _host_quantized_leaves(cfg, path, shape, get, dtype, quantize)
     else:
       leaves = {path: _host_leaf(cfg, path, shape, get, dtype)}
       if leaves[path].shape != tuple(shape):

@@ -8,6 +8,13 @@ A value is NF4[code] * absmax of its block (bitsandbytes' `quantize_4bit(blocksi
 quant_type="nf4")` without double quantization, transformers' `BitsAndBytesConfig(load_in_4bit=True,
 bnb_4bit_quant_type="nf4")`): 4.5 bits a weight instead of 16 or 32. The layer dequantizes its
 kernel when it runs, so only PEFT leaves (which train) and activations are kept in full precision.
+
+`nf4_double_quant` (QLoRA's double quantization, `bnb_4bit_use_double_quant=True`) stores the block
+scales themselves in 8 bits: their mean is subtracted (`kernel_absmax_offset`, one float32 per
+layer), and what is left is coded blockwise as bitsandbytes' `quantize_blockwise(blocksize=256)`
+does, one byte a scale (`kernel_absmax_code`: the nearest of bitsandbytes' 256 signed dynamic
+levels) and one float32 per 256 scales (`kernel_absmax_scale`). A scale is then
+DYNAMIC[code] x its block's scale + offset: 4.127 bits a weight.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from jaxtune.models import moe
 from jaxtune.models.matmul import transposed
 
 BLOCK = 64
-CHOICES = ("", "nf4")  # model.quantize: "" keeps the base in precision.param_dtype
+SCALE_BLOCK = 256  # double quantization: block scales per 8-bit block
+CHOICES = ("", "nf4", "nf4_double_quant")  # model.quantize: "" keeps the base in precision.param_dtype
 # The 16 NF4 levels (QLoRA, Dettmers et al. 2023; bitsandbytes' table), as float32.
 NF4 = np.array([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -30,6 +38,35 @@ NF4 = np.array([
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0], np.float32)
 _MIDPOINTS = ((NF4[:-1] + NF4[1:]) / np.float32(2)).astype(np.float32)
+
+
+def _linspace_as_torch(start: float, end: float, n: int) -> np.ndarray:
+  """torch.linspace(start, end, n, dtype=float32) to the bit (np.linspace rounds differently): a
+  float32 step, the first half counted up from start and the rest down from end, each in one rounding."""
+  start32, end32 = np.float32(start), np.float32(end)
+  step = np.float64((end32 - start32) / np.float32(n - 1))
+  i = np.arange(n)
+  return np.where(i < n // 2, np.float64(start32) + step * i, np.float64(end32) - step * (n - 1 - i)).astype(np.float32)
+
+
+def _dynamic_levels() -> np.ndarray:
+  """bitsandbytes' signed 8-bit dynamic type (`create_dynamic_map()`), sorted: 0, 1, and for each
+  decade 10^-6 ... 10^0, the 2^i midpoints of 2^i steps from 0.1 to 1 of it, of either sign."""
+  levels = [0.0, 1.0]
+  for i in range(7):
+    bounds = _linspace_as_torch(0.1, 1.0, 2 ** i + 1)
+    means = ((bounds[:-1] + bounds[1:]) / np.float32(2)) * np.float32(10.0 ** (i - 6))
+    levels += [*means.tolist(), *(-means).tolist()]
+  return np.array(sorted(levels), np.float32)
+
+
+DYNAMIC = _dynamic_levels()
+_DYNAMIC_MIDPOINTS = (np.float32(0.5) * (DYNAMIC[:-1] + DYNAMIC[1:])).astype(np.float32)
+
+
+def double_quantizes(quantize: str) -> bool:
+  """Whether a `model.quantize` choice double-quantizes the block scales."""
+  return quantize == "nf4_double_quant"
 
 
 def is_quantized(linear: dict) -> bool:
@@ -41,10 +78,15 @@ def _check_packable(n_in: int) -> None:
     raise ValueError(f"NF4 packs two inputs a byte: a layer with {n_in} inputs cannot be quantized")
 
 
-def quantized_shapes(n_out: int, n_in: int, lead: tuple[int, ...] = ()) -> dict[str, tuple[int, ...]]:
+def quantized_shapes(n_out: int, n_in: int, lead: tuple[int, ...] = (), double_quant: bool = False
+                     ) -> dict[str, tuple[int, ...]]:
   """Shapes of a quantized linear layer's leaves (out x in weight, optional leading layer axes)."""
   _check_packable(n_in)
-  return {"kernel_nf4": (*lead, n_out, n_in // 2), "kernel_absmax": (*lead, math.ceil(n_out * n_in / BLOCK))}
+  n_blocks = math.ceil(n_out * n_in / BLOCK)
+  if not double_quant:
+    return {"kernel_nf4": (*lead, n_out, n_in // 2), "kernel_absmax": (*lead, n_blocks)}
+  return {"kernel_nf4": (*lead, n_out, n_in // 2), "kernel_absmax_code": (*lead, n_blocks),
+          "kernel_absmax_scale": (*lead, math.ceil(n_blocks / SCALE_BLOCK)), "kernel_absmax_offset": lead}
 
 
 def quantize_nf4(weight_OxI) -> tuple[np.ndarray, np.ndarray]:
@@ -76,13 +118,39 @@ def _quantize_on_cpu(weight_OxI):
   return (codes[:, 0::2] << 4) | codes[:, 1::2], absmax
 
 
-def quantized_leaves(kernel_path: str, layers_OxI) -> dict[str, np.ndarray]:
+def quantize_scales(absmax_B: np.ndarray) -> dict[str, np.ndarray]:
+  """Double quantization of one weight's block scales: {absmax_code, absmax_scale, absmax_offset}."""
+  absmax = np.asarray(absmax_B, np.float32)
+  offset = np.float32(absmax.mean(dtype=np.float64))
+  centred = absmax - offset
+  n = centred.size
+  blocks = np.pad(centred, (0, -n % SCALE_BLOCK)).reshape(-1, SCALE_BLOCK)
+  scale = np.abs(blocks).max(axis=1)
+  inverse = np.float32(1) / np.where(scale > 0, scale, np.float32(1))
+  normed = np.clip(blocks * inverse[:, None], -1, 1).reshape(-1)[:n]
+  codes = np.searchsorted(_DYNAMIC_MIDPOINTS, normed, side="left").astype(np.uint8)  # nearest, ties down
+  return {"absmax_code": codes, "absmax_scale": scale, "absmax_offset": offset}
+
+
+def dequantize_scales(code_B, scale_S, offset):
+  """The float32 block scales of `quantize_scales`' leaves (leading axes kept)."""
+  *lead, n = code_B.shape
+  values = jnp.asarray(DYNAMIC)[code_B]
+  values = jnp.pad(values, [(0, 0)] * len(lead) + [(0, -n % SCALE_BLOCK)])
+  values = values.reshape(*lead, -1, SCALE_BLOCK) * scale_S.astype(jnp.float32)[..., None]
+  return values.reshape(*lead, -1)[..., :n] + jnp.asarray(offset, jnp.float32)[..., None]
+
+
+def quantized_leaves(kernel_path: str, layers_OxI, double_quant: bool = False) -> dict[str, np.ndarray]:
   """The NF4 leaves (stacked over layers) that replace the stacked kernel at `kernel_path`, from its
-  layers' out x in weights in order."""
-  per_layer = [quantize_nf4(w) for w in layers_OxI]
+  layers' out x in weights in order; `double_quant`: the block scales double-quantized."""
+  per_layer = []
+  for weight in layers_OxI:
+    codes, absmax = quantize_nf4(weight)
+    scales = quantize_scales(absmax) if double_quant else {"absmax": absmax}
+    per_layer.append({"nf4": codes, **scales})
   linear = kernel_path[: -len("kernel")]
-  return {linear + "kernel_nf4": np.stack([codes for codes, _ in per_layer]),
-          linear + "kernel_absmax": np.stack([absmax for _, absmax in per_layer])}
+  return {f"{linear}kernel_{name}": np.stack([layer[name] for layer in per_layer]) for name in per_layer[0]}
 
 
 def dequantize_nf4(codes_OxH, absmax_B):
@@ -99,11 +167,18 @@ def dequantize_nf4(codes_OxH, absmax_B):
   return transposed(weight_OxI)  # row-major in x out: XLA:CPU's fast dot form (matmul.py)
 
 
+def block_scales(linear: dict):
+  """A quantized layer's float32 scale per block of 64 weights (double-quantized ones dequantized)."""
+  if "kernel_absmax" in linear:
+    return linear["kernel_absmax"]
+  return dequantize_scales(linear["kernel_absmax_code"], linear["kernel_absmax_scale"], linear["kernel_absmax_offset"])
+
+
 def kernel_of(linear: dict, dtype=jnp.float32):
   """A linear layer's kernel (in x out): its `kernel`, or its NF4 leaves dequantized to `dtype`."""
   if not is_quantized(linear):
     return linear["kernel"]
-  return dequantize_nf4(linear["kernel_nf4"], linear["kernel_absmax"]).astype(dtype)
+  return dequantize_nf4(linear["kernel_nf4"], block_scales(linear)).astype(dtype)
 
 
 def kernel_shape(linear: dict) -> tuple[int, ...]:
@@ -120,7 +195,7 @@ def is_quantizable(path: str) -> bool:
   return path.startswith("layers/") and path.endswith("/kernel") and not moe.is_router_leaf(path)
 
 
-def quantize_shapes(flat_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+def quantize_shapes(flat_shapes: dict[str, tuple[int, ...]], double_quant: bool = False) -> dict[str, tuple[int, ...]]:
   """Base param shapes (flat, kernels L x in x out) with every quantizable kernel as its NF4 leaves."""
   out = {}
   for path, shape in flat_shapes.items():
@@ -129,7 +204,7 @@ def quantize_shapes(flat_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[
       continue
     *lead, n_in, n_out = shape
     linear = path[: -len("kernel")]
-    out.update({linear + name: s for name, s in quantized_shapes(n_out, n_in, tuple(lead)).items()})
+    out.update({linear + name: s for name, s in quantized_shapes(n_out, n_in, tuple(lead), double_quant).items()})
   return out
 
 
@@ -137,4 +212,4 @@ def weights_in(path: str, leaf) -> int:
   """How many model weights a param leaf holds: two a byte in NF4 codes, none in their scales."""
   if path.endswith("/kernel_nf4"):
     return 2 * leaf.size
-  return 0 if path.endswith("/kernel_absmax") else leaf.size
+  return 0 if "/kernel_absmax" in path else leaf.size
