@@ -132,6 +132,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   c.mesh.expert = 1  # MoE: experts split over it; otherwise one more data axis
+  c.mesh.dcn_data = 1  # multi-slice: mesh.data split into this many slices (groups)
 
   c.precision = ml_collections.ConfigDict()
   c.precision.param_dtype = "float32"

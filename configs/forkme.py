@@ -54,6 +54,7 @@ def get_config():
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   c.mesh.expert = 1  # MoE: experts split over it; otherwise one more data axis
+  c.mesh.dcn_data = 1  # multi-slice: mesh.data split into this many slices (groups)
   c.precision.param_dtype = "float32"
   c.precision.compute_dtype = "float32"  # bfloat16 on TPU/GPU
   return c

@@ -137,6 +137,8 @@ def check_config(c: ml_collections.ConfigDict) -> None:
       raise ConfigError(key, f"must be a positive integer or -1 (fill), got {value!r}")
   if sum(_get(c, k) == -1 for k in mesh_keys) > 1:
     raise ConfigError("mesh", f"at most one of mesh.{'/'.join(sharding.MESH_AXES)} may be -1")
+  if not isinstance(c.mesh.dcn_data, int) or c.mesh.dcn_data < 1:
+    raise ConfigError("mesh.dcn_data", f"must be a positive integer, got {c.mesh.dcn_data!r}")
   for key in ("precision.param_dtype", "precision.compute_dtype"):
     _choice(c, key, DTYPES)
   _choice(c, "model.attention", attention.IMPLEMENTATIONS)

@@ -63,11 +63,33 @@ def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int, expert: int = 
   return sizes
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, expert: int = 1) -> Mesh:
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, expert: int = 1,
+              dcn_data: int = 1) -> Mesh:
+  """The run's mesh. `dcn_data` > 1 (multi-slice): the data axis is that many groups, one per TPU
+  slice (or per process where devices have no slices, e.g. GPU hosts), and every other axis stays
+  inside a group, on its fast links: only the data-parallel gradient reduction crosses the slow
+  data-center network (jax's create_hybrid_device_mesh)."""
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(data, fsdp, tensor, len(devices), expert)
-  return jax.make_mesh(tuple(shape.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  if dcn_data == 1:
+    return jax.make_mesh(tuple(shape.values()), MESH_AXES, axis_types=axis_types, devices=devices)
+  return Mesh(hybrid_device_grid(shape, dcn_data, devices), MESH_AXES, axis_types=axis_types)
+
+
+def hybrid_device_grid(shape: dict[str, int], dcn_data: int, devices) -> np.ndarray:
+  """`devices` as a MESH_AXES-shaped grid whose data axis is `dcn_data` groups of whole slices (by
+  `slice_index`), or of whole processes when the devices do not span several slices."""
+  if shape["data"] % dcn_data:
+    raise ConfigError("mesh.dcn_data", f"{dcn_data} groups do not divide mesh.data={shape['data']}")
+  inner = (shape["data"] // dcn_data, *list(shape.values())[1:])
+  outer = (dcn_data,) + (1,) * (len(MESH_AXES) - 1)
+  by_slice = len({getattr(d, "slice_index", 0) for d in devices}) > 1
+  from jax.experimental import mesh_utils
+  try:
+    return mesh_utils.create_hybrid_device_mesh(inner, outer, devices, process_is_granule=not by_slice)
+  except ValueError as e:  # the slices (processes) are not dcn_data equal groups
+    raise ConfigError("mesh.dcn_data", f"{dcn_data} groups: {e}") from None
 
 
 def spec_for(logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:

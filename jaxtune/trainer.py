@@ -236,7 +236,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=None, load=
   the jitted step for `loss_sums` (default: config.objective's)."""
   loss_sums = loss_sums or objectives.objective_loss_sums(config)
   is_main = jax.process_index() == 0
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, expert=config.mesh.expert)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, expert=config.mesh.expert,
+                            dcn_data=config.mesh.dcn_data)
   data_axes = "*".join(f"mesh.{axis}" for axis in sharding.BATCH_AXES)
   if config.train.batch_size % sharding.batch_divisor(mesh):
     raise ConfigError("train.batch_size", f"{config.train.batch_size} is not divisible by the data axes "

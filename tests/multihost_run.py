@@ -9,14 +9,18 @@ evaluating 5 prompts greedily at steps 3 and 6).
 `single`: one process with two fake CPU devices (the reference). Otherwise: one CPU device per
 process, joined by jax.distributed over gloo. Either way mesh.data=2, and the run stops after 3
 steps, saves a checkpoint, and a second trainer.run resumes from it to step 6.
+Env MULTIHOST_HYBRID=1: two devices a process (four in `single`), mesh.data=2 x mesh.fsdp=2, and
+with two processes mesh.dcn_data=2 (each process one data group, as a TPU slice would be).
 """
 
 import json
 import os
 import sys
 
-if sys.argv[5] == "single":
-  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+HYBRID = os.environ.get("MULTIHOST_HYBRID") == "1"
+local_devices = (1 + HYBRID) * (2 if sys.argv[5] == "single" else 1)
+if local_devices > 1:
+  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={local_devices}"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
@@ -31,13 +35,18 @@ def main(model, data, workdir, method, mode, num_processes=None, port=None):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     sharding.initialize_distributed(f"127.0.0.1:{port}", int(num_processes), int(mode))
   overrides = {"peft.method": method, "mesh.data": 2, "train.checkpoint_every": 3, "optimizer.learning_rate": 1e-3}
+  groups = None
+  if HYBRID:
+    overrides.update({"mesh.fsdp": 2, "mesh.dcn_data": 1 if mode == "single" else 2})
+    mesh = sharding.make_mesh(2, 2, 1, dcn_data=overrides["mesh.dcn_data"])  # as the trainer builds it
+    groups = [[d.process_index for d in row] for row in mesh.devices.reshape(2, 2)]  # data x fsdp
   if method == "grpo":
     data, overrides = grpo_setup(f"{workdir}_{mode}_eval.jsonl", reward_model=data)
   config = tiny_config(model, data, **overrides)
   first = trainer.run(config, workdir, stop_after=3)
   second = trainer.run(config, workdir)  # resumes from the step-3 checkpoint
   rows = first + second
-  print(json.dumps({"process_index": jax.process_index(), "process_count": jax.process_count(),
+  print(json.dumps({"process_index": jax.process_index(), "process_count": jax.process_count(), "groups": groups,
                     "local_devices": jax.local_device_count(), "devices": jax.device_count(),
                     "losses": losses(rows), "steps": [r["step"] for r in rows if "loss" in r],
                     **{key: [r[key] for r in rows if key in r]

@@ -26,8 +26,9 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start(*args) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, RUNNER, *map(str, args)], env=without_torch(), stdout=subprocess.PIPE,
+def start(*args, hybrid=False) -> subprocess.Popen:
+  env = without_torch(dict(os.environ, MULTIHOST_HYBRID=str(int(hybrid))))
+  return subprocess.Popen([sys.executable, RUNNER, *map(str, args)], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
 
 
@@ -37,17 +38,24 @@ def result(proc: subprocess.Popen) -> dict:
   return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_two_processes_match_two_devices(tiny_setup, tmp_path, method):
+@pytest.mark.parametrize("method,hybrid", [("full", False), ("lora", True)])
+def test_two_processes_match_two_devices(tiny_setup, tmp_path, method, hybrid):
+  """hybrid: two devices a process on a data=2 x fsdp=2 mesh with mesh.dcn_data=2 (multi-slice), so
+  FSDP stays inside each process and only the data axis crosses between them; against one process
+  with four devices."""
   model, data = tiny_setup
   port = free_port()
   # All three processes at once: the two workers must run concurrently anyway.
-  workers = [start(model, data, tmp_path / "multi", method, i, 2, port) for i in range(2)]
-  single = result(start(model, data, tmp_path / "single", method, "single"))
+  workers = [start(model, data, tmp_path / "multi", method, i, 2, port, hybrid=hybrid) for i in range(2)]
+  single = result(start(model, data, tmp_path / "single", method, "single", hybrid=hybrid))
   p0, p1 = (result(w) for w in workers)
 
-  assert (single["process_count"], single["devices"]) == (1, 2)
-  assert [(p["process_index"], p["process_count"], p["local_devices"]) for p in (p0, p1)] == [(0, 2, 1), (1, 2, 1)]
+  per_process = 2 if hybrid else 1
+  assert (single["process_count"], single["devices"]) == (1, 2 * per_process)
+  assert [(p["process_index"], p["process_count"], p["local_devices"]) for p in (p0, p1)] == [
+      (0, 2, per_process), (1, 2, per_process)]
+  if hybrid:  # each data group (a row of the data x fsdp grid) is one process's devices
+    assert p0["groups"] == p1["groups"] == [[0, 0], [1, 1]]
   assert p0["steps"] == list(range(1, 7))
   np.testing.assert_allclose(p0["losses"], single["losses"], atol=1e-5, rtol=0)
   np.testing.assert_allclose(p1["losses"], p0["losses"], atol=0, rtol=0)  # one global loss

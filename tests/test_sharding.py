@@ -161,6 +161,23 @@ def test_splash_attention_sharded_matches_blocked_on_one_device(tiny_setup, tmp_
   np.testing.assert_allclose(result["losses"], reference, atol=1e-4, rtol=0)
 
 
+def test_dcn_data_groups_whole_slices_or_processes():
+  """mesh.dcn_data=2 on 8 devices listed interleaved across two slices (or two processes): each data
+  group is one slice's (process's) devices, so fsdp and tensor never cross between them."""
+  def fake(i, **where):
+    return types.SimpleNamespace(**{"id": i, "platform": "cpu", "device_kind": "cpu", "process_index": 0, **where})
+  shape = sharding.mesh_shape(2, 2, 2, 8)
+  for key in ("slice_index", "process_index"):
+    devices = [fake(i, **{key: i % 2}) for i in range(8)]
+    grid = sharding.hybrid_device_grid(shape, 2, devices)
+    assert grid.shape == (2, 2, 1, 2)
+    assert [sorted({getattr(d, key) for d in group.reshape(-1)}) for group in grid] == [[0], [1]], key
+  with pytest.raises(Exception, match="mesh.dcn_data"):
+    sharding.hybrid_device_grid(shape, 4, devices)  # two processes, not four
+  with pytest.raises(Exception, match="do not divide"):
+    sharding.hybrid_device_grid(sharding.mesh_shape(1, 4, 2, 8), 2, devices)
+
+
 def test_param_shardings_follow_logical_rules():
   devices = np.array(jax.devices() * 1)
   mesh = jax.make_mesh((1, 1, 1, 1), sharding.MESH_AXES, devices=list(devices))
