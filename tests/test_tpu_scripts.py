@@ -14,7 +14,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU = os.path.join(REPO, "tpu")
-SETTINGS = ("TPU_NAME", "ACCELERATOR", "CAPACITY", "QUEUED", "QR_ID", "PROJECT", "CREATE_FLAGS",
+SETTINGS = ("TPU_NAME", "ACCELERATOR", "CAPACITY", "QUEUED", "SLICES", "QR_ID", "PROJECT", "CREATE_FLAGS",
             "REMOTE_DIR", "VENV", "LOG_DIR", "PYTHON_VERSION", "REPO_URL", "RUNTIME", "ZONE",
             "DRY_RUN_STATE", "WORKER", "TAIL_LINES", "MAX_POLLS", "MAX_FAILURES")
 SSH_FLAGS = ["--ssh-flag=-oServerAliveInterval=60", "--ssh-flag=-oServerAliveCountMax=5"]
@@ -76,6 +76,7 @@ def test_create_vm_capacity(tmp_path, capacity, flag):
     ({"ACCELERATOR": "v3-8"}, "ACCELERATOR=v3-8 is not"),
     ({"CAPACITY": "cheap"}, "CAPACITY=cheap is not"),
     ({"CAPACITY": "preemptible", "QUEUED": "1"}, "queued resources take CAPACITY=spot"),
+    ({"SLICES": "2"}, "SLICES=2 needs QUEUED=1"),
 ])
 def test_bad_settings_one_line(tmp_path, env, message):
   proc = script("create.sh", home=tmp_path, env=env, check=False)
@@ -142,6 +143,34 @@ def test_worker_setup_is_idempotent(tmp_path):
   shutil.copy(os.path.join(REPO, "pyproject.toml"), venv / ".jaxtune-pyproject.toml")
   again = commands(script("worker_setup.sh", home=tmp_path))
   assert len(again) == 1 and again[0][:2] == [str(venv / "bin/python"), "-c"]
+
+
+def test_multislice_creates_one_queued_resource_and_runs_on_every_slice(tmp_path):
+  """SLICES=2: one queued resource of two v5e-16 slices (VMs big-0, big-1); setup copies the checkout
+  to and run.sh starts the job on every worker of both, and logs.sh --copy gathers both."""
+  env = {"ACCELERATOR": "v5litepod-16", "TPU_NAME": "big", "QUEUED": "1", "SLICES": "2", "CAPACITY": "spot"}
+  assert commands(script("create.sh", home=tmp_path, env=env)) == [[
+      "gcloud", "compute", "tpus", "queued-resources", "create", "big-qr", "--node-count=2", "--node-prefix=big",
+      "--runtime-version=v2-alpha-tpuv5-lite", "--accelerator-type=v5litepod-16", "--spot", "--zone=us-west4-a"]]
+  _, *copies = commands(script("setup.sh", home=tmp_path, env=env))
+  assert [(c[4], c[6] if c[4] == "scp" else c[5]) for c in copies] == [
+      ("scp", "big-0:jaxtune.tgz"), ("scp", "big-1:jaxtune.tgz"), ("ssh", "big-0"), ("ssh", "big-1")]
+  runs = commands(script("run.sh", "configs/lora.py", "gs://b/r", "--config.mesh.dcn_data=2", home=tmp_path, env=env))
+  assert [r[5:7] for r in runs] == [["big-0", "--worker=all"], ["big-1", "--worker=all"]]
+  assert all(r[7].endswith("worker_train.sh configs/lora.py gs://b/r --config.mesh.dcn_data=2") for r in runs)
+  logs = commands(script("logs.sh", "--copy", "out", home=tmp_path, env=env))[1:]
+  assert [c[5] for c in logs] == ["big-0:jaxtune-logs/train-*.log", "big-1:jaxtune-logs/train-*.log"]
+  assert commands(script("delete.sh", home=tmp_path, env=env))[0][3:6] == ["queued-resources", "delete", "big-qr"]
+
+
+def test_multislice_job_runs_on_both_slices_at_once_and_fails_with_either(tmp_path):
+  env = {**fake_gcloud(tmp_path, [], fails=1), "SLICES": "2", "QUEUED": "1", "TPU_NAME": "big"}
+  failed = script("run.sh", "configs/c.py", "gs://b/w", home=tmp_path, dry=False, env=env, check=False)
+  assert failed.returncode != 0  # one slice's job failed: the whole job did
+  ok = script("run.sh", "configs/c.py", "gs://b/w", home=tmp_path, dry=False, env=env)
+  assert ok.returncode == 0
+  calls = [c.split()[4] for c in (tmp_path / "calls").read_text().splitlines()]
+  assert sorted(calls) == ["big-0", "big-0", "big-1", "big-1"]
 
 
 def test_run_on_all_workers(tmp_path):

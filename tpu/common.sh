@@ -7,6 +7,7 @@ TPU_NAME=${TPU_NAME:-jaxtune}
 ACCELERATOR=${ACCELERATOR:-v5litepod-8}   # v4-8, v4-32, v5litepod-16, v5p-64, v6e-8, ...
 CAPACITY=${CAPACITY:-on-demand}           # on-demand | spot | preemptible (VM only) | reserved
 QUEUED=${QUEUED:-0}                       # 1: request through a queued resource
+SLICES=${SLICES:-1}                       # > 1: multislice (QUEUED=1), VMs $TPU_NAME-0 ... $TPU_NAME-(SLICES-1)
 QR_ID=${QR_ID:-$TPU_NAME-qr}
 PROJECT=${PROJECT:-}                      # empty: gcloud's configured project
 CREATE_FLAGS=${CREATE_FLAGS:-}            # extra create flags, e.g. "--service-account=SA --network=N"
@@ -45,9 +46,38 @@ run() { if [[ $DRY_RUN == 1 ]]; then show "$@"; else "$@"; fi; }
 
 tpu() { run gcloud compute tpus "$@" --zone="$ZONE" ${PROJECT:+"--project=$PROJECT"}; }
 
-tpu_ssh() {  # tpu_ssh WORKER COMMAND: WORKER is a worker index or "all"
-  tpu tpu-vm ssh "$TPU_NAME" --worker="$1" --command="$2" \
+tpu_nodes() {  # the TPU VMs: TPU_NAME, or one per slice as a multislice queued resource names them
+  if ((SLICES > 1)); then seq -f "$TPU_NAME-%g" 0 $((SLICES - 1)); else echo "$TPU_NAME"; fi
+}
+
+each_slice() {  # each_slice FUNCTION ARGS...: FUNCTION NODE ARGS... for every VM, all at once (dry runs: in order)
+  local node pids=() pid status=0
+  for node in $(tpu_nodes); do
+    if [[ $DRY_RUN == 1 ]] || ((SLICES == 1)); then "$1" "$node" "${@:2}" || status=$?
+    else "$1" "$node" "${@:2}" & pids+=($!); fi
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+  return "$status"
+}
+
+_ssh() {
+  tpu tpu-vm ssh "$1" --worker="$2" --command="$3" \
     --ssh-flag=-oServerAliveInterval=60 --ssh-flag=-oServerAliveCountMax=5
+}
+
+tpu_ssh() {  # tpu_ssh WORKER COMMAND: WORKER is a worker index or "all" (of every slice)
+  each_slice _ssh "$@"
+}
+
+_scp_to() { tpu tpu-vm scp "$2" "$1:$3" --worker=all; }
+_scp_from() { tpu tpu-vm scp "$1:$2" "$3" --worker=all; }
+
+tpu_scp_to() {  # tpu_scp_to LOCAL REMOTE: to every worker of every slice
+  each_slice _scp_to "$@"
+}
+
+tpu_scp_from() {  # tpu_scp_from REMOTE LOCAL_DIR: from every worker of every slice
+  each_slice _scp_from "$@"
 }
 
 tpu_create() {
@@ -60,7 +90,11 @@ tpu_create() {
       flags+=(--preemptible) ;;
     *) die "CAPACITY=$CAPACITY is not on-demand, spot, preemptible or reserved" ;;
   esac
-  if [[ $QUEUED == 1 ]]; then
+  if ((SLICES > 1)); then
+    [[ $QUEUED == 1 ]] || die "SLICES=$SLICES needs QUEUED=1: multislice comes as a queued resource"
+    tpu queued-resources create "$QR_ID" --node-count="$SLICES" --node-prefix="$TPU_NAME" \
+      --runtime-version="$RUNTIME" "${flags[@]}" "${extra[@]}"
+  elif [[ $QUEUED == 1 ]]; then
     tpu queued-resources create "$QR_ID" --node-id="$TPU_NAME" --runtime-version="$RUNTIME" \
       "${flags[@]}" "${extra[@]}"
   else

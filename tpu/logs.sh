@@ -9,7 +9,7 @@ source "$(dirname "$0")/common.sh"
 case ${1:-} in
   --copy) dest=${2:?usage: $0 --copy DIR}
     run mkdir -p "$dest"
-    tpu tpu-vm scp "$TPU_NAME:$LOG_DIR/train-*.log" "$dest/" --worker=all ;;
+    tpu_scp_from "$LOG_DIR/train-*.log" "$dest/" ;;
   -f|"") tpu_ssh "${WORKER:-0}" "tail -n ${TAIL_LINES:-100}${1:+ -f} $LOG_DIR/train-*.log" ;;
   *) die "unknown argument $1 (expected -f or --copy DIR)" ;;
 esac

@@ -12,7 +12,7 @@ else
     (cd "$REPO_ROOT" && find . -name __pycache__ -prune -o -type f -print0) > "$files"  # not a git checkout
   fi
   run tar -czf "$tarball" -C "$REPO_ROOT" --null -T "$files"
-  tpu tpu-vm scp "$tarball" "$TPU_NAME:jaxtune.tgz" --worker=all
+  tpu_scp_to "$tarball" jaxtune.tgz
   fetch="mkdir -p $REMOTE_DIR && tar -xzf jaxtune.tgz -C $REMOTE_DIR"
 fi
 tpu_ssh all "$fetch && bash $REMOTE_DIR/tpu/worker_setup.sh"
