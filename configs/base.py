@@ -26,9 +26,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # mixtures of experts (Mixtral, Qwen3-MoE): auto (dense on CPU, else ragged) | dense (every expert
   # on every token, weighted) | ragged (tokens grouped by expert, jax.lax.ragged_dot) -- models/moe.py
   c.model.moe_dispatch = "auto"
-  # "" | nf4 | nf4_double_quant: store the frozen base's decoder-layer kernels in 4-bit NormalFloat
-  # (QLoRA; the same codes as bitsandbytes' load_in_4bit nf4; nf4_double_quant also codes their block
-  # scales in 8 bits, bnb_4bit_use_double_quant), dequantized as each layer runs. PEFT methods only.
+  # "" | nf4 | fp4 | nf4_double_quant | fp4_double_quant: store the frozen base's decoder-layer kernels
+  # in 4 bits (QLoRA; the same codes as bitsandbytes' load_in_4bit with bnb_4bit_quant_type nf4 or fp4;
+  # *_double_quant also codes their block scales in 8 bits, bnb_4bit_use_double_quant), dequantized as
+  # each layer runs. PEFT methods only.
   c.model.quantize = ""
 
   c.objective = "lm"  # lm | dpo | reward | grpo

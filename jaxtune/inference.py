@@ -7,12 +7,12 @@ from typing import Any
 import jax.numpy as jnp
 from etils import epath
 
-from jaxtune.models import llama, loading
+from jaxtune.models import llama, loading, quantization
 from jaxtune.models.config import ModelConfig
 from jaxtune.peft import prefix
 
 
-QUANTIZE_FLAG = ("auto", "none", "nf4", "nf4_double_quant")  # evaluate.py / generate.py --quantize
+QUANTIZE_FLAG = ("auto", "none", *quantization.CHOICES[1:])  # evaluate.py / generate.py --quantize
 
 
 def load_for_inference(model_path: str, adapter: str | None = None, dtype=jnp.float32, quantize: str = "auto"
@@ -20,7 +20,7 @@ def load_for_inference(model_path: str, adapter: str | None = None, dtype=jnp.fl
   """(config, params, PEFT knobs, tokenizer) of a HF folder or .gguf, with an adapter applied.
 
   `adapter` is a PEFT adapter folder (it has adapter_config.json) or a train.py workdir (local or
-  gs://). `quantize`: none | nf4 | nf4_double_quant (the base's layer kernels in NF4, quantization.py) | auto (as the
+  gs://). `quantize`: none | a model.quantize choice (the base's layer kernels in 4 bits, quantization.py) | auto (as the
   adapter workdir's run had it, model.quantize, so its numbers are those of training; else none).
   """
   if adapter and not epath.Path(adapter).is_dir():

@@ -110,7 +110,7 @@ def build_model(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
                                   layer_loop=config.model.layer_loop, moe_dispatch=config.model.moe_dispatch)
   base_shapes = loading.flatten(llama.param_shapes(model_cfg), is_leaf=lambda x: isinstance(x, tuple))
   if config.model.quantize:
-    base_shapes = quantization.quantize_shapes(base_shapes, quantization.double_quantizes(config.model.quantize))
+    base_shapes = quantization.quantize_shapes(base_shapes, config.model.quantize)
   params = loading.load_model(config.model.path, param_dtype, quantize=config.model.quantize,
                               shardings=sharding.param_shardings(base_shapes, mesh))[1]
   peft_rng = jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 1)

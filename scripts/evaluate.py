@@ -23,7 +23,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 8, "Records per batch.")
 _MAX_LEN = flags.DEFINE_integer("max_len", 0, "Cut records to this many tokens (0 = no limit).")
 _QUANTIZE = flags.DEFINE_enum(
     "quantize", "auto", list(inference.QUANTIZE_FLAG),
-    "nf4: hold the base's layer kernels in 4-bit NF4 (QLoRA; nf4_double_quant: their scales in 8 bits too); "
+    "nf4/fp4: hold the base's layer kernels in 4 bits (QLoRA; *_double_quant: their scales in 8 bits too); "
     "auto: as the --adapter workdir trained.")
 _TEMPLATE = flags.DEFINE_enum(
     "instruction_template", None, list(formats.INSTRUCTION_TEMPLATES),

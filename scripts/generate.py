@@ -26,7 +26,7 @@ _RAW = flags.DEFINE_bool("raw", False, "Do not apply the chat template.")
 _JSON = flags.DEFINE_bool("json", False, "One JSON object per prompt: {prompt, completion}.")
 _QUANTIZE = flags.DEFINE_enum(
     "quantize", "auto", list(inference.QUANTIZE_FLAG),
-    "nf4: hold the base's layer kernels in 4-bit NF4 (QLoRA; nf4_double_quant: their scales in 8 bits too); "
+    "nf4/fp4: hold the base's layer kernels in 4 bits (QLoRA; *_double_quant: their scales in 8 bits too); "
     "auto: as the --adapter workdir trained.")
 _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", list(DTYPES),
                                    "Activations and KV cache (bfloat16: the matmul units of TPUs/GPUs); "

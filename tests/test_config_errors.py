@@ -57,7 +57,7 @@ CASES = [
     ("expert_lora_with_dropout", ["--config.peft.lora.expert_targets=.*", "--config.peft.lora.dropout=0.1"], 1,
      "error: config.peft.lora.dropout: must be 0 with peft.lora.expert_targets"),
     ("unknown_quantization", ["--config.model.quantize=int4"], 1,
-     "error: config.model.quantize: 'int4' is not one of '' | nf4 | nf4_double_quant"),
+     "error: config.model.quantize: 'int4' is not one of '' | nf4 | fp4 | nf4_double_quant | fp4_double_quant"),
     ("quantized_full_fine_tuning", ["--config.model.quantize=nf4", "--config.peft.method=full"], 1,
      "error: config.model.quantize: nf4 stores the base frozen; full fine-tuning trains it"),
     ("cudnn_in_float32", ["--config.model.attention=cudnn"], 1,

@@ -28,7 +28,7 @@ def test_double_quantized_scales_are_the_nearest_levels(shape):
   np.testing.assert_array_equal(quantization.DYNAMIC, bnb_functional.create_dynamic_map().numpy())
   weight = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1])) * 0.05
   packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
-  codes, absmax = quantization.quantize_nf4(weight.numpy())
+  codes, absmax = quantization.quantize_4bit(weight.numpy())
   np.testing.assert_array_equal(codes.reshape(-1), packed.numpy().reshape(-1))
   ours = quantization.quantize_scales(absmax)
   np.testing.assert_allclose(ours["absmax_offset"], state.offset.item(), rtol=1e-6)

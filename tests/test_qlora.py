@@ -22,8 +22,9 @@ from train_helpers import losses, tiny_config
 TOKENS = np.random.RandomState(0).randint(0, 256, (2, 24))
 
 
-@pytest.mark.parametrize("shape", [(64, 128), (688, 256), (256, 688), (24, 40), (7, 6)])
-def test_nf4_codes_and_scales_are_bitsandbytes(shape):
+@pytest.mark.parametrize("shape,quant_type", [((64, 128), "nf4"), ((688, 256), "nf4"), ((256, 688), "nf4"),
+                                              ((24, 40), "nf4"), ((7, 6), "nf4"), ((688, 256), "fp4"), ((24, 40), "fp4")])
+def test_4bit_codes_and_scales_are_bitsandbytes(shape, quant_type):
   """Bit for bit: codes (packed two a byte), block scales and dequantized weights, including blocks
   that straddle rows (256 x 688), a short last block (24 x 40, 7 x 6) and an all-zero block (codes
   0.0, scale 0; bitsandbytes stores a short all-zero last block's scale as 1e-38, the same zeros).
@@ -35,12 +36,12 @@ def test_nf4_codes_and_scales_are_bitsandbytes(shape):
   weight = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0])) * 0.05
   if weight.numel() > 64:
     weight.view(-1)[:64] = 0.0
-  packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type="nf4")
-  codes, absmax = quantization.quantize_nf4(weight.numpy())
+  packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type=quant_type)
+  codes, absmax = quantization.quantize_4bit(weight.numpy(), quant_type)
   assert codes.shape == (shape[0], shape[1] // 2) and codes.dtype == np.uint8
   np.testing.assert_array_equal(codes.reshape(-1), packed.numpy().reshape(-1))
   np.testing.assert_array_equal(absmax, state.absmax.numpy())
-  kernel = np.asarray(quantization.dequantize_nf4(jnp.asarray(codes), jnp.asarray(absmax)))
+  kernel = np.asarray(quantization.dequantize_4bit(jnp.asarray(codes), jnp.asarray(absmax), quant_type))
   if shape[1] % 64 == 0:
     np.testing.assert_array_equal(kernel.T, bnb_functional.dequantize_4bit(packed, state).numpy())
   n = weight.numel()
@@ -48,17 +49,19 @@ def test_nf4_codes_and_scales_are_bitsandbytes(shape):
   values = torch.nn.functional.pad(state.code[nibbles], (0, 64 * len(state.absmax) - 2 * packed.numel()))
   by_definition = (values.view(-1, 64) * state.absmax[:, None]).view(-1)[:n].view(shape)
   np.testing.assert_array_equal(kernel.T, by_definition.numpy())
-  assert np.abs(kernel.T - weight.numpy()).max() <= 0.5 * (1 - 0.6961928) * state.absmax.max().item()  # widest gap
-  np.testing.assert_array_equal(quantization.NF4, bnb_functional.get_4bit_type("nf4", device="cpu").numpy())
+  levels = np.sort(quantization.CODEBOOKS[quant_type])
+  assert np.abs(kernel.T - weight.numpy()).max() <= 0.5 * np.diff(levels).max() * state.absmax.max().item()
+  np.testing.assert_array_equal(quantization.CODEBOOKS[quant_type],
+                                bnb_functional.get_4bit_type(quant_type, device="cpu").numpy())
 
 
-def bnb_model(folder, double_quant: bool = False):
-  """transformers' 4-bit NF4 model (float32 compute) on CPU, dequantizing in float32 for every matmul;
-  `double_quant`: bnb_4bit_use_double_quant.
+def bnb_model(folder, double_quant: bool = False, quant_type: str = "nf4"):
+  """transformers' 4-bit model (NF4 or FP4, float32 compute) on CPU, dequantizing in float32 for every
+  matmul; `double_quant`: bnb_4bit_use_double_quant.
 
   bitsandbytes' CPU inference path otherwise repacks the weights for a low-precision kernel (off by
   ~1e-2 on these logits); its dequantize-then-matmul path is the one GPUs and training take."""
-  config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+  config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                                            bnb_4bit_compute_dtype=torch.float32,
                                            bnb_4bit_use_double_quant=double_quant)
   model = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=config,
@@ -76,15 +79,17 @@ def torch_logits(model):
     return model(torch.tensor(TOKENS)).logits.numpy()
 
 
-@pytest.mark.parametrize("family,use_dora", [(f, d) for f in ("llama_untied", "qwen2", "gemma2") for d in (False, True)]
-                         + [("phi3_longrope", False)])  # Phi-3's fused kernels as bitsandbytes layers
-def test_qlora_logits_match_peft_on_bitsandbytes(tmp_path, family, use_dora):
+@pytest.mark.parametrize("family,use_dora,quant_type", [(f, d, "nf4") for f in ("llama_untied", "qwen2", "gemma2")
+                                                       for d in (False, True)]
+                         + [("phi3_longrope", False, "nf4"),  # Phi-3's fused kernels as bitsandbytes layers
+                            ("llama_untied", False, "fp4")])  # load_in_4bit's default type
+def test_qlora_logits_match_peft_on_bitsandbytes(tmp_path, family, use_dora, quant_type):
   """A trained (random B, DoRA magnitudes moved) jaxtune QLoRA model, exported in PEFT format and
   loaded by peft onto transformers' NF4 model, gives jaxtune's logits; the quantization itself moves
   them ~100x more than the tolerance."""
   folder = str(tmp_path / "model")
   hf_tiny.save_hf_model(family, folder, sharp=True)
-  cfg, base = loading.load_model(folder, quantize="nf4")
+  cfg, base = loading.load_model(folder, quantize=quant_type)
   assert not any(p.endswith("/kernel") and p.startswith("layers/") for p in loading.flatten(base))
   params = lora.add_lora(base, jax.random.PRNGKey(1), rank=4, use_dora=use_dora)
   flat = loading.flatten(params)
@@ -103,13 +108,13 @@ def test_qlora_logits_match_peft_on_bitsandbytes(tmp_path, family, use_dora):
   adapter = str(tmp_path / "adapter")
   export.write_peft(adapter, cfg, params, "lora", {"lora": {"alpha": 16.0, "dropout": 0.0, "use_rslora": False}},
                     folder)
-  quantized = bnb_model(folder)
+  quantized = bnb_model(folder, quant_type=quant_type)
   base_logits = torch_logits(quantized)
   theirs = torch_logits(peft.PeftModel.from_pretrained(quantized, adapter).eval())
   full_precision = torch_logits(transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
   scale = np.abs(theirs).max()
   print(f"{family} dora={use_dora}: |jaxtune - peft+bnb| {np.abs(ours - theirs).max():.2e}, adapter moves "
-        f"{np.abs(theirs - base_logits).max():.3f}, NF4 moves {np.abs(base_logits - full_precision).max():.3f}, "
+        f"{np.abs(theirs - base_logits).max():.3f}, {quant_type} moves {np.abs(base_logits - full_precision).max():.3f}, "
         f"max |logit| {scale:.2f}")
   np.testing.assert_allclose(ours, theirs, atol=1e-5 * max(scale, 1), rtol=0)
   assert np.abs(theirs - base_logits).max() > 0.05
@@ -132,7 +137,7 @@ def test_nf4_base_takes_an_eighth_of_float32(tmp_path):
   assert rest == {p for p in nf4 if not p.endswith(("kernel_nf4", "kernel_absmax"))}
 
 
-@pytest.mark.parametrize("quantize", ["nf4", "nf4_double_quant"])
+@pytest.mark.parametrize("quantize", ["nf4", "fp4_double_quant"])
 def test_qlora_trains_and_evaluates_as_it_trained(tiny_setup, tmp_path, quantize):
   """train.py's loop on an NF4 base: LoRA learns, the base stays frozen; evaluate.py on the workdir
   quantizes the base as the run did (quantize=auto) and gives the run's last eval loss."""

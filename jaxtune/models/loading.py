@@ -92,7 +92,7 @@ def _host_leaf(cfg: ModelConfig, path: str, shape: tuple[int, ...], get: TensorG
 
 def _host_quantized_leaves(cfg: ModelConfig, path: str, shape: tuple[int, ...], get: TensorGetter, dtype,
                            quantize: str) -> dict[str, np.ndarray]:
-  """A stacked kernel's NF4 leaves (quantization.py), quantized layer by layer from the checkpoint's
+  """A stacked kernel's 4-bit leaves (quantization.py), quantized layer by layer from the checkpoint's
   out x in tensors, as read in `dtype` (what torch would hold after `from_pretrained(torch_dtype=)`)."""
   *_, n_in, n_out = shape
 
@@ -102,17 +102,15 @@ def _host_quantized_leaves(cfg: ModelConfig, path: str, shape: tuple[int, ...], 
       raise ValueError(f"tensor {hf_name_of(path, i)}: shape {t.shape} != expected {(n_out, n_in)}")
     return t.astype(jnp.dtype(dtype))
 
-  return quantization.quantized_leaves(path, (layer(i) for i in range(cfg.num_layers)),
-                                       quantization.double_quantizes(quantize))
+  return quantization.quantized_leaves(path, (layer(i) for i in range(cfg.num_layers)), quantize)
 
 
 def quantize_params(params: llama.Params, quantize: str = "nf4") -> llama.Params:
-  """Base params already in memory with their decoder layers' kernels as NF4 leaves (what
+  """Base params already in memory with their decoder layers' kernels as 4-bit leaves (what
   `load_model(quantize=...)` builds while reading; for params made some other way)."""
   flat = flatten(params)
   for path in [p for p in flat if quantization.is_quantizable(p)]:
-    leaves = quantization.quantized_leaves(path, (layer.T for layer in np.asarray(flat.pop(path))),
-                                           quantization.double_quantizes(quantize))
+    leaves = quantization.quantized_leaves(path, (layer.T for layer in np.asarray(flat.pop(path))), quantize)
     flat.update({name: jnp.asarray(leaf) for name, leaf in leaves.items()})
   return unflatten(flat)
 
@@ -127,8 +125,8 @@ def params_from_tensors(
 ) -> llama.Params:
   """Builds the base params tree, one leaf at a time, placed with `shardings[path]` if given.
 
-  `quantize="nf4"`: the decoder layers' kernels are stored as NF4 codes and scales instead
-  (quantization.py); `shardings` then names those leaves."""
+  `quantize` (a model.quantize choice, e.g. "nf4"): the decoder layers' kernels are stored as 4-bit
+  codes and scales instead (quantization.py); `shardings` then names those leaves."""
   shapes = llama.param_shapes(cfg)
   flat = flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
   out = {}
@@ -185,8 +183,8 @@ def model_path_problem(path: str) -> str:
 
 def load_model(path: str, dtype=jnp.float32, shardings=None, quantize: str = ""
                ) -> tuple[ModelConfig, llama.Params]:
-  """A Hugging Face folder or a .gguf file -> (config, params); `quantize="nf4"` stores the decoder
-  layers' kernels in NF4 (quantization.py)."""
+  """A Hugging Face folder or a .gguf file -> (config, params); `quantize="nf4"` (or another
+  model.quantize choice) stores the decoder layers' kernels in 4 bits (quantization.py)."""
   if problem := model_path_problem(path):
     raise FileNotFoundError(problem)
   if path.endswith(".gguf"):

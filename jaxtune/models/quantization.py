@@ -1,4 +1,4 @@
-"""4-bit NormalFloat (NF4) storage of frozen base weights: QLoRA, bit for bit as bitsandbytes.
+"""4-bit NormalFloat (NF4) or FP4 storage of frozen base weights: QLoRA, bit for bit as bitsandbytes.
 
 A quantized linear layer holds, instead of `kernel` (in x out):
   `kernel_nf4`    uint8, out x in/2: two 4-bit codes a byte, high nibble first, over the weight in
@@ -8,6 +8,7 @@ A value is NF4[code] * absmax of its block (bitsandbytes' `quantize_4bit(blocksi
 quant_type="nf4")` without double quantization, transformers' `BitsAndBytesConfig(load_in_4bit=True,
 bnb_4bit_quant_type="nf4")`): 4.5 bits a weight instead of 16 or 32. The layer dequantizes its
 kernel when it runs, so only PEFT leaves (which train) and activations are kept in full precision.
+`fp4` is the same with bitsandbytes' FP4 levels (`quant_type="fp4"`) in `kernel_fp4`.
 
 `nf4_double_quant` (QLoRA's double quantization, `bnb_4bit_use_double_quant=True`) stores the block
 scales themselves in 8 bits: their mean is subtracted (`kernel_absmax_offset`, one float32 per
@@ -19,6 +20,7 @@ DYNAMIC[code] x its block's scale + offset: 4.127 bits a weight.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -30,14 +32,18 @@ from jaxtune.models.matmul import transposed
 
 BLOCK = 64
 SCALE_BLOCK = 256  # double quantization: block scales per 8-bit block
-CHOICES = ("", "nf4", "nf4_double_quant")  # model.quantize: "" keeps the base in precision.param_dtype
+# model.quantize: "" keeps the base in precision.param_dtype; nf4 / fp4 is bitsandbytes' 4-bit type
+CHOICES = ("", "nf4", "fp4", "nf4_double_quant", "fp4_double_quant")
 # The 16 NF4 levels (QLoRA, Dettmers et al. 2023; bitsandbytes' table), as float32.
 NF4 = np.array([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0], np.float32)
-_MIDPOINTS = ((NF4[:-1] + NF4[1:]) / np.float32(2)).astype(np.float32)
+# bitsandbytes' FP4 by code (sign, 2 exponent and 1 mantissa bits, scaled to max 1): quant_type="fp4",
+# load_in_4bit's default. Codes 0 and 8 are both zero.
+FP4 = np.array([0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2, -3], np.float32) / np.float32(12)
+CODEBOOKS = {"nf4": NF4, "fp4": FP4}  # a quantized layer's codes leaf is kernel_<type>
 
 
 def _linspace_as_torch(start: float, end: float, n: int) -> np.ndarray:
@@ -64,13 +70,22 @@ DYNAMIC = _dynamic_levels()
 _DYNAMIC_MIDPOINTS = (np.float32(0.5) * (DYNAMIC[:-1] + DYNAMIC[1:])).astype(np.float32)
 
 
+def quant_type(quantize: str) -> str:
+  """The 4-bit type (nf4 or fp4) of a `model.quantize` choice."""
+  return quantize.removesuffix("_double_quant")
+
+
 def double_quantizes(quantize: str) -> bool:
   """Whether a `model.quantize` choice double-quantizes the block scales."""
-  return quantize == "nf4_double_quant"
+  return quantize.endswith("_double_quant")
+
+
+def _codes_leaf(linear: dict) -> str | None:
+  return next((f"kernel_{t}" for t in CODEBOOKS if f"kernel_{t}" in linear), None)
 
 
 def is_quantized(linear: dict) -> bool:
-  return "kernel_nf4" in linear
+  return _codes_leaf(linear) is not None
 
 
 def _check_packable(n_in: int) -> None:
@@ -78,19 +93,20 @@ def _check_packable(n_in: int) -> None:
     raise ValueError(f"NF4 packs two inputs a byte: a layer with {n_in} inputs cannot be quantized")
 
 
-def quantized_shapes(n_out: int, n_in: int, lead: tuple[int, ...] = (), double_quant: bool = False
+def quantized_shapes(n_out: int, n_in: int, lead: tuple[int, ...] = (), quantize: str = "nf4"
                      ) -> dict[str, tuple[int, ...]]:
   """Shapes of a quantized linear layer's leaves (out x in weight, optional leading layer axes)."""
   _check_packable(n_in)
   n_blocks = math.ceil(n_out * n_in / BLOCK)
-  if not double_quant:
-    return {"kernel_nf4": (*lead, n_out, n_in // 2), "kernel_absmax": (*lead, n_blocks)}
-  return {"kernel_nf4": (*lead, n_out, n_in // 2), "kernel_absmax_code": (*lead, n_blocks),
+  codes = {f"kernel_{quant_type(quantize)}": (*lead, n_out, n_in // 2)}
+  if not double_quantizes(quantize):
+    return {**codes, "kernel_absmax": (*lead, n_blocks)}
+  return {**codes, "kernel_absmax_code": (*lead, n_blocks),
           "kernel_absmax_scale": (*lead, math.ceil(n_blocks / SCALE_BLOCK)), "kernel_absmax_offset": lead}
 
 
-def quantize_nf4(weight_OxI) -> tuple[np.ndarray, np.ndarray]:
-  """(codes out x in/2 uint8, absmax float32 per block of 64) of an out x in weight.
+def quantize_4bit(weight_OxI, quant_type: str = "nf4") -> tuple[np.ndarray, np.ndarray]:
+  """(codes out x in/2 uint8, absmax float32 per block of 64) of an out x in weight, in NF4 or FP4.
 
   Each block is scaled by 1/max|w| and each value takes the nearest level (ties to the lower one),
   in float32, as bitsandbytes does (a short last block is divided by its max). Runs on the host's
@@ -98,12 +114,12 @@ def quantize_nf4(weight_OxI) -> tuple[np.ndarray, np.ndarray]:
   _check_packable(weight_OxI.shape[1])
   cpu = jax.devices("cpu")[0]
   with jax.set_mesh(jax.sharding.Mesh(np.array([cpu]), ("host",))):  # not the run's mesh, if one is set
-    codes, absmax = _quantize_on_cpu(jax.device_put(np.asarray(weight_OxI, np.float32), cpu))
+    codes, absmax = _quantize_on_cpu(jax.device_put(np.asarray(weight_OxI, np.float32), cpu), quant_type)
   return np.asarray(codes), np.asarray(absmax)
 
 
-@jax.jit
-def _quantize_on_cpu(weight_OxI):
+@functools.partial(jax.jit, static_argnames="quant_type")
+def _quantize_on_cpu(weight_OxI, quant_type: str):
   n_out, n_in = weight_OxI.shape
   n = n_out * n_in
   n_blocks = math.ceil(n / BLOCK)
@@ -114,7 +130,10 @@ def _quantize_on_cpu(weight_OxI):
   if n % BLOCK:
     scaled = scaled.at[-1].set(blocks[-1] / safe[-1])
   scaled = jnp.clip(scaled.reshape(-1)[:n], -1, 1)
-  codes = (scaled[:, None] > jnp.asarray(_MIDPOINTS)).sum(-1, dtype=jnp.uint8).reshape(n_out, n_in)
+  by_value = np.argsort(CODEBOOKS[quant_type], kind="stable")  # the codes in level order
+  levels = CODEBOOKS[quant_type][by_value]
+  rank = (scaled[:, None] > jnp.asarray((levels[:-1] + levels[1:]) / np.float32(2))).sum(-1)
+  codes = jnp.asarray(by_value.astype(np.uint8))[rank].reshape(n_out, n_in)
   return (codes[:, 0::2] << 4) | codes[:, 1::2], absmax
 
 
@@ -141,24 +160,24 @@ def dequantize_scales(code_B, scale_S, offset):
   return values.reshape(*lead, -1)[..., :n] + jnp.asarray(offset, jnp.float32)[..., None]
 
 
-def quantized_leaves(kernel_path: str, layers_OxI, double_quant: bool = False) -> dict[str, np.ndarray]:
-  """The NF4 leaves (stacked over layers) that replace the stacked kernel at `kernel_path`, from its
-  layers' out x in weights in order; `double_quant`: the block scales double-quantized."""
+def quantized_leaves(kernel_path: str, layers_OxI, quantize: str = "nf4") -> dict[str, np.ndarray]:
+  """The 4-bit leaves (stacked over layers) that replace the stacked kernel at `kernel_path`, from its
+  layers' out x in weights in order, as the `model.quantize` choice `quantize` stores them."""
   per_layer = []
   for weight in layers_OxI:
-    codes, absmax = quantize_nf4(weight)
-    scales = quantize_scales(absmax) if double_quant else {"absmax": absmax}
-    per_layer.append({"nf4": codes, **scales})
+    codes, absmax = quantize_4bit(weight, quant_type(quantize))
+    scales = quantize_scales(absmax) if double_quantizes(quantize) else {"absmax": absmax}
+    per_layer.append({quant_type(quantize): codes, **scales})
   linear = kernel_path[: -len("kernel")]
   return {f"{linear}kernel_{name}": np.stack([layer[name] for layer in per_layer]) for name in per_layer[0]}
 
 
-def dequantize_nf4(codes_OxH, absmax_B):
-  """The float32 kernel (in x out) of NF4 codes (out x in/2) and block scales; leading axes kept."""
+def dequantize_4bit(codes_OxH, absmax_B, quant_type: str = "nf4"):
+  """The float32 kernel (in x out) of 4-bit codes (out x in/2) and block scales; leading axes kept."""
   *lead, n_out, half = codes_OxH.shape
   n = n_out * half * 2
   codes = jnp.stack([codes_OxH >> 4, codes_OxH & 15], axis=-1).reshape(*lead, n)
-  values = jnp.asarray(NF4)[codes]
+  values = jnp.asarray(CODEBOOKS[quant_type])[codes]
   n_blocks = absmax_B.shape[-1]
   if n_blocks * BLOCK != n:
     values = jnp.pad(values, [(0, 0)] * len(lead) + [(0, n_blocks * BLOCK - n)])
@@ -175,16 +194,17 @@ def block_scales(linear: dict):
 
 
 def kernel_of(linear: dict, dtype=jnp.float32):
-  """A linear layer's kernel (in x out): its `kernel`, or its NF4 leaves dequantized to `dtype`."""
-  if not is_quantized(linear):
+  """A linear layer's kernel (in x out): its `kernel`, or its 4-bit leaves dequantized to `dtype`."""
+  name = _codes_leaf(linear)
+  if name is None:
     return linear["kernel"]
-  return dequantize_nf4(linear["kernel_nf4"], block_scales(linear)).astype(dtype)
+  return dequantize_4bit(linear[name], block_scales(linear), name.removeprefix("kernel_")).astype(dtype)
 
 
 def kernel_shape(linear: dict) -> tuple[int, ...]:
   """(..., in, out) of a linear layer, quantized or not."""
   if is_quantized(linear):
-    *lead, n_out, half = linear["kernel_nf4"].shape
+    *lead, n_out, half = linear[_codes_leaf(linear)].shape
     return (*lead, 2 * half, n_out)
   return tuple(linear["kernel"].shape)
 
@@ -195,8 +215,8 @@ def is_quantizable(path: str) -> bool:
   return path.startswith("layers/") and path.endswith("/kernel") and not moe.is_router_leaf(path)
 
 
-def quantize_shapes(flat_shapes: dict[str, tuple[int, ...]], double_quant: bool = False) -> dict[str, tuple[int, ...]]:
-  """Base param shapes (flat, kernels L x in x out) with every quantizable kernel as its NF4 leaves."""
+def quantize_shapes(flat_shapes: dict[str, tuple[int, ...]], quantize: str = "nf4") -> dict[str, tuple[int, ...]]:
+  """Base param shapes (flat, kernels L x in x out) with every quantizable kernel as its 4-bit leaves."""
   out = {}
   for path, shape in flat_shapes.items():
     if not is_quantizable(path):
@@ -204,12 +224,12 @@ def quantize_shapes(flat_shapes: dict[str, tuple[int, ...]], double_quant: bool 
       continue
     *lead, n_in, n_out = shape
     linear = path[: -len("kernel")]
-    out.update({linear + name: s for name, s in quantized_shapes(n_out, n_in, tuple(lead), double_quant).items()})
+    out.update({linear + name: s for name, s in quantized_shapes(n_out, n_in, tuple(lead), quantize).items()})
   return out
 
 
 def weights_in(path: str, leaf) -> int:
-  """How many model weights a param leaf holds: two a byte in NF4 codes, none in their scales."""
-  if path.endswith("/kernel_nf4"):
+  """How many model weights a param leaf holds: two a byte in 4-bit codes, none in their scales."""
+  if path.endswith(tuple(f"/kernel_{t}" for t in CODEBOOKS)):
     return 2 * leaf.size
   return 0 if "/kernel_absmax" in path else leaf.size

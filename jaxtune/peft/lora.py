@@ -35,7 +35,8 @@ def target_paths(params: llama.Params, targets: str) -> list[str]:
   """Paths of the linear layers (dicts holding a 'kernel', or its NF4 form) whose path matches
   `targets` (re.fullmatch)."""
   pattern = re.compile(targets)
-  kernels = [p.rsplit("/", 1)[0] for p in flatten(params) if p.endswith(("/kernel", "/kernel_nf4"))]
+  kernels = [p.rsplit("/", 1)[0] for p in flatten(params)
+             if p.endswith(("/kernel", *(f"/kernel_{t}" for t in quantization.CODEBOOKS)))]
   return [p for p in kernels if _matches(pattern, p)]
 
 
