@@ -63,7 +63,7 @@ from jaxtune.peft import ia3, lora, methods, partition
 GIB = 1024**3
 
 
-def nf4_bytes(quantize: str) -> float:
+def quantized_weight_bytes(quantize: str) -> float:
   """Bytes a quantized weight takes: its 4-bit code and its share of its block's scale (float32, or
   double-quantized: one byte plus a share of a float32 per 256 scales)."""
   if quantization.double_quantizes(quantize):
@@ -111,12 +111,12 @@ class Mesh:
 
   @property
   def size(self) -> int:
-    return self.data * self.fsdp * self.tensor * self.expert
+    return math.prod(getattr(self, axis) for axis in sharding.MESH_AXES)
 
   @property
   def rows(self) -> int:
     """The batch's split: data x fsdp x expert (sharding.BATCH_AXES)."""
-    return self.data * self.fsdp * self.expert
+    return math.prod(getattr(self, axis) for axis in sharding.BATCH_AXES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,7 +259,7 @@ def plan(cfg: ModelConfig, mesh: Mesh, chip: str, batch_size: int, seq_len: int,
 
   def base_bytes(gathered_layers: bool) -> float:
     return (_shard_elements(rest, mesh, gathered_layers) * p_bytes
-            + _shard_elements(kernels, mesh, gathered_layers) * nf4_bytes(quantize))
+            + _shard_elements(kernels, mesh, gathered_layers) * quantized_weight_bytes(quantize))
 
   params = base_bytes(False)
   peft_bytes = _shard_elements(added, mesh) * p_bytes

@@ -114,9 +114,14 @@ def test_experts_stay_on_their_devices_on_an_expert_mesh():
   """On an fsdp=2 x expert=4 mesh each device runs its own two experts: the compiled forward and
   backward pass gathers tokens, never a stack of experts' weights, in either dispatch, and gives
   one device's loss and expert gradients."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  out = subprocess.run([sys.executable, "-c", EXPERTS_STAY_PUT], capture_output=True, text=True, timeout=600,
-                       env=without_torch(env), cwd=os.path.dirname(HERE))
+  run_on_eight_devices(EXPERTS_STAY_PUT)
+
+
+def run_on_eight_devices(script: str) -> None:
+  """Runs a test script in a process with eight fake CPU devices; it must print "ok" last."""
+  env = without_torch(dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                       env=env, cwd=os.path.dirname(HERE))
   assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
@@ -222,7 +227,4 @@ print("ok")
 def test_splash_kernel_runs_per_device_under_a_mesh():
   """Under the run's mesh the splash kernel is placed in shard_map (a Pallas TPU kernel cannot be
   partitioned by XLA), on meshes whose tensor axis does and does not divide the kv heads."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  out = subprocess.run([sys.executable, "-c", SPLASH_ON_MESH], capture_output=True, text=True, timeout=600,
-                       env=env, cwd=os.path.dirname(HERE))
-  assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+  run_on_eight_devices(SPLASH_ON_MESH)

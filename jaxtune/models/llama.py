@@ -149,7 +149,7 @@ def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
   elif len(parts) >= 2 and parts[-2] in _KERNEL_AXES:
     n_in, n_out = _KERNEL_AXES[parts[-2]]
     axes = {"kernel": lead + (n_in, n_out), "bias": lead + (n_out,),
-            "kernel_nf4": lead + (n_out, n_in), "kernel_fp4": lead + (n_out, n_in), "kernel_absmax": lead + (n_out,),
+            **{codes: lead + (n_out, n_in) for codes in quantization.CODE_LEAVES}, "kernel_absmax": lead + (n_out,),
             "kernel_absmax_code": lead + (n_out,), "kernel_absmax_scale": lead + (None,), "kernel_absmax_offset": lead,
             "lora_a": lead + (n_in, None), "lora_b": lead + (None, n_out),
             "lora_magnitude": lead + (n_out,), "ia3_in": lead + (n_in,), "ia3_out": lead + (n_out,)}.get(name)

@@ -44,6 +44,7 @@ NF4 = np.array([
 # load_in_4bit's default. Codes 0 and 8 are both zero.
 FP4 = np.array([0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2, -3], np.float32) / np.float32(12)
 CODEBOOKS = {"nf4": NF4, "fp4": FP4}  # a quantized layer's codes leaf is kernel_<type>
+CODE_LEAVES = tuple(f"kernel_{t}" for t in CODEBOOKS)
 
 
 def _linspace_as_torch(start: float, end: float, n: int) -> np.ndarray:
@@ -81,7 +82,7 @@ def double_quantizes(quantize: str) -> bool:
 
 
 def _codes_leaf(linear: dict) -> str | None:
-  return next((f"kernel_{t}" for t in CODEBOOKS if f"kernel_{t}" in linear), None)
+  return next((name for name in CODE_LEAVES if name in linear), None)
 
 
 def is_quantized(linear: dict) -> bool:
@@ -90,7 +91,7 @@ def is_quantized(linear: dict) -> bool:
 
 def _check_packable(n_in: int) -> None:
   if n_in % 2:
-    raise ValueError(f"NF4 packs two inputs a byte: a layer with {n_in} inputs cannot be quantized")
+    raise ValueError(f"4-bit codes pack two inputs a byte: a layer with {n_in} inputs cannot be quantized")
 
 
 def quantized_shapes(n_out: int, n_in: int, lead: tuple[int, ...] = (), quantize: str = "nf4"
@@ -230,6 +231,6 @@ def quantize_shapes(flat_shapes: dict[str, tuple[int, ...]], quantize: str = "nf
 
 def weights_in(path: str, leaf) -> int:
   """How many model weights a param leaf holds: two a byte in 4-bit codes, none in their scales."""
-  if path.endswith(tuple(f"/kernel_{t}" for t in CODEBOOKS)):
+  if path.rsplit("/", 1)[-1] in CODE_LEAVES:
     return 2 * leaf.size
   return 0 if "/kernel_absmax" in path else leaf.size

@@ -32,11 +32,10 @@ def _matches(pattern: re.Pattern, layer_path: str) -> bool:
 
 
 def target_paths(params: llama.Params, targets: str) -> list[str]:
-  """Paths of the linear layers (dicts holding a 'kernel', or its NF4 form) whose path matches
+  """Paths of the linear layers (dicts holding a 'kernel', or its 4-bit form) whose path matches
   `targets` (re.fullmatch)."""
   pattern = re.compile(targets)
-  kernels = [p.rsplit("/", 1)[0] for p in flatten(params)
-             if p.endswith(("/kernel", *(f"/kernel_{t}" for t in quantization.CODEBOOKS)))]
+  kernels = [p.rsplit("/", 1)[0] for p in flatten(params) if p.rsplit("/", 1)[-1] in ("kernel", *quantization.CODE_LEAVES)]
   return [p for p in kernels if _matches(pattern, p)]
 
 
