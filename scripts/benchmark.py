@@ -105,6 +105,13 @@ def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def peak_device_mb() -> float:
+  """The accelerator's peak allocation in this process (0 where JAX does not report it: CPU)."""
+  import jax
+  stats = jax.devices()[0].memory_stats()
+  return stats["peak_bytes_in_use"] / 2**20 if stats else 0.0
+
+
 def minor_faults() -> int:
   """Page faults served without I/O so far: mostly fresh memory touched for the first time."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -218,7 +225,7 @@ def run_jaxtune(p: Preset, method: str, steps: int, dtype: str = "float32", rank
           "step_s": elapsed / steps, "compile_s": compile_s, "first_step_s": first_step_s,
           "first_loss": first_loss, "last_loss": float(losses[-1]), "peak_rss_mb": peak_rss_mb(),
           "faults_per_step": faults / steps, "trainable_params": partition.count(trainable),
-          "device": str(jax.devices()[0].platform)}
+          "device": str(jax.devices()[0].platform), "peak_device_mb": peak_device_mb()}
 
 
 def run_peer(p: Preset, method: str, steps: int, model_dir: str, threads: int = 2, rank: int = 8,
@@ -272,6 +279,7 @@ def run_peer(p: Preset, method: str, steps: int, model_dir: str, threads: int = 
           "first_loss": first_loss, "last_loss": float(losses[-1]), "peak_rss_mb": peak_rss_mb(),
           "faults_per_step": faults / steps, "trainable_params": sum(q.numel() for q in params),
           "device": device, "batch": p.batch,
+          "peak_device_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else 0.0,
           "attention": model.config._attn_implementation}
 
 

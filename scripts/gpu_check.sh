@@ -67,7 +67,8 @@ for i, path in enumerate(sys.argv[1:]):
     layers = f", layers {r['layer_loop']}" if r["side"] == "jaxtune" else ""
     verdict = f" (target >= 50%: {'PASS' if r['mfu'] >= 0.5 else 'below target'})" if i == 0 else ""
     print(f"{r['side']} {r['method']}: {r['tokens_per_sec']:,.0f} tok/s on {r['device']} (batch {r['batch']}, "
-          f"attention {r['attention']}{layers}), MFU {r['mfu']:.1%}{verdict}")
+          f"attention {r['attention']}{layers}), peak GPU memory {r.get('peak_device_mb', 0) / 1024:.1f} GiB, "
+          f"MFU {r['mfu']:.1%}{verdict}")
   for method in ("full", "lora"):
     if ("jaxtune", method) in by and ("peer", method) in by:
       ratio = by["jaxtune", method]["tokens_per_sec"] / by["peer", method]["tokens_per_sec"]

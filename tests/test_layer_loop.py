@@ -78,3 +78,23 @@ def test_decoding_with_a_cache_keeps_the_scan():
 
   assert unrolls(None) == [cfg.num_layers]
   assert unrolls(llama.init_cache(cfg, 1, 8)) == [1]
+
+
+@pytest.mark.parametrize("remat,forward_kernels", [("dots", 1), ("nothing", 2)])
+def test_dots_remat_keeps_cudnn_attention_outputs(monkeypatch, remat, forward_kernels):
+  """remat_policy=dots keeps cuDNN attention's forward outputs: the backward pass runs its kernel
+  and does not rerun the forward one (remat nothing does). Traced, not run: off a GPU cuDNN's
+  version checks are stubbed, and the step's jaxpr (one scanned layer) is counted."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+  monkeypatch.setattr(cudnn_attention, "check_cudnn_version", lambda: 91000)
+  monkeypatch.setattr(cudnn_attention, "check_compute_capability", lambda capability: True)
+  cfg = dataclasses.replace(CFG, layer_loop="scan", attention="cudnn")
+  params = llama.init_params(cfg, jax.random.PRNGKey(0))
+  trainable, frozen = partition.split(params, "full")
+  optimizer = optax.sgd(1.0)
+  spec = train_step.StepSpec(model=cfg, compute_dtype="bfloat16", remat=remat)
+  batch = jax.tree.map(np.asarray, random_lm_batch(2, 64, vocab=cfg.vocab_size))
+  jaxpr = str(jax.make_jaxpr(lambda *a: train_step.train_step(*a, spec=spec, optimizer=optimizer))(
+      trainable, frozen, optimizer.init(trainable), batch, jax.random.PRNGKey(2)))
+  assert jaxpr.count("dot_product_attention_bwd") == 1
+  assert jaxpr.count("dot_product_attention_fwd") == forward_kernels

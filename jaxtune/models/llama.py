@@ -335,16 +335,18 @@ def _residual_scaled(out, cfg: ModelConfig):
 # remat: what each scanned layer keeps for the backward pass; the rest is recomputed there.
 REMAT_POLICIES = {
     "nothing": jax.checkpoint_policies.nothing_saveable,  # the layer input only: least memory
-    # matmul outputs; blocked attention's float32 output and log-sum-exp (so its backward does not
-    # rerun the attention forward); in float32 also each projection's output (with LoRA: once, not
+    # matmul outputs; blocked attention's float32 output and log-sum-exp, and cuDNN attention's
+    # outputs (so neither backward reruns the attention forward); in float32 also each projection's output (with LoRA: once, not
     # its base and LoRA parts). Not in bfloat16: XLA:CPU would upcast those saved bfloat16 stacks
     # whole before the backward loop. On CPU a bfloat16 projection's dot sits in matmul.py's custom
     # gradient, which the policy cannot see, so it is recomputed (cheaper there than kept); on TPU
     # and GPU it is a plain dot and is kept. Norms, RoPE, SiLU and residual adds are recomputed. On
     # CPU faster than no remat (docs/benchmark.md).
     "dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names("projection", "attention_out", "attention_lse")),
+        jax.checkpoint_policies.save_from_both_policies(
+            jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+            jax.checkpoint_policies.save_only_these_names("projection", "attention_out", "attention_lse")),
+        attention.keeps_cudnn_attention),
 }
 
 
