@@ -83,3 +83,25 @@ def test_unimplemented_architecture_features_are_refused_by_name():
   # as transformers: Gemma 3 soft-caps its logits when asked, never its attention scores
   capped = config_from_hf(dict(gemma3, final_logit_softcapping=30.0, attn_logit_softcapping=50.0))
   assert (capped.final_logit_softcap, capped.attn_logit_softcap) == (30.0, None)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_tensor_that_does_not_fit_is_named(tmp_path, sharded):
+  """A checkpoint whose tensors are larger than its config says is refused naming the tensor, also
+  when the load reads slices (a slice of a too-large tensor would fit)."""
+  import json
+  from jaxtune import sharding
+  cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=8)
+  folder = str(tmp_path / "model")
+  export.write_hf(folder, cfg, llama.init_params(cfg, jax.random.PRNGKey(0)), llama.PeftRuntime(), None, None)
+  with open(os.path.join(folder, "config.json")) as f:
+    hf = json.load(f)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(dict(hf, intermediate_size=40), f)
+  shardings = None
+  if sharded:
+    shapes = loading.flatten(llama.param_shapes(loading.model_config_of(folder)), is_leaf=lambda x: isinstance(x, tuple))
+    shardings = sharding.param_shardings(shapes, sharding.make_mesh(1, 1, 1))
+  with pytest.raises(ValueError, match=r"tensor model.layers.0.mlp.down_proj.weight: shape \(32, 48\) != expected \(32, 40\)"):
+    loading.load_model(folder, shardings=shardings)

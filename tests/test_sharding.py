@@ -117,6 +117,45 @@ def test_experts_stay_on_their_devices_on_an_expert_mesh():
   run_on_eight_devices(EXPERTS_STAY_PUT)
 
 
+SHARDED_LOAD = """
+import collections
+import numpy as np
+from jaxtune import sharding
+from jaxtune.models import llama, loading
+mesh = sharding.make_mesh(1, 2, 2, expert=2)
+for folder in FOLDERS:
+  cfg = loading.model_config_of(folder)
+  get, tensor_shapes = loading.safetensors_getter(folder)
+  read, slices = collections.Counter(), 0
+  def counted(name, index=None):
+    global slices
+    t = get(name, index)
+    read[name] += t.size
+    slices += t.size < np.prod(tensor_shapes[name])
+    return t
+  shapes = loading.flatten(llama.param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+  shardings = sharding.param_shardings(shapes, mesh)
+  placed = loading.flatten(loading.params_from_tensors(cfg, counted, shardings=shardings, tensor_shapes=tensor_shapes))
+  whole = loading.flatten(loading.params_from_tensors(cfg, get))
+  assert {n: int(np.prod(tensor_shapes[n])) for n in read} == dict(read)  # every element read once
+  assert slices > len(read), (slices, len(read))  # most tensors are read in parts
+  assert sum(not placed[p].sharding.is_fully_replicated for p in placed) >= 7
+  for path, leaf in placed.items():
+    assert leaf.sharding == shardings[path], path
+    np.testing.assert_array_equal(leaf, whole[path], err_msg=path)
+print("ok")
+"""
+
+
+def test_a_sharded_load_reads_each_device_slice_once(tmp_path):
+  """Loading onto an fsdp=2 x expert=2 x tensor=2 mesh reads only the slices the devices hold: each
+  element of each checkpoint tensor once (a slice shared by devices is read once), most tensors in
+  parts; every leaf has its sharding and equals the unsharded load (a Llama and a Mixtral, whose
+  experts split over the expert axis)."""
+  folders = [make_tiny_setup(str(tmp_path / family), family)[0] for family in ("llama_untied", "mixtral")]
+  run_on_eight_devices(f"FOLDERS = {folders!r}\n" + SHARDED_LOAD)
+
+
 def run_on_eight_devices(script: str) -> None:
   """Runs a test script in a process with eight fake CPU devices; it must print "ok" last."""
   env = without_torch(dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))

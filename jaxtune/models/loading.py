@@ -1,8 +1,10 @@
 """Load Hugging Face weights (safetensors folders, GGUF files) into jaxtune params, without torch.
 
-Weights are streamed leaf by leaf: each stacked leaf is assembled on the host in the target dtype,
-placed on its devices (with its sharding, when given) and released before the next one, so the
-host never holds a second full copy of the model.
+Weights are streamed leaf by leaf, so the host never holds a second full copy of the model. A leaf
+with a sharding is built shard by shard: each distinct device slice is read on the host (only that
+slice of each checkpoint tensor), put on the devices that hold it and released before the next, so
+the host's transient copy is one slice, not the stacked leaf, and each process of a multi-host run
+reads only its own devices' slices. A leaf without one is assembled whole in the target dtype.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from safetensors import safe_open
 from jaxtune.models import llama, moe, quantization
 from jaxtune.models.config import ModelConfig, config_from_hf, read_hf_config
 
-TensorGetter = Callable[[str], np.ndarray]
+# get(HF tensor name, index=None): the tensor in HF layout, or only `index` (a tuple of slices) of it
+TensorGetter = Callable[..., np.ndarray]
+Index = tuple[slice, ...]
+Bounds = tuple[tuple[int, int], ...]  # (start, stop) along each axis of a leaf
 
 
 def hf_name_of(path: str, layer: int | None) -> str:
@@ -43,51 +48,78 @@ def is_transposed(path: str) -> bool:
   return path.endswith("kernel")
 
 
-def safetensors_getter(folder: str) -> tuple[TensorGetter, list[str]]:
-  """A lazy tensor reader over a folder's single or sharded (`*.index.json`) safetensors."""
+def safetensors_getter(folder: str) -> tuple[TensorGetter, dict[str, tuple[int, ...]]]:
+  """A lazy tensor reader over a folder's single or sharded (`*.index.json`) safetensors, and every
+  tensor's shape (read from the file headers)."""
   index_path = os.path.join(folder, "model.safetensors.index.json")
   if os.path.exists(index_path):
     with open(index_path) as f:
-      weight_map = json.load(f)["weight_map"]
+      files = sorted(set(json.load(f)["weight_map"].values()))
   else:
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
     if not files:
       raise FileNotFoundError(f"{folder}: no *.safetensors files (is this a Hugging Face model folder?)")
-    weight_map = {}
-    for fname in files:
-      with safe_open(os.path.join(folder, fname), framework="numpy") as f:
-        weight_map.update({k: fname for k in f.keys()})
+  weight_map, shapes = {}, {}
+  for fname in files:
+    with safe_open(os.path.join(folder, fname), framework="numpy") as f:
+      for name in f.keys():
+        weight_map[name], shapes[name] = fname, tuple(f.get_slice(name).get_shape())
 
-  def get(name: str) -> np.ndarray:
+  def get(name: str, index: Index | None = None) -> np.ndarray:
     if name not in weight_map:
       raise KeyError(f"{folder}: tensor {name!r} not found in the checkpoint")
     # Opened per tensor: a handle memory-maps its whole file, and the pages read through a handle
     # kept open would stay in this process's resident set until the end of the load (a second
     # copy of the model in RSS). Reopening costs a header parse, ~0.1 ms.
     with safe_open(os.path.join(folder, weight_map[name]), framework="numpy") as f:
-      return f.get_tensor(name)
+      return f.get_tensor(name) if index is None else f.get_slice(name)[index]
 
-  return get, list(weight_map)
+  return get, shapes
 
 
-def _host_leaf(cfg: ModelConfig, path: str, shape: tuple[int, ...], get: TensorGetter, dtype) -> np.ndarray:
-  np_dtype = jnp.dtype(dtype)
-  if moe.is_expert_leaf(path) or moe.is_router_leaf(path):  # out x in tensors per (layer[, expert])
-    out = np.empty(shape, np_dtype)
-    for index in np.ndindex(*shape[:-2]):
-      out[index] = np.asarray(get(moe.hf_name(cfg.model_type, path, index[0] if len(index) == 1 else index))).T
-    return out
-  if path.startswith("layers/"):
-    out = np.empty(shape, np_dtype)
-    for i in range(cfg.num_layers):
-      t = np.asarray(get(hf_name_of(path, i)))
-      out[i] = (t.T if is_transposed(path) else t).astype(np_dtype)
-    return out
-  t = np.asarray(get(hf_name_of(path, None)))
-  t = t.T if is_transposed(path) else t
-  if t.shape != tuple(shape):
-    raise ValueError(f"tensor {hf_name_of(path, None)}: shape {t.shape} != expected {tuple(shape)}")
-  return t.astype(np_dtype)
+def _host_block(cfg: ModelConfig, path: str, shape: tuple[int, ...], get: TensorGetter, dtype,
+                bounds: Bounds | None = None, tensor_shapes: dict[str, tuple[int, ...]] | None = None) -> np.ndarray:
+  """The leaf `path` in jaxtune's layout and `dtype`, or only its `bounds` (one device's shard),
+  from the checkpoint's tensors (HF layout: Linear weights out x in, one tensor per layer and
+  expert). With `tensor_shapes` (the checkpoint's) each tensor's shape is checked there and only
+  the block's slice of it is read; without, whole tensors are read, checked and sliced."""
+  bounds = bounds or tuple((0, n) for n in shape)
+  per_expert = moe.is_expert_leaf(path) or moe.is_router_leaf(path)  # L [x E] x in x out
+  stack_dims = len(shape) - 2 if per_expert else int(path.startswith("layers/"))
+  transposed = per_expert or is_transposed(path)
+  within = [slice(a, b) for a, b in bounds[stack_dims:]]
+  tensor_index, tensor_shape = tuple(within), tuple(shape[stack_dims:])
+  if transposed:
+    tensor_index, tensor_shape = tensor_index[::-1], tensor_shape[::-1]
+  out = np.empty([b - a for a, b in bounds], jnp.dtype(dtype))
+  for position in np.ndindex(*out.shape[:stack_dims]):
+    at = tuple(a + i for (a, _), i in zip(bounds, position))
+    if per_expert:
+      name = moe.hf_name(cfg.model_type, path, at[0] if len(at) == 1 else at)
+    else:
+      name = hf_name_of(path, at[0] if stack_dims else None)
+    whole = None if tensor_shapes is not None and name in tensor_shapes else np.asarray(get(name))
+    found = tensor_shapes[name] if whole is None else whole.shape
+    if tuple(found) != tensor_shape:
+      raise ValueError(f"tensor {name}: shape {tuple(found)} != expected {tensor_shape} (for {path})")
+    t = np.asarray(get(name, tensor_index)) if whole is None else whole[tensor_index]
+    out[position] = (t.T if transposed else t).astype(out.dtype)
+  return out
+
+
+def _sharded_leaf(shape: tuple[int, ...], sharding: jax.sharding.Sharding, block: Callable[[Bounds], np.ndarray]):
+  """A global array from `block(bounds)`, read once per distinct shard of this process's devices
+  and put on those devices before the next shard is read."""
+  devices_of = {}
+  for device, index in sharding.addressable_devices_indices_map(shape).items():
+    bounds = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+    devices_of.setdefault(bounds, []).append(device)
+  arrays = []
+  for bounds, devices in devices_of.items():
+    host = block(bounds)
+    arrays += [jax.device_put(host, device) for device in devices]
+    del host
+  return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
 def _host_quantized_leaves(cfg: ModelConfig, path: str, shape: tuple[int, ...], get: TensorGetter, dtype,
@@ -122,21 +154,28 @@ def params_from_tensors(
     shardings: dict[str, jax.sharding.Sharding] | None = None,
     progress: Callable[[str], None] | None = None,
     quantize: str = "",
+    tensor_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> llama.Params:
   """Builds the base params tree, one leaf at a time, placed with `shardings[path]` if given.
 
+  `tensor_shapes` (the checkpoint's, from `safetensors_getter`; `get` then takes an index): a leaf
+  with a sharding is read shard by shard, only the slices this process's devices hold.
   `quantize` (a model.quantize choice, e.g. "nf4"): the decoder layers' kernels are stored as 4-bit
-  codes and scales instead (quantization.py); `shardings` then names those leaves."""
+  codes and scales instead (quantization.py), quantized whole per layer; `shardings` then names
+  those leaves."""
   shapes = llama.param_shapes(cfg)
   flat = flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
   out = {}
   for path, shape in flat.items():
+    sharding = shardings.get(path) if shardings else None
     if quantize and quantization.is_quantizable(path):
       leaves = _host_quantized_leaves(cfg, path, shape, get, dtype, quantize)
+    elif sharding is not None and tensor_shapes is not None:
+      out[path] = _sharded_leaf(tuple(shape), sharding,
+                                lambda bounds: _host_block(cfg, path, shape, get, dtype, bounds, tensor_shapes))
+      leaves = {}
     else:
-      leaves = {path: _host_leaf(cfg, path, shape, get, dtype)}
-      if leaves[path].shape != tuple(shape):
-        raise ValueError(f"{path}: checkpoint shape {leaves[path].shape} != model shape {tuple(shape)}")
+      leaves = {path: _host_block(cfg, path, shape, get, dtype)}
     for name, host in leaves.items():
       sharding = shardings.get(name) if shardings else None
       out[name] = jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host)
@@ -166,8 +205,8 @@ def unflatten(flat: dict[str, Any]) -> dict:
 def load_hf_folder(folder: str, dtype=jnp.float32, shardings=None, quantize: str = ""
                    ) -> tuple[ModelConfig, llama.Params]:
   cfg = config_from_hf(read_hf_config(folder))
-  get, _ = safetensors_getter(folder)
-  return cfg, params_from_tensors(cfg, get, dtype, shardings, quantize=quantize)
+  get, tensor_shapes = safetensors_getter(folder)
+  return cfg, params_from_tensors(cfg, get, dtype, shardings, quantize=quantize, tensor_shapes=tensor_shapes)
 
 
 def model_path_problem(path: str) -> str:
