@@ -70,6 +70,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.packing = True
   c.data.truncation = "truncate"  # truncate | drop (over-long records; always counted and reported)
   c.data.lenient = False  # True: skip and count malformed records instead of stopping
+  c.data.num_proc = 0  # processes that tokenize: 0 = auto (one per 5,000 records, up to the cores and 32), 1 = none
 
   c.train = ml_collections.ConfigDict()
   # mixtures of experts: the loss adds this x the router load-balancing loss (transformers'

@@ -94,6 +94,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   if c.data.seq_len < 2:
     raise ConfigError("data.seq_len", "must be >= 2")
   _fraction(c, "data.eval_fraction")
+  _positive(c, "data.num_proc", allow_zero=True)
   for key in ("train.steps", "train.batch_size", "train.grad_accum", "train.log_every",
               "train.keep_checkpoints"):
     _positive(c, key)

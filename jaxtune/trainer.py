@@ -132,7 +132,7 @@ def load_data(config: ml_collections.ConfigDict, tokenizer):
   kwargs = dict(field_map=mapping, template=instruction_template(config, tokenizer),
                 train_on_prompt=config.data.train_on_prompt, add_eos=config.data.format == "text",
                 packing=config.data.packing, truncation=config.data.truncation,
-                lenient=config.data.lenient)
+                lenient=config.data.lenient, num_proc=config.data.num_proc)
   train = pipeline.build_dataset(train_records, config.data.format, tokenizer, config.data.seq_len, **kwargs)
   evald = None
   if eval_records is not None and len(eval_records):
@@ -269,7 +269,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=None, load=
   train_data, eval_data = load(config, tokenizer)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://; after the data's errors
   if is_main:
-    print(f"data: train {train_data.stats.summary()}", flush=True)
+    processes = pipeline.tokenizing_processes(config.data.num_proc, train_data.stats.records)
+    tokenized = f" (tokenized in {processes} processes)" if processes > 1 else ""
+    print(f"data: train {train_data.stats.summary()}{tokenized}", flush=True)
   model = build_model(config, mesh)
   trainable, frozen = model["trainable"], model["frozen"]
   counts = {"trainable_params": partition.count(trainable),

@@ -1,6 +1,6 @@
 """Data-path throughput: records read, tokenized and packed per second on this machine.
 
-    python scripts/benchmark_data.py [--records 5000] [--seq_len 512] [--tokenizer byte|smollm2]
+    python scripts/benchmark_data.py [--records 5000] [--seq_len 512] [--tokenizer byte|smollm2] [--num_proc N]
 
 Uses the bundled instruction data (jaxtune/data/demo/train.jsonl), repeated to --records lines,
 with the SmolLM2 tokenizer from its GGUF (the default run's) or the tests' byte tokenizer.
@@ -38,6 +38,7 @@ def main():
   parser.add_argument("--seq_len", type=int, default=512)
   parser.add_argument("--tokenizer", choices=("byte", "smollm2"), default="smollm2")
   parser.add_argument("--template", choices=("alpaca", "chat"), default="alpaca")
+  parser.add_argument("--num_proc", type=int, default=0, help="tokenizing processes (data.num_proc; 0 = auto)")
   args = parser.parse_args()
   tokenizer = tokenizer_of(args.tokenizer)
   with open(DEMO, encoding="utf-8") as f:
@@ -50,7 +51,7 @@ def main():
     records = read_records(path)
     t1 = time.perf_counter()
     encoded, stats = pipeline.encode_records(records, "instruction", tokenizer, args.seq_len,
-                                             template=args.template, progress=False)
+                                             template=args.template, progress=False, num_proc=args.num_proc)
     t2 = time.perf_counter()
     arrays = packing.pack(encoded, args.seq_len)
     t3 = time.perf_counter()
@@ -58,7 +59,8 @@ def main():
     os.remove(path)
   n = len(records)
   tokens = int((arrays["segment_ids"] > 0).sum())
-  print(f"tokenizer={args.tokenizer} template={args.template} seq_len={args.seq_len} records={n} "
+  processes = pipeline.tokenizing_processes(args.num_proc, n)
+  print(f"tokenizer={args.tokenizer} template={args.template} seq_len={args.seq_len} records={n} processes={processes} "
         f"tokens={tokens} rows={len(arrays['inputs'])} fill={tokens / arrays['inputs'].size:.1%}")
   print(f"read   {n / (t1 - t0):12,.0f} records/s")
   print(f"encode {n / (t2 - t1):12,.0f} records/s")

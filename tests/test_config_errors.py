@@ -36,6 +36,7 @@ CASES = [
      "error: config.train.profile_steps: must be >= 0, got -1"),
     ("profile_after_the_last_step", ["--config.train.profile_steps=2", "--config.train.profile_start_step=21"], 1,
      "error: config.train.profile_start_step: 21 > train.steps=20: no step would be profiled"),
+    ("num_proc_negative", ["--config.data.num_proc=-2"], 1, "error: config.data.num_proc: must be >= 0, got -2"),
     ("unknown_remat_policy", ["--config.train.remat_policy=some"], 1,
      "error: config.train.remat_policy: 'some' is not one of nothing | dots"),
     ("unknown_attention", ["--config.model.attention=flash"], 1,

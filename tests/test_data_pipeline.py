@@ -137,3 +137,39 @@ def test_preference_rows_pair_chosen_and_rejected(tmp_path, tok):
       assert ds.arrays[f"{side}_weights"][i].sum() == len(record[side]) + 1  # response bytes + end of turn
   batch = pipeline.BatchIterator(ds, global_batch=2, seed=0).next()
   assert batch["chosen_inputs"].shape == batch["rejected_inputs"].shape == (2, 64)
+
+
+def mixed_records(n):
+  """n instruction records, every 17th missing its output (a bad record), lengths varying."""
+  return [{"instruction": f"say {i}" + " x" * (i % 40)} if i % 17 == 5 else
+          {"instruction": f"say {i}", "context": "y" * (i % 23), "output": "z" * (1 + i % 9)} for i in range(n)]
+
+
+def test_tokenizing_processes_give_one_process_result(tmp_path, tok):
+  """num_proc=2 (chunks in fresh processes) gives one process's rows, counts and first skipped
+  errors (lenient), and stops at the first bad record with its FILE:LINE (not lenient)."""
+  path = jsonl(tmp_path / "mixed.jsonl", mixed_records(300))
+  results = [pipeline.build_dataset(path, "instruction", tok, 230, lenient=True, truncation="drop", num_proc=n)
+             for n in (1, 2)]
+  assert results[0].stats == results[1].stats
+  assert results[0].stats.skipped == 18 and len(results[0].stats.errors) == 5 and results[0].stats.dropped_long
+  for key, rows in results[0].arrays.items():
+    np.testing.assert_array_equal(rows, results[1].arrays[key], err_msg=key)
+  pairs = jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"q{i}", "chosen": "a" * (i % 7 + 1), "rejected": "b"}
+                                            for i in range(40)])
+  preference = [pipeline.build_dataset(pairs, "preference", tok, 32, num_proc=n) for n in (1, 3)]
+  for key, rows in preference[0].arrays.items():
+    np.testing.assert_array_equal(rows, preference[1].arrays[key], err_msg=key)
+  good = [r for r in mixed_records(300) if "output" in r][:150]
+  bad = jsonl(tmp_path / "bad.jsonl", good + mixed_records(300))  # bad records from line 156 on, in 4 chunks
+  for n in (1, 2):
+    with pytest.raises(DataError, match=r"^.*bad\.jsonl:156: missing field 'output'"):
+      pipeline.build_dataset(bad, "instruction", tok, 256, num_proc=n)
+
+
+def test_auto_tokenizing_processes_follow_the_record_count(monkeypatch):
+  monkeypatch.setattr("os.cpu_count", lambda: 8)
+  assert [pipeline.tokenizing_processes(0, n) for n in (10, 9_999, 10_000, 25_000, 10**7)] == [1, 1, 2, 5, 8]
+  monkeypatch.setattr("os.cpu_count", lambda: 200)
+  assert pipeline.tokenizing_processes(0, 10**7) == pipeline.MAX_AUTO_PROCESSES
+  assert pipeline.tokenizing_processes(3, 10) == 3  # given: as given

@@ -23,9 +23,11 @@ def test_make_tiny_model_then_train_tiny_config(tmp_path):
   run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train.py"),
                         f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}", f"--workdir={workdir}",
                         f"--config.model.path={model}", "--config.train.steps=3",
-                        "--config.train.log_every=1", "--config.optimizer.warmup_steps=1"],
+                        "--config.train.log_every=1", "--config.optimizer.warmup_steps=1",
+                        "--config.data.num_proc=2"],  # spawned tokenizing processes re-import train.py
                        capture_output=True, text=True, timeout=600, env=without_torch())
   assert run.returncode == 0, run.stderr[-2000:]
+  assert "(tokenized in 2 processes)" in run.stdout
   rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
   assert any("eval_loss" in r for r in rows)

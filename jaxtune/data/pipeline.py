@@ -12,7 +12,11 @@ when lenient. Over-long records are truncated or dropped by policy, and counted 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import multiprocessing
+import os
+import pickle
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -24,6 +28,8 @@ from jaxtune.data.sources import DataError, Records, read_records, split_records
 
 TRUNCATION = ("truncate", "drop")
 PROGRESS_MIN_RECORDS = 5000  # below this a progress bar is noise
+RECORDS_PER_PROCESS = 5000  # data.num_proc=0 (auto) starts a tokenizing process per this many records
+MAX_AUTO_PROCESSES = 32
 
 
 @dataclasses.dataclass
@@ -39,6 +45,13 @@ class DataStats:
   rows: int = 0
   rows_tokens: int = 0      # rows x seq_len (x 2 for preference pairs)
   errors: list[str] = dataclasses.field(default_factory=list)  # the first few skipped-record messages
+
+  def add(self, other: DataStats) -> None:
+    """Adds `other`'s counts (and its first errors, up to MAX_ERRORS_KEPT in all) to these."""
+    for field in dataclasses.fields(self):
+      if field.name != "errors":
+        setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+    self.errors += other.errors[:MAX_ERRORS_KEPT - len(self.errors)]
 
   @property
   def dropped(self) -> int:
@@ -97,19 +110,49 @@ def _mention_column(message: str, field_map: Mapping[str, str] | None) -> str:
   return message
 
 
+def tokenizing_processes(num_proc: int, records: int) -> int:
+  """data.num_proc resolved: 0 (auto) is one process per RECORDS_PER_PROCESS records, at most the
+  machine's cores and MAX_AUTO_PROCESSES; 1 tokenizes in this process."""
+  if num_proc:
+    return num_proc
+  return max(1, min(os.cpu_count() or 1, MAX_AUTO_PROCESSES, records // RECORDS_PER_PROCESS))
+
+
 def encode_records(records: Records, fmt: str, tokenizer, seq_len: int, *, template: str = "alpaca",
                    train_on_prompt: bool = False, add_eos: bool = False, truncation: str = "truncate",
                    lenient: bool = False, field_map: Mapping[str, str] | None = None,
-                   progress: bool | None = None) -> tuple[list[Any], DataStats]:
-  """Encoded records (pairs of Encoded for fmt="preference") that fit seq_len, and the counts."""
+                   progress: bool | None = None, num_proc: int = 0) -> tuple[list[Any], DataStats]:
+  """Encoded records (pairs of Encoded for fmt="preference") that fit seq_len, and the counts.
+
+  With `num_proc` > 1 (see `tokenizing_processes`) contiguous chunks of the records are encoded in
+  that many fresh processes, each with a copy of the tokenizer; the result, the counts and the
+  error raised (the first bad record's) are the same as in one process."""
   if fmt not in formats.FORMATS:
     raise DataError(f"data.format={fmt!r} must be one of {'|'.join(formats.FORMATS)}")
   if truncation not in TRUNCATION:
     raise DataError(f"data.truncation={truncation!r} must be one of {'|'.join(TRUNCATION)}")
   stats = DataStats(records=len(records) + len(records.errors), skipped=len(records.errors),
                     errors=records.errors[:MAX_ERRORS_KEPT])
+  items = list(zip(records.records, records.origins))
+  options = dict(fmt=fmt, seq_len=seq_len, template=template, train_on_prompt=train_on_prompt, add_eos=add_eos,
+                 truncation=truncation, lenient=lenient, field_map=field_map)
+  processes = tokenizing_processes(num_proc, len(items))
+  if processes == 1:
+    parts = [_encode_chunk(_progress(items, progress, "tokenizing"), tokenizer, **options)]
+  else:
+    parts = _encode_in_processes(items, tokenizer, processes, options, progress)
   out = []
-  for record, origin in _progress(list(zip(records.records, records.origins)), progress, "tokenizing"):
+  for encoded, part_stats in parts:
+    out += encoded
+    stats.add(part_stats)
+  return out, stats
+
+
+def _encode_chunk(items, tokenizer, *, fmt, seq_len, template, train_on_prompt, add_eos, truncation, lenient,
+                  field_map) -> tuple[list[Any], DataStats]:
+  """(encoded records that fit, their counts) for (record, origin) `items`, in order."""
+  stats, out = DataStats(), []
+  for record, origin in items:
     try:
       if fmt == "preference":
         encoded = formats.encode_preference(record, tokenizer, template=template)
@@ -136,18 +179,56 @@ def encode_records(records: Records, fmt: str, tokenizer, seq_len: int, *, templ
   return out, stats
 
 
+_worker_tokenizer = None  # a tokenizing process's copy of the tokenizer
+
+
+def _start_worker(pickled_tokenizer: bytes) -> None:
+  global _worker_tokenizer
+  _worker_tokenizer = pickle.loads(pickled_tokenizer)
+
+
+def _encode_in_worker(items, options):
+  return _encode_chunk(items, _worker_tokenizer, **options)
+
+
+def _encode_in_processes(items, tokenizer, processes: int, options, progress: bool | None):
+  """`_encode_chunk` over 4 contiguous chunks per process, in fresh ("spawn") processes: forking
+  one that runs JAX's threads can deadlock. The chunks' results in order; the first chunk's error."""
+  size = -(-len(items) // (4 * processes))
+  chunks = [items[i:i + size] for i in range(0, len(items), size)]
+  context = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker,
+                                              initargs=(pickle.dumps(tokenizer),)) as pool:
+    futures = [pool.submit(_encode_in_worker, chunk, options) for chunk in chunks]
+    bar = None
+    if progress is not False and (progress or len(items) >= PROGRESS_MIN_RECORDS):
+      from tqdm import tqdm
+      bar = tqdm(total=len(items), desc=f"tokenizing ({processes} processes)", unit="rec", mininterval=2.0)
+    try:
+      parts = []
+      for chunk, future in zip(chunks, futures):
+        parts.append(future.result())  # raises the first failing chunk's DataError
+        if bar is not None:
+          bar.update(len(chunk))
+      return parts
+    finally:
+      if bar is not None:
+        bar.close()
+      pool.shutdown(cancel_futures=True)
+
+
 def build_dataset(source: str | Sequence[str] | Records, fmt: str, tokenizer, seq_len: int, *,
                   field_map: Mapping[str, str] | None = None, template: str = "alpaca",
                   train_on_prompt: bool = False, add_eos: bool = False, packing: bool = True,
                   truncation: str = "truncate", lenient: bool = False,
-                  progress: bool | None = None) -> PackedDataset:
+                  progress: bool | None = None, num_proc: int = 0) -> PackedDataset:
   """Read (unless given Records), encode and pack; preference pairs are one pair a row, never packed."""
   records = source if isinstance(source, Records) else read_records(source, field_map=field_map,
                                                                    lenient=lenient)
   encoded, stats = encode_records(records, fmt, tokenizer, seq_len, template=template,
                                   train_on_prompt=train_on_prompt, add_eos=add_eos,
                                   truncation=truncation, lenient=lenient, field_map=field_map,
-                                  progress=progress)
+                                  progress=progress, num_proc=num_proc)
   if not encoded:
     raise DataError(f"{_describe(source)}: no usable records ({stats.summary()})")
   if fmt == "preference":
