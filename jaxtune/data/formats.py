@@ -99,7 +99,7 @@ def encode_chat_messages(messages: list[dict[str, str]], tokenizer, *, train_on_
     if not m["content"].strip():
       raise RecordError(f"field 'messages'[{i}] (assistant) is empty")
     start = len(_chat_ids(tokenizer, messages[:i], add_generation_prompt=True))
-    upto = _chat_ids(tokenizer, messages[:i + 1], add_generation_prompt=False)
+    upto = ids if i + 1 == len(messages) else _chat_ids(tokenizer, messages[:i + 1], add_generation_prompt=False)
     if ids[:len(upto)] != upto or start > len(upto):
       raise RecordError("the chat template does not render turns as prefixes of the conversation")
     end = len(upto)
