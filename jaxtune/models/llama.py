@@ -21,6 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxtune.models import attention, moe, quantization
 from jaxtune.models.rope import apply_rope, rope_cos_sin
 from jaxtune.models.config import ModelConfig
+from jaxtune.models import matmul as matmuls
 from jaxtune.models.matmul import matmul
 from jaxtune.peft import prefix as prefix_tuning
 
@@ -207,7 +208,9 @@ def dense(p: Params, x, peft: PeftRuntime, rng=None):
     y = y + delta
   if "ia3_out" in p:
     y = y * p["ia3_out"].astype(y.dtype)
-  return checkpoint_name(y, "projection") if y.dtype == jnp.float32 else y
+  # remat_policy=dots keeps this output, so a LoRA projection's base and LoRA parts are not kept apart.
+  # Not in low precision on CPU, where XLA would upcast a stack of saved bfloat16 outputs whole.
+  return checkpoint_name(y, "projection") if y.dtype == jnp.float32 or not matmuls.cpu_layouts() else y
 
 
 def dora_norm(kernel, lora_a, lora_b, scale: float):
@@ -336,9 +339,9 @@ def _residual_scaled(out, cfg: ModelConfig):
 REMAT_POLICIES = {
     "nothing": jax.checkpoint_policies.nothing_saveable,  # the layer input only: least memory
     # matmul outputs; blocked attention's float32 output and log-sum-exp, and cuDNN attention's
-    # outputs (so neither backward reruns the attention forward); in float32 also each projection's output (with LoRA: once, not
-    # its base and LoRA parts). Not in bfloat16: XLA:CPU would upcast those saved bfloat16 stacks
-    # whole before the backward loop. On CPU a bfloat16 projection's dot sits in matmul.py's custom
+    # outputs (so neither backward reruns the attention forward); also each projection's output
+    # (with LoRA: once, not its base and LoRA parts), but in bfloat16 only off CPU: XLA:CPU would
+    # upcast those saved bfloat16 stacks whole before the backward loop. On CPU a bfloat16 projection's dot sits in matmul.py's custom
     # gradient, which the policy cannot see, so it is recomputed (cheaper there than kept); on TPU
     # and GPU it is a plain dot and is kept. Norms, RoPE, SiLU and residual adds are recomputed. On
     # CPU faster than no remat (docs/benchmark.md).
