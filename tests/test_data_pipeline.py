@@ -167,7 +167,25 @@ def test_tokenizing_processes_give_one_process_result(tmp_path, tok):
       pipeline.build_dataset(bad, "instruction", tok, 256, num_proc=n)
 
 
+def test_a_tokenizer_that_cannot_be_pickled_tokenizes_in_process(tmp_path, tok, capsys):
+  class Unpicklable:
+    def __init__(self, inner):
+      self.inner, self.lock = inner, __import__("threading").Lock()
+
+    def __getattr__(self, name):
+      return getattr(self.__dict__["inner"], name)
+
+    def __call__(self, *args, **kwargs):
+      return self.inner(*args, **kwargs)
+
+  path = jsonl(tmp_path / "t.jsonl", [{"text": f"row {i}"} for i in range(20)])
+  got = pipeline.build_dataset(path, "text", Unpicklable(tok), 16, num_proc=2)
+  assert "cannot be copied to other processes" in capsys.readouterr().out
+  np.testing.assert_array_equal(got.arrays["inputs"], pipeline.build_dataset(path, "text", tok, 16).arrays["inputs"])
+
+
 def test_auto_tokenizing_processes_follow_the_record_count(monkeypatch):
+  monkeypatch.delattr("os.sched_getaffinity", raising=False)
   monkeypatch.setattr("os.cpu_count", lambda: 8)
   assert [pipeline.tokenizing_processes(0, n) for n in (10, 9_999, 10_000, 25_000, 10**7)] == [1, 1, 2, 5, 8]
   monkeypatch.setattr("os.cpu_count", lambda: 200)

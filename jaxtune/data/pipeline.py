@@ -115,7 +115,8 @@ def tokenizing_processes(num_proc: int, records: int) -> int:
   machine's cores and MAX_AUTO_PROCESSES; 1 tokenizes in this process."""
   if num_proc:
     return num_proc
-  return max(1, min(os.cpu_count() or 1, MAX_AUTO_PROCESSES, records // RECORDS_PER_PROCESS))
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+  return max(1, min(cores, MAX_AUTO_PROCESSES, records // RECORDS_PER_PROCESS))
 
 
 def encode_records(records: Records, fmt: str, tokenizer, seq_len: int, *, template: str = "alpaca",
@@ -137,10 +138,11 @@ def encode_records(records: Records, fmt: str, tokenizer, seq_len: int, *, templ
   options = dict(fmt=fmt, seq_len=seq_len, template=template, train_on_prompt=train_on_prompt, add_eos=add_eos,
                  truncation=truncation, lenient=lenient, field_map=field_map)
   processes = tokenizing_processes(num_proc, len(items))
-  if processes == 1:
+  pickled = _pickled(tokenizer) if processes > 1 else None
+  if pickled is None:
     parts = [_encode_chunk(_progress(items, progress, "tokenizing"), tokenizer, **options)]
   else:
-    parts = _encode_in_processes(items, tokenizer, processes, options, progress)
+    parts = _encode_in_processes(items, pickled, processes, options, progress)
   out = []
   for encoded, part_stats in parts:
     out += encoded
@@ -191,14 +193,25 @@ def _encode_in_worker(items, options):
   return _encode_chunk(items, _worker_tokenizer, **options)
 
 
-def _encode_in_processes(items, tokenizer, processes: int, options, progress: bool | None):
+def _pickled(tokenizer) -> bytes | None:
+  """The tokenizer for the tokenizing processes, or None (with a warning) when it cannot be pickled:
+  then this process tokenizes."""
+  try:
+    return pickle.dumps(tokenizer)
+  except Exception as e:  # a tokenizer class of someone's own, holding a lock or a handle
+    print(f"warning: data.num_proc: the tokenizer cannot be copied to other processes ({type(e).__name__}: "
+          f"{e}); tokenizing in this one", flush=True)
+    return None
+
+
+def _encode_in_processes(items, pickled_tokenizer: bytes, processes: int, options, progress: bool | None):
   """`_encode_chunk` over 4 contiguous chunks per process, in fresh ("spawn") processes: forking
   one that runs JAX's threads can deadlock. The chunks' results in order; the first chunk's error."""
   size = -(-len(items) // (4 * processes))
   chunks = [items[i:i + size] for i in range(0, len(items), size)]
   context = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker,
-                                              initargs=(pickle.dumps(tokenizer),)) as pool:
+                                              initargs=(pickled_tokenizer,)) as pool:
     futures = [pool.submit(_encode_in_worker, chunk, options) for chunk in chunks]
     bar = None
     if progress is not False and (progress or len(items) >= PROGRESS_MIN_RECORDS):
