@@ -227,6 +227,10 @@ def hf_config_of(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
     hf.update(_gemma_config(cfg, rope))
   if cfg.model_type == "olmo3":
     hf.update(sliding_window=cfg.sliding_window, layer_types=_layer_types(cfg), **_local_rope(cfg, rope))
+  if cfg.model_type == "smollm3":
+    hf.update(no_rope_layers=[int(not nope) for nope in cfg.nope_layers] or [1] * cfg.num_layers,
+              use_sliding_window=bool(cfg.sliding_layers), sliding_window=cfg.sliding_window,
+              layer_types=_layer_types(cfg) or ["full_attention"] * cfg.num_layers)
   if cfg.model_type == "granite":
     hf.update(embedding_multiplier=cfg.embedding_multiplier, attention_multiplier=cfg.attention_multiplier,
               residual_multiplier=cfg.residual_multiplier, logits_scaling=cfg.logits_scaling)

@@ -7,7 +7,7 @@ import os
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 
-# Phi3Config's and Olmo2Config's defaults (32000, 100257) lie outside the tiny vocabulary
+# Phi3Config's, Olmo2Config's and SmolLM3Config's default token ids lie outside the tiny vocabulary
 PHI3_TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 FAMILIES = {
@@ -65,6 +65,11 @@ FAMILIES = {
     # Granite: embeddings x 12, scores x 0.05 (not 1/sqrt(16)), block outputs x 0.22, logits / 8
     "granite": ("granite", dict(embedding_multiplier=12.0, attention_multiplier=0.05, residual_multiplier=0.22,
                                 logits_scaling=8.0, tie_word_embeddings=True)),
+    # SmolLM3: NoPE layers (the first of two here: no rotary embeddings there)
+    "smollm3": ("smollm3", dict(no_rope_layers=[0, 1], tie_word_embeddings=True, **PHI3_TOKENS)),
+    # ... with use_sliding_window: windows on the NoPE layers (transformers' default layer_types)
+    "smollm3_window": ("smollm3", dict(no_rope_layers=[0, 1], use_sliding_window=True, sliding_window=8,
+                                       tie_word_embeddings=False, **PHI3_TOKENS)),
     "smollm2": ("llama", dict(tie_word_embeddings=True, num_attention_heads=8,
                               num_key_value_heads=2, rope_parameters={"rope_type": "default",
                                                                       "rope_theta": 100000.0})),
@@ -82,7 +87,7 @@ def build_hf_model(family: str, seed: int = 0, **overrides):
                 "gemma3_text": transformers.Gemma3TextConfig, "mixtral": transformers.MixtralConfig,
                 "qwen3_moe": transformers.Qwen3MoeConfig, "qwen2_moe": transformers.Qwen2MoeConfig, "phi3": transformers.Phi3Config,
                 "olmo2": transformers.Olmo2Config, "olmo3": transformers.Olmo3Config,
-                "granite": transformers.GraniteConfig}[model_type]
+                "granite": transformers.GraniteConfig, "smollm3": transformers.SmolLM3Config}[model_type]
   kwargs = {**TINY, **extra, **overrides}
   config = config_cls(**kwargs)
   torch.manual_seed(seed)

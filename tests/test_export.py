@@ -222,7 +222,7 @@ def test_lora_on_smollm2_gguf_exports_a_working_hf_model(data_file, tmp_path):
   assert abs(ours - theirs) < TOL
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma", "gemma2", "gemma3", "phi3_longrope", "olmo3", "granite",
+@pytest.mark.parametrize("family", ["qwen3", "gemma", "gemma2", "gemma3", "phi3_longrope", "olmo3", "granite", "smollm3_window",
                                     "qwen2_moe"])
 def test_family_exports_match_peft_and_transformers(tmp_path_factory, data_file, tmp_path, family):
   """Each family's own weights (Qwen3/Gemma 3 q/k norms, Gemma's 1 + w norms, Gemma 2/3 sandwich

@@ -13,9 +13,9 @@ from jaxtune.models import llama
 from jaxtune.models.config import ModelConfig
 
 # Untied llama, llama3 rope scaling, a sliding window (8) shorter than the sequences, tied + bias;
-# Phi-3's longrope switches to its long set (positions past 32) while generating. (OLMo 3 and Granite
-# generated token-identical to transformers too, 29 Nov 2026; left out of CI for time: their cached
-# pass is the same code as their logits, checked in test_parity.)
+# Phi-3's longrope switches to its long set (positions past 32) while generating. (OLMo 3, Granite and
+# SmolLM3, with and without windows, generated token-identical to transformers too, 29 Nov 2026; left
+# out of CI for time: their cached pass is the same code as their logits, checked in test_parity.)
 FAMILIES = ["llama_untied", "llama3_rope", "mistral_window", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral",
             "phi3_longrope"]
 PROMPTS = ["Once upon a time", "Hi"]

@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "mixtral",
-                         "qwen2_moe", "qwen3_moe", "phi3", "olmo2", "olmo3", "granite")
+                         "qwen2_moe", "qwen3_moe", "phi3", "olmo2", "olmo3", "granite", "smollm3")
 # transformers' causal-LM class of each model type (config.json's "architectures")
 CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                      "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -17,7 +17,8 @@ CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM
                      "gemma3_text": "Gemma3ForCausalLM", "mixtral": "MixtralForCausalLM",
                      "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                      "phi3": "Phi3ForCausalLM",
-                     "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM", "granite": "GraniteForCausalLM"}
+                     "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM", "granite": "GraniteForCausalLM",
+                     "smollm3": "SmolLM3ForCausalLM"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")  # the gate's activation in the gated MLP
 
@@ -85,6 +86,8 @@ class ModelConfig:
   # per layer, whether it attends within sliding_window (Gemma 2, 3), with rope base local_rope_theta
   # when set (Gemma 3); () = every layer alike, windowed when sliding_window is set (Mistral)
   sliding_layers: tuple[bool, ...] = ()
+  # per layer, whether it leaves q and k without rotary embeddings (SmolLM3's NoPE layers); () = none
+  nope_layers: tuple[bool, ...] = ()
   local_rope_theta: float | None = None
   sliding_window: int | None = None
   # mixture of experts (Mixtral, Qwen3-MoE; moe.py): every layer's MLP is num_experts experts of
@@ -248,6 +251,22 @@ def _olmo_fields(hf: dict[str, Any], model_type: str, rope: dict[str, Any]) -> d
   return fields
 
 
+def _smollm3_fields(hf: dict[str, Any]) -> dict[str, Any]:
+  """SmolLM3: NoPE layers (`no_rope_layers`: 1 = rope, 0 = none; by default every 4th layer has
+  none) and, with use_sliding_window, windows on the `layer_types` marked sliding (by default the
+  NoPE layers), as transformers' SmolLM3Config builds them."""
+  layers = int(hf["num_hidden_layers"])
+  interval = int(hf.get("no_rope_layer_interval", 4))
+  uses_rope = hf.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(layers)]
+  fields: dict[str, Any] = dict(nope_layers=tuple(not r for r in uses_rope[:layers]))
+  if hf.get("use_sliding_window") and hf.get("sliding_window"):
+    layer_types = hf.get("layer_types") or ["sliding_attention" if nope else "full_attention"
+                                            for nope in fields["nope_layers"]]
+    fields.update(sliding_layers=tuple(t == "sliding_attention" for t in layer_types[:layers]),
+                  sliding_window=int(hf["sliding_window"]))
+  return fields
+
+
 def _granite_fields(hf: dict[str, Any]) -> dict[str, Any]:
   """Granite's four multipliers (see ModelConfig)."""
   return dict(embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)),
@@ -310,6 +329,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     family.update(_olmo_fields(hf, model_type, rope))
   if model_type == "granite":
     family.update(_granite_fields(hf))
+  if model_type == "smollm3":
+    family.update(_smollm3_fields(hf))
   fields = dict(
       vocab_size=int(hf["vocab_size"]),
       hidden_size=hidden,

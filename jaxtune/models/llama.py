@@ -441,19 +441,22 @@ def forward(
   else:
     layer_rngs = jax.random.split(rng, cfg.num_layers)
   sliding_L = jnp.asarray(cfg.sliding_layers) if per_layer else None  # scanned with the layers
+  nope_L = jnp.asarray(cfg.nope_layers) if cfg.nope_layers else None
 
   valid_N = (segment_ids_BxT > 0).reshape(B * T)  # the tokens an MoE router's statistics count
   # without a cache or sliding window, the mask is "causal within segments" (positions rise in a segment)
   causal_segments = segment_ids_BxT if cache is None and not cfg.sliding_window else None
 
   def body(x, xs):
-    layer, kv, lrng, sliding = xs
+    layer, kv, lrng, sliding, nope = xs
     rngs = [None] * 7 if rng is None else list(jax.random.split(lrng, 7))
     mask, (cos, sin) = masks[0], cos_sin[0]
     if per_layer:
       mask = jnp.where(sliding, masks[1], mask)
     if local_rope:
       cos, sin = jnp.where(sliding, cos_sin[1][0], cos), jnp.where(sliding, cos_sin[1][1], sin)
+    if nope is not None:  # cos 1, sin 0: rope leaves q and k as they are
+      cos, sin = jnp.where(nope, jnp.ones_like(cos), cos), jnp.where(nope, jnp.zeros_like(sin), sin)
     y, new_kv, stats = _layer(cfg, peft, x, layer, cos, sin, mask, kv,
                               None if cache is None else cache["index"], rngs, causal_segments, valid_N)
     return y, (new_kv, stats if router_stats else None)
@@ -462,7 +465,8 @@ def forward(
     body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
   kv_in = None if cache is None else (cache["k"], cache["v"])
   unroll = cfg.num_layers if cache is None and layers_unrolled(cfg) else 1
-  x, (kv_out, stats_L) = jax.lax.scan(body, x, (params["layers"], kv_in, layer_rngs, sliding_L), unroll=unroll)
+  x, (kv_out, stats_L) = jax.lax.scan(body, x, (params["layers"], kv_in, layer_rngs, sliding_L, nope_L),
+                                     unroll=unroll)
   x = model_norm(x.reshape(B, T, -1), params["norm"], cfg)
   new_cache = None
   if cache is not None:
