@@ -105,3 +105,18 @@ def test_a_tensor_that_does_not_fit_is_named(tmp_path, sharded):
     shardings = sharding.param_shardings(shapes, sharding.make_mesh(1, 1, 1))
   with pytest.raises(ValueError, match=r"tensor model.layers.0.mlp.down_proj.weight: shape \(32, 48\) != expected \(32, 40\)"):
     loading.load_model(folder, shardings=shardings)
+
+
+def test_a_large_model_load_shows_progress(tmp_path, monkeypatch, capsys):
+  """Loading shows a bar of the bytes read (models of PROGRESS_MIN_BYTES and up; lowered here)."""
+  cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=8)
+  folder = str(tmp_path / "model")
+  export.write_hf(folder, cfg, llama.init_params(cfg, jax.random.PRNGKey(0)), llama.PeftRuntime(), None, None)
+  loading.load_model(folder)
+  assert "loading weights" not in capsys.readouterr().err
+  monkeypatch.setattr(loading, "PROGRESS_MIN_BYTES", 0)
+  loading.load_model(folder)
+  total = sum(int(np.prod(s)) * 4 for s in jax.tree.leaves(llama.param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple)))
+  err = capsys.readouterr().err
+  assert "loading weights" in err and "100%" in err and f"{total / 1000:.1f}k" in err, (err, total)

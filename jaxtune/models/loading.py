@@ -165,6 +165,9 @@ def params_from_tensors(
   those leaves."""
   shapes = llama.param_shapes(cfg)
   flat = flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+  bar = None
+  if progress is None:
+    bar, progress = _progress_bar(flat, dtype)
   out = {}
   for path, shape in flat.items():
     sharding = shardings.get(path) if shardings else None
@@ -182,7 +185,24 @@ def params_from_tensors(
     del leaves
     if progress:
       progress(path)
+  if bar is not None:
+    bar.close()
   return unflatten(out)
+
+
+PROGRESS_MIN_BYTES = 2 << 30  # a smaller model loads in seconds: no bar
+
+
+def _progress_bar(flat_shapes: dict[str, tuple[int, ...]], dtype):
+  """(a tqdm bar of the bytes loaded, its per-leaf callback) on process 0 for a model of at least
+  PROGRESS_MIN_BYTES in `dtype`; else (None, None)."""
+  itemsize = jnp.dtype(dtype).itemsize
+  sizes = {path: int(np.prod(shape)) * itemsize for path, shape in flat_shapes.items()}
+  if sum(sizes.values()) < PROGRESS_MIN_BYTES or jax.process_index() != 0:
+    return None, None
+  from tqdm import tqdm
+  bar = tqdm(total=sum(sizes.values()), desc="loading weights", unit="B", unit_scale=True, mininterval=2.0)
+  return bar, lambda path: bar.update(sizes[path])
 
 
 def flatten(tree: dict, is_leaf=None) -> dict[str, Any]:
