@@ -9,6 +9,7 @@ import pytest
 
 import hf_tiny
 from jaxtune import evaluation, inference, sampling
+from jaxtune.data import formats
 from train_helpers import without_torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,3 +103,47 @@ def test_generate_compute_dtype_reaches_sampling(folder):
     assert f"compute_dtype {want}" in proc.stderr.splitlines()
   assert_one_line_error(run_script("generate.py", "--model", folder, "--prompt", "x", "--compute_dtype", "int8"),
                         "--compute_dtype")
+
+
+RECORDS = [{"instruction": "Name a colour.", "output": "Blue"},
+           {"instruction": "Add the numbers.", "context": "2 and 3", "output": "5"},
+           {"instruction": "Say hi."}]  # no output: nothing to compare, still a prompt
+
+
+@pytest.mark.parametrize("template", ["chat", "alpaca"])
+def test_generation_prompts_are_what_training_puts_before_the_response(folder, template):
+  tokenizer = inference.load_for_inference(folder)[3]
+  for record in RECORDS[:2]:
+    prompt, reference = formats.generation_prompt(record, "instruction", tokenizer, template=template)
+    encoded = formats.encode_instruction(record, tokenizer, template=template)
+    assert prompt == encoded.ids[:encoded.loss_mask.index(1)] and reference == record["output"]
+  turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+           {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue"}]
+  prompt, reference = formats.generation_prompt({"messages": turns}, "chat", tokenizer)
+  encoded = formats.encode_chat({"messages": turns}, tokenizer)
+  last_target_start = max(j for j in range(1, len(encoded.ids)) if encoded.loss_mask[j] and not encoded.loss_mask[j - 1])
+  assert prompt == encoded.ids[:last_target_start] and reference == "Blue"
+  assert formats.generation_prompt({"messages": turns[:3]}, "chat", tokenizer) == (prompt, None)
+
+
+def test_generate_responds_to_a_data_file_in_batches(folder, tmp_path):
+  data = tmp_path / "instructions.jsonl"
+  data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+  proc = run_script("generate.py", "--model", folder, "--data", str(data), "--batch_size", "2",
+                    "--max_new_tokens", "6")
+  assert proc.returncode == 0, proc.stderr
+  rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+  cfg, params, peft, tokenizer = inference.load_for_inference(folder)
+  prompts = [formats.generation_prompt(r, "instruction", tokenizer, template="chat")[0] for r in RECORDS]
+  expected = []
+  for batch in (prompts[:2], prompts[2:]):
+    expected += sampling.generate(params, cfg, batch, max_new_tokens=6, eos_ids=inference.eos_ids(cfg, tokenizer),
+                                  pad_id=tokenizer.pad_token_id)
+  assert rows == [{"source": f"{data}:{i + 1}", "reference": r.get("output"),
+                   "completion": tokenizer.decode(e, skip_special_tokens=True)}
+                  for i, (r, e) in enumerate(zip(RECORDS, expected))]
+  data.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps({"output": "x"}) + "\n")
+  assert_one_line_error(run_script("generate.py", "--model", folder, "--data", str(data)),
+                        f"{data}:2:", "'instruction'")
+  assert_one_line_error(run_script("generate.py", "--model", folder, "--data", str(data), "--prompt", "x"),
+                        "--prompt", "--data")

@@ -165,6 +165,32 @@ def encode_preference(record: dict[str, Any], tokenizer, *, template: str = "alp
           encode_prompt_response(prompt, rejected, tokenizer, template=style))
 
 
+def generation_prompt(record: dict[str, Any], fmt: str, tokenizer, *, template: str = "alpaca"
+                      ) -> tuple[list[int], str | None]:
+  """(prompt ids, reference or None) to generate a record's response from: exactly the tokens its
+  training encoding puts before the response. instruction: the prompt (chat template or alpaca);
+  the output, when given, is the reference. chat: the turns before the last assistant turn (the
+  reference), or all of them when the last turn is not the assistant's."""
+  if fmt == "instruction":
+    instruction = _field(record, "instruction")
+    context = _field(record, "context", optional=True, allow_empty=True)
+    reference = _field(record, "output", optional=True)
+    if template == "chat":
+      return _chat_ids(tokenizer, instruction_messages(instruction, context), add_generation_prompt=True), reference
+    return list(tokenizer(alpaca_prompt(instruction, context))["input_ids"]), reference
+  if fmt == "chat":
+    messages = _messages(record)
+    if getattr(tokenizer, "chat_template", None) is None:
+      raise RecordError("the tokenizer has no chat template (use data format instruction)")
+    reference = None
+    if messages[-1]["role"] == "assistant":
+      messages, reference = messages[:-1], messages[-1]["content"]
+    if not messages:
+      raise RecordError("field 'messages' has no turn before the assistant's")
+    return _chat_ids(tokenizer, messages, add_generation_prompt=True), reference
+  raise ValueError(f"data format {fmt!r}: prompts come from instruction or chat records")
+
+
 def encode_record(record: dict[str, Any], fmt: str, tokenizer, *, template: str = "alpaca",
                   train_on_prompt: bool = False, add_eos: bool = False) -> Encoded:
   """Dispatch for the single-sequence formats (text, instruction, chat)."""
