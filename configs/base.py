@@ -100,8 +100,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"  # adamw | adafactor | sgd
   c.optimizer.learning_rate = 1e-4
-  c.optimizer.schedule = "cosine"  # constant | linear | cosine
+  c.optimizer.schedule = "cosine"  # constant | linear | cosine | wsd (warmup, stable, decay)
   c.optimizer.warmup_steps = 0
+  # wsd: the learning rate decays to 0 over the last decay_steps steps (0 = the last 10% of
+  # train.steps), shaped linear | cosine | 1-sqrt (transformers' get_wsd_schedule decay_type)
+  c.optimizer.decay_steps = 0
+  c.optimizer.decay_shape = "cosine"
   c.optimizer.weight_decay = 0.0
   c.optimizer.grad_clip = 1.0  # 0 = off
   c.optimizer.b1 = 0.9

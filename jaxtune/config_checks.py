@@ -109,11 +109,16 @@ def check_config(c: ml_collections.ConfigDict) -> None:
                       f"{c.train.batch_size}")
   _choice(c, "train.remat_policy", REMAT_POLICIES)
   _choice(c, "optimizer.name", ("adamw", "adafactor", "sgd"))
-  _choice(c, "optimizer.schedule", ("constant", "linear", "cosine"))
+  _choice(c, "optimizer.schedule", ("constant", "linear", "cosine", "wsd"))
+  _choice(c, "optimizer.decay_shape", ("linear", "cosine", "1-sqrt"))
   _positive(c, "optimizer.learning_rate")
   _positive(c, "optimizer.warmup_steps", allow_zero=True)
   if c.optimizer.warmup_steps >= c.train.steps and c.optimizer.warmup_steps > 0:
     raise ConfigError("optimizer.warmup_steps", f"{c.optimizer.warmup_steps} >= train.steps={c.train.steps}")
+  _positive(c, "optimizer.decay_steps", allow_zero=True)
+  if c.optimizer.warmup_steps + c.optimizer.decay_steps > c.train.steps:
+    raise ConfigError("optimizer.decay_steps", f"{c.optimizer.decay_steps} + optimizer.warmup_steps="
+                      f"{c.optimizer.warmup_steps} > train.steps={c.train.steps}")
   _positive(c, "optimizer.weight_decay", allow_zero=True)
   _positive(c, "optimizer.grad_clip", allow_zero=True)
   _fraction(c, "optimizer.b1")  # torch's AdamW bounds

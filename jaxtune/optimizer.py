@@ -2,23 +2,42 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import ml_collections
 import optax
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
-  """Linear warmup from 0, then constant / linear-to-0 / cosine-to-0 over the remaining steps."""
+  """Linear warmup from 0, then constant / linear-to-0 / cosine-to-0 over the remaining steps, or
+  (wsd) constant, then to 0 over the last decay_steps; transformers' schedules of the same names."""
   lr, warmup = opt.learning_rate, opt.warmup_steps
   decay_steps = max(steps - warmup, 1)
   if opt.schedule == "constant":
     main = optax.constant_schedule(lr)
   elif opt.schedule == "linear":
     main = optax.linear_schedule(lr, 0.0, decay_steps)
+  elif opt.schedule == "wsd":
+    decay = opt.decay_steps or max(1, round(0.1 * steps))
+    main = stable_then_decay(lr, max(steps - warmup - decay, 0), decay, opt.decay_shape)
   else:
     main = optax.cosine_decay_schedule(lr, decay_steps)
   if not warmup:
     return main
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def stable_then_decay(lr: float, stable: int, decay: int, shape: str) -> optax.Schedule:
+  """lr for `stable` steps, then to 0 over `decay` steps: linear, cosine or 1-sqrt (Hagele et al. 2024)."""
+  def schedule(count):
+    progress = jnp.clip((count - stable) / decay, 0.0, 1.0)
+    if shape == "linear":
+      factor = 1.0 - progress
+    elif shape == "cosine":
+      factor = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    else:
+      factor = 1.0 - jnp.sqrt(progress)
+    return lr * factor
+  return schedule
 
 
 def decays(path: str) -> bool:

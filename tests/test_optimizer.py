@@ -49,3 +49,30 @@ def test_adamw_and_lora_plus_match_torch_param_groups(ratio):
     np.testing.assert_allclose(np.asarray(ours[p]), theirs[p].detach().numpy(), rtol=0, atol=1e-5, err_msg=p)
   moved = {p: np.abs(np.asarray(ours[p]) - params[p]).mean() for p in params}
   assert moved["layers/q_proj/lora_b"] > 0.5 * ratio * moved["layers/q_proj/lora_a"]
+
+
+@pytest.mark.parametrize("schedule,shape,warmup,decay", [
+    ("constant", "", 0, 0), ("constant", "", 4, 0), ("linear", "", 3, 0), ("cosine", "", 0, 0), ("cosine", "", 5, 0),
+    ("wsd", "linear", 4, 6), ("wsd", "cosine", 0, 7), ("wsd", "1-sqrt", 3, 0)])
+def test_schedules_match_transformers(schedule, shape, warmup, decay):
+  """Each update's learning rate (update k uses schedule(k - 1), as torch's LambdaLR after k - 1
+  scheduler steps) equals transformers' schedule of the same name, over a 30-step run."""
+  import transformers
+  from jaxtune.optimizer import learning_rate_schedule
+  steps, lr = 30, 1e-3
+  opt = optimizer_config()
+  opt.update(dict(learning_rate=lr, schedule=schedule, warmup_steps=warmup, decay_steps=decay,
+                  decay_shape=shape or "cosine"))
+  torch_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+  if schedule == "wsd":
+    theirs = transformers.get_wsd_schedule(torch_opt, warmup, decay or 3, num_training_steps=steps, decay_type=shape)
+  else:
+    theirs = transformers.get_scheduler(schedule if schedule != "constant" else "constant_with_warmup", torch_opt,
+                                        num_warmup_steps=warmup, num_training_steps=steps)
+  expected = []
+  for _ in range(steps):
+    expected.append(torch_opt.param_groups[0]["lr"])
+    torch_opt.step()
+    theirs.step()
+  ours = [float(learning_rate_schedule(opt, steps)(k)) for k in range(steps)]
+  np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-9)
