@@ -100,3 +100,34 @@ def test_label_smoothing_and_ipo_match_their_formulas():
   np.testing.assert_allclose(smoothed, expected, rtol=1e-6)
   np.testing.assert_allclose(dpo.dpo_losses(h, jnp.zeros(3), beta, "ipo"), [(x - 1 / (2 * beta)) ** 2 for x in (-1.0, 0.0, 2.0)], rtol=1e-6)
   assert float(dpo.dpo_losses(jnp.zeros(1), jnp.zeros(1), beta)[0]) == pytest.approx(math.log(2))
+
+
+def test_simpo_equals_trl_formula_on_transformers_logprobs(tmp_path):
+  """SimPO (TRL's CPO loss_type="simpo", cpo_alpha=0): -log sigmoid(beta x the difference of the
+  average response log-probs - gamma), with label smoothing; the policy's own log-probs only."""
+  import torch
+  from hf_tiny import save_hf_model
+  policy_hf = save_hf_model("llama_untied", str(tmp_path / "policy"), seed=0)
+  tok = loading.load_tokenizer(str(tmp_path / "policy"))
+  ds = pipeline.build_dataset(os.path.join(DATA, "eval.jsonl"), "preference", tok, 96, template="chat")
+  batch = {k: v[:8] for k, v in ds.arrays.items()}
+  cfg, policy = loading.load_model(str(tmp_path / "policy"))
+  beta, gamma, eps = 2.0, 0.7, 0.1
+  total, pairs, metrics = dpo.dpo_loss_sums(policy, StepSpec(model=cfg), batch, beta=beta, loss_type="simpo",
+                                            label_smoothing=eps, simpo_gamma=gamma)
+  average = {side: _torch_logps(policy_hf, batch, side) / torch.tensor(batch[f"{side}_weights"].sum(-1), dtype=torch.float64)
+             for side in dpo.SIDES}
+  logits = (average["chosen"] - average["rejected"]) - gamma / beta
+  logsigmoid = torch.nn.functional.logsigmoid
+  trl = (-logsigmoid(beta * logits) * (1 - eps) - logsigmoid(-beta * logits) * eps).mean().item()
+  assert abs(float(total) / float(pairs) - trl) < 1e-4, (float(total) / float(pairs), trl)
+  assert abs(float(metrics["rewards_chosen"]) - beta * average["chosen"].mean().item()) < 1e-3
+
+
+def test_simpo_full_fine_tuning_needs_no_reference_and_learns(tiny_setup, tmp_path):
+  model, _ = tiny_setup
+  rows = trainer.run(dpo_config(model, **{"peft.method": "full", "optimizer.learning_rate": 5e-4,
+                                          "dpo.loss_type": "simpo", "dpo.beta": 2.0}), str(tmp_path))
+  train = [r for r in rows if "rewards_chosen" in r]
+  assert np.mean([r["loss"] for r in train[-3:]]) < train[0]["loss"] - 0.1, losses(rows)
+  assert np.mean([r["reward_margin"] for r in train[-3:]]) > train[0]["reward_margin"] + 0.2

@@ -20,7 +20,7 @@ def objective_loss_sums(config: ml_collections.ConfigDict) -> LossSums:
   if config.objective == "dpo":
     from jaxtune.objectives import dpo
     return functools.partial(dpo.dpo_loss_sums, beta=config.dpo.beta, loss_type=config.dpo.loss_type,
-                             label_smoothing=config.dpo.label_smoothing)
+                             label_smoothing=config.dpo.label_smoothing, simpo_gamma=config.dpo.simpo_gamma)
   if config.objective == "reward":
     from jaxtune.objectives import reward
     return reward.reward_loss_sums
@@ -40,11 +40,13 @@ def add_params(config: ml_collections.ConfigDict, params, model_cfg, dtype):
 
 def prepare_data(config: ml_collections.ConfigDict, datasets, trainable, frozen, spec: StepSpec, mesh):
   """The datasets with what the objective precomputes: DPO's reference log-probs for full fine-tuning
-  (or with dpo.precompute_reference). Runs on the initial params, so resuming gives the same values."""
-  needs_reference = config.peft.method == "full" or config.dpo.precompute_reference
-  if config.objective != "dpo" or not needs_reference:
+  (or with dpo.precompute_reference; none for a reference-free loss). Runs on the initial params,
+  so resuming gives the same values."""
+  if config.objective != "dpo" or not (config.peft.method == "full" or config.dpo.precompute_reference):
     return datasets
   from jaxtune.objectives import dpo
+  if config.dpo.loss_type in dpo.REFERENCE_FREE:
+    return datasets
   from jaxtune.peft import partition
   params = partition.merge(trainable, frozen)
   if config.peft.method != "full":

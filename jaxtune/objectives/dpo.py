@@ -1,4 +1,5 @@
-"""Direct Preference Optimization (Rafailov et al. 2023), sigmoid / IPO losses with label smoothing.
+"""Direct Preference Optimization (Rafailov et al. 2023), sigmoid / IPO losses with label smoothing,
+and SimPO (Meng et al. 2024; TRL's CPO loss_type="simpo" with cpo_alpha=0), which needs no reference.
 
 The reference policy: with PEFT it is the same params with the PEFT leaves removed (the adapter
 switched off, no second copy of the weights); for full fine-tuning (or on request) its log-probs
@@ -22,7 +23,8 @@ from jaxtune.peft import partition
 from jaxtune.train_step import Batch, StepSpec, target_logps
 
 SIDES = ("chosen", "rejected")
-LOSS_TYPES = ("sigmoid", "ipo")
+LOSS_TYPES = ("sigmoid", "ipo", "simpo")
+REFERENCE_FREE = ("simpo",)  # compare the policy's own length-normalised log-probs: no reference pass
 
 
 def base_params(params: llama.Params) -> llama.Params:
@@ -53,10 +55,13 @@ def pair_logps(params: llama.Params, spec: StepSpec, batch: Batch, rng=None):
 
 
 def dpo_losses(logratio_chosen_B, logratio_rejected_B, beta: float, loss_type: str = "sigmoid",
-               label_smoothing: float = 0.0):
-  """Per-pair DPO loss from policy-minus-reference log-prob ratios (TRL's formulas)."""
+               label_smoothing: float = 0.0, simpo_gamma: float = 0.0):
+  """Per-pair DPO loss from policy-minus-reference log-prob ratios (TRL's formulas); for SimPO the
+  policy's average log-probs per response token, and the margin gamma."""
   h = logratio_chosen_B - logratio_rejected_B
-  if loss_type == "sigmoid":
+  if loss_type == "simpo":
+    h = h - simpo_gamma / beta
+  if loss_type in ("sigmoid", "simpo"):
     return (-(1 - label_smoothing) * jax.nn.log_sigmoid(beta * h)
             - label_smoothing * jax.nn.log_sigmoid(-beta * h))
   if loss_type == "ipo":
@@ -77,16 +82,19 @@ def reference_logps(params: llama.Params, spec: StepSpec, batch: Batch):
 
 
 def dpo_loss_sums(params, spec: StepSpec, batch: Batch, rng=None, *, beta: float = 0.1,
-                  loss_type: str = "sigmoid", label_smoothing: float = 0.0):
-  """(sum of per-pair DPO losses, number of pairs, metrics); all-padding pairs count for nothing."""
+                  loss_type: str = "sigmoid", label_smoothing: float = 0.0, simpo_gamma: float = 0.0):
+  """(sum of per-pair DPO losses, number of pairs, metrics); all-padding pairs count for nothing.
+  The rewards in the metrics are beta x the log-ratios the loss compares (SimPO: the average log-probs)."""
   logp_2B, ntok_2B = pair_logps(params, spec, batch, rng)
-  ref_chosen_B, ref_rejected_B = reference_logps(params, spec, batch)
   B = logp_2B.shape[0] // 2
-  chosen_B, rejected_B = logp_2B[:B] - ref_chosen_B, logp_2B[B:] - ref_rejected_B
-  if loss_type == "ipo":  # IPO compares per-token average log-probs (as TRL does)
+  chosen_B, rejected_B = logp_2B[:B], logp_2B[B:]
+  if loss_type not in REFERENCE_FREE:
+    ref_chosen_B, ref_rejected_B = reference_logps(params, spec, batch)
+    chosen_B, rejected_B = chosen_B - ref_chosen_B, rejected_B - ref_rejected_B
+  if loss_type in ("ipo", "simpo"):  # per-token average log-probs (as TRL does)
     chosen_B, rejected_B = chosen_B / jnp.maximum(ntok_2B[:B], 1), rejected_B / jnp.maximum(ntok_2B[B:], 1)
   valid_B = (ntok_2B[:B] > 0).astype(jnp.float32)
-  losses_B = dpo_losses(chosen_B, rejected_B, beta, loss_type, label_smoothing)
+  losses_B = dpo_losses(chosen_B, rejected_B, beta, loss_type, label_smoothing, simpo_gamma)
   pairs = jnp.sum(valid_B)
 
   def mean(x_B):
