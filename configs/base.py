@@ -117,7 +117,9 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   c.dpo = ml_collections.ConfigDict()
   c.dpo.beta = 0.1
-  c.dpo.loss_type = "sigmoid"  # sigmoid | ipo | simpo (reference-free: average log-probs, margin simpo_gamma)
+  # sigmoid | ipo | simpo | orpo; simpo and orpo need no reference (the policy's average log-probs;
+  # orpo adds the chosen responses' NLL, with beta as ORPO's lambda)
+  c.dpo.loss_type = "sigmoid"
   c.dpo.simpo_gamma = 0.5  # SimPO's target margin gamma (TRL's CPOConfig.simpo_gamma); simpo only
   c.dpo.label_smoothing = 0.0
   c.dpo.precompute_reference = False  # True: reference log-probs once before training, also for PEFT

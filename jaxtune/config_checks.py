@@ -130,7 +130,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     raise ConfigError("optimizer.lora_plus_ratio", f"LoRA+ sets the learning rate of LoRA's B matrices: "
                       f"peft.method={c.peft.method} has none")
   _positive(c, "dpo.beta")
-  _choice(c, "dpo.loss_type", ("sigmoid", "ipo", "simpo"))
+  _choice(c, "dpo.loss_type", ("sigmoid", "ipo", "simpo", "orpo"))
   _positive(c, "dpo.simpo_gamma", allow_zero=True)
   if not 0 <= c.dpo.label_smoothing < 0.5:
     raise ConfigError("dpo.label_smoothing", f"must be in [0, 0.5), got {c.dpo.label_smoothing}")

@@ -1,5 +1,6 @@
-"""Direct Preference Optimization (Rafailov et al. 2023), sigmoid / IPO losses with label smoothing,
-and SimPO (Meng et al. 2024; TRL's CPO loss_type="simpo" with cpo_alpha=0), which needs no reference.
+"""Direct Preference Optimization (Rafailov et al. 2023), sigmoid / IPO losses with label smoothing;
+and two losses that need no reference: SimPO (Meng et al. 2024; TRL's CPO loss_type="simpo" with
+cpo_alpha=0) and ORPO (Hong et al. 2024; TRL's ORPOTrainer).
 
 The reference policy: with PEFT it is the same params with the PEFT leaves removed (the adapter
 switched off, no second copy of the weights); for full fine-tuning (or on request) its log-probs
@@ -23,8 +24,8 @@ from jaxtune.peft import partition
 from jaxtune.train_step import Batch, StepSpec, target_logps
 
 SIDES = ("chosen", "rejected")
-LOSS_TYPES = ("sigmoid", "ipo", "simpo")
-REFERENCE_FREE = ("simpo",)  # compare the policy's own length-normalised log-probs: no reference pass
+LOSS_TYPES = ("sigmoid", "ipo", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")  # compare the policy's own length-normalised log-probs: no reference pass
 
 
 def base_params(params: llama.Params) -> llama.Params:
@@ -66,6 +67,9 @@ def dpo_losses(logratio_chosen_B, logratio_rejected_B, beta: float, loss_type: s
             - label_smoothing * jax.nn.log_sigmoid(-beta * h))
   if loss_type == "ipo":
     return (h - 1 / (2 * beta)) ** 2
+  if loss_type == "orpo":  # log odds of p = exp(average log-prob): log p - log(1 - p), 1 - p as -expm1
+    log_odds = h - (jnp.log(-jnp.expm1(logratio_chosen_B)) - jnp.log(-jnp.expm1(logratio_rejected_B)))
+    return -beta * jax.nn.log_sigmoid(log_odds)
   raise ValueError(f"dpo.loss_type={loss_type!r} is not one of {' | '.join(LOSS_TYPES)}")
 
 
@@ -91,7 +95,7 @@ def dpo_loss_sums(params, spec: StepSpec, batch: Batch, rng=None, *, beta: float
   if loss_type not in REFERENCE_FREE:
     ref_chosen_B, ref_rejected_B = reference_logps(params, spec, batch)
     chosen_B, rejected_B = chosen_B - ref_chosen_B, rejected_B - ref_rejected_B
-  if loss_type in ("ipo", "simpo"):  # per-token average log-probs (as TRL does)
+  if loss_type in ("ipo", "simpo", "orpo"):  # per-token average log-probs (as TRL does)
     chosen_B, rejected_B = chosen_B / jnp.maximum(ntok_2B[:B], 1), rejected_B / jnp.maximum(ntok_2B[B:], 1)
   valid_B = (ntok_2B[:B] > 0).astype(jnp.float32)
   losses_B = dpo_losses(chosen_B, rejected_B, beta, loss_type, label_smoothing, simpo_gamma)
@@ -104,7 +108,12 @@ def dpo_loss_sums(params, spec: StepSpec, batch: Batch, rng=None, *, beta: float
   metrics = {"rewards_chosen": mean(rewards_chosen), "rewards_rejected": mean(rewards_rejected),
              "reward_accuracy": mean((rewards_chosen > rewards_rejected).astype(jnp.float32)),
              "reward_margin": mean(rewards_chosen - rewards_rejected)}
-  return jnp.sum(losses_B * valid_B), pairs, metrics
+  total = jnp.sum(losses_B * valid_B)
+  if loss_type == "orpo":  # + the chosen responses' NLL, a token mean over the batch (TRL's cross-entropy)
+    nll = -jnp.sum(logp_2B[:B]) / jnp.maximum(jnp.sum(ntok_2B[:B]), 1.0)
+    total = total + pairs * nll
+    metrics["nll_chosen"] = nll
+  return total, pairs, metrics
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
