@@ -98,7 +98,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.skip_nonfinite = False  # True: a step with a non-finite loss/gradient is not applied (counted)
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = "adamw"  # adamw | adafactor | sgd
+  c.optimizer.name = "adamw"  # adamw | adafactor | sgd | muon (full fine-tuning: Muon on the layers' matrices, AdamW on the rest)
+  c.optimizer.muon_momentum = 0.95
   c.optimizer.learning_rate = 1e-4
   c.optimizer.schedule = "cosine"  # constant | linear | cosine | wsd (warmup, stable, decay)
   c.optimizer.warmup_steps = 0

@@ -108,7 +108,11 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     raise ConfigError("train.grad_accum", f"{c.train.grad_accum} does not divide train.batch_size="
                       f"{c.train.batch_size}")
   _choice(c, "train.remat_policy", REMAT_POLICIES)
-  _choice(c, "optimizer.name", ("adamw", "adafactor", "sgd"))
+  _choice(c, "optimizer.name", ("adamw", "adafactor", "sgd", "muon"))
+  if c.optimizer.name == "muon" and c.peft.method != "full":
+    raise ConfigError("optimizer.name", f"muon orthogonalizes the decoder's weight matrices, which only "
+                      f"peft.method=full trains (peft.method={c.peft.method})")
+  _fraction(c, "optimizer.muon_momentum")
   _choice(c, "optimizer.schedule", ("constant", "linear", "cosine", "wsd"))
   _choice(c, "optimizer.decay_shape", ("linear", "cosine", "1-sqrt"))
   _positive(c, "optimizer.learning_rate")

@@ -1,4 +1,4 @@
-"""Optimizer over the trainable partition: schedule, clipping, AdamW / Adafactor / SGD, LoRA+."""
+"""Optimizer over the trainable partition: schedule, clipping, AdamW / Adafactor / SGD / Muon, LoRA+."""
 
 from __future__ import annotations
 
@@ -45,6 +45,43 @@ def decays(path: str) -> bool:
   return not (path.endswith("bias") or path.endswith("norm") or path.endswith("layernorm"))
 
 
+MUON_RMS = 0.2  # Muon's updates x 0.2 sqrt(max(fan_in, fan_out)): the RMS of AdamW's (Moonlight, Liu et al. 2025)
+
+
+def takes_muon(path: str) -> bool:
+  """The decoder's weight matrices (L [x E] x in x out): attention and MLP kernels and the experts."""
+  return path.startswith("layers/") and (path.endswith("kernel") or "/experts/" in path)
+
+
+def newton_schulz(x, steps: int = 5, coefficients=(3.4445, -4.775, 2.0315), eps: float = 1e-7):
+  """Each in x out matrix of x (leading axes: layers, experts) replaced by its approximate orthogonal
+  factor: torch.optim.Muon's quintic Newton-Schulz iteration (Jordan et al. 2024), in float32."""
+  a, b, c = coefficients
+  wide = x.shape[-2] <= x.shape[-1]
+  y = x if wide else jnp.swapaxes(x, -1, -2)
+  y = y / jnp.maximum(jnp.linalg.norm(y, axis=(-2, -1), keepdims=True), eps)
+  for _ in range(steps):
+    gram = y @ jnp.swapaxes(y, -1, -2)
+    y = a * y + (b * gram + c * gram @ gram) @ y
+  return y if wide else jnp.swapaxes(y, -1, -2)
+
+
+def muon(opt: ml_collections.ConfigDict, schedule: optax.Schedule, paths, decay_mask) -> optax.GradientTransformation:
+  """Muon on `takes_muon` leaves: Nesterov momentum, Newton-Schulz orthogonalization of each layer's
+  (and expert's) matrix, scaled to AdamW's RMS, so optimizer.learning_rate and weight_decay serve
+  both parts; torch.optim.Muon(adjust_lr_fn="match_rms_adamw") step for step. AdamW on the rest
+  (embedding, LM head, norms, biases)."""
+  orthogonalized = optax.stateless_with_tree_map(
+      lambda g, _: newton_schulz(g) * (MUON_RMS * max(g.shape[-2], g.shape[-1]) ** 0.5))
+  return optax.partition({
+      # trace's Nesterov step g + m t is torch's (1 - m) g + m buf up to a factor the normalization drops
+      "muon": optax.chain(optax.trace(decay=opt.muon_momentum, nesterov=True), orthogonalized,
+                          optax.add_decayed_weights(opt.weight_decay), optax.scale_by_learning_rate(schedule)),
+      "adam": optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                          mask=lambda params: {p: decay_mask[p] for p in params}),
+  }, {p: "muon" if takes_muon(p) else "adam" for p in paths})
+
+
 def build_optimizer(opt: ml_collections.ConfigDict, steps: int, trainable_paths) -> optax.GradientTransformation:
   """The optax chain for the trainable partition (a flat {path: array} dict)."""
   schedule = learning_rate_schedule(opt, steps)
@@ -55,6 +92,8 @@ def build_optimizer(opt: ml_collections.ConfigDict, steps: int, trainable_paths)
   if opt.name == "adamw":
     parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
                              weight_decay=opt.weight_decay, mask=decay_mask))
+  elif opt.name == "muon":
+    parts.append(muon(opt, schedule, list(trainable_paths), decay_mask))
   elif opt.name == "adafactor":
     parts.append(optax.adafactor(schedule, weight_decay_rate=opt.weight_decay or None,
                                  weight_decay_mask=decay_mask))

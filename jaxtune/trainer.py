@@ -179,11 +179,13 @@ def make_step_fns(config, spec: StepSpec, optimizer, shardings: dict[str, Any], 
 
 
 def opt_state_shardings(optimizer, trainable, trainable_shardings, mesh):
-  """Params-shaped optimizer leaves follow their param; every other leaf (counts) is replicated."""
+  """Params-shaped optimizer leaves follow their param; every other leaf (counts) is replicated. A
+  partitioned optimizer (Muon's) holds a MaskedNode where a param belongs to its other part."""
   import optax
   abstract = jax.eval_shape(optimizer.init, trainable)
-  return optax.tree_map_params(optimizer, lambda _, s: s, abstract, trainable_shardings,
-                               transform_non_params=lambda _: sharding.replicated(mesh))
+  return optax.tree_map_params(optimizer, lambda x, s: x if isinstance(x, optax.MaskedNode) else s, abstract,
+                               trainable_shardings, transform_non_params=lambda _: sharding.replicated(mesh),
+                               is_leaf=lambda x: isinstance(x, optax.MaskedNode))
 
 
 def evaluate_dataset(evaluate, trainable, frozen, dataset, batch_size, mesh, max_batches=0) -> dict[str, float]:

@@ -37,6 +37,9 @@ CASES = [
     ("profile_after_the_last_step", ["--config.train.profile_steps=2", "--config.train.profile_start_step=21"], 1,
      "error: config.train.profile_start_step: 21 > train.steps=20: no step would be profiled"),
     ("num_proc_negative", ["--config.data.num_proc=-2"], 1, "error: config.data.num_proc: must be >= 0, got -2"),
+    ("muon_with_lora", ["--config.optimizer.name=muon"], 1,
+     "error: config.optimizer.name: muon orthogonalizes the decoder's weight matrices, which only "
+     "peft.method=full trains (peft.method=lora)"),
     ("unknown_decay_shape", ["--config.optimizer.decay_shape=exp"], 1,
      "error: config.optimizer.decay_shape: 'exp' is not one of linear | cosine | 1-sqrt"),
     ("decay_longer_than_the_run", ["--config.optimizer.schedule=wsd", "--config.optimizer.decay_steps=25"], 1,

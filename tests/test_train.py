@@ -81,12 +81,14 @@ def test_eval_rows_follow_eval_every_and_a_rerun_logs_nothing(tiny_setup, tmp_pa
   assert read_metrics(str(tmp_path)) == rows
 
 
-@pytest.mark.parametrize("method", ["lora", "full", "qlora"])
+@pytest.mark.parametrize("method", ["lora", "full", "qlora", "muon"])
 def test_resume_is_exact(tiny_setup, tmp_path, method):
-  """qlora: the NF4 base is not in the checkpoint; the resumed run quantizes it again, identically."""
+  """qlora: the NF4 base is not in the checkpoint; the resumed run quantizes it again, identically.
+  muon: full fine-tuning whose optimizer state is partitioned (Muon's momentum, AdamW's moments)."""
   model, data = tiny_setup
-  quantize = {"model.quantize": "nf4"} if method == "qlora" else {}
-  kw = {"peft.method": "lora" if method == "qlora" else method, **quantize, "train.steps": 20, "train.checkpoint_every": 10,
+  extra = {"qlora": {"model.quantize": "nf4"}, "muon": {"optimizer.name": "muon"}}.get(method, {})
+  kw = {"peft.method": {"qlora": "lora", "muon": "full"}.get(method, method), **extra, "train.steps": 20,
+        "train.checkpoint_every": 10,
         "optimizer.learning_rate": 1e-3, "optimizer.schedule": "cosine", "optimizer.warmup_steps": 3}
   straight_rows = trainer.run(tiny_config(model, data, **kw), str(tmp_path / "straight"))
   straight = losses(straight_rows)
