@@ -8,7 +8,7 @@ from jaxtune.config_checks import ConfigError
 from jaxtune.data import pipeline
 from jaxtune.metrics_log import read_metrics
 from jaxtune.models import loading
-from train_helpers import losses, random_lm_batch, tiny_config
+from train_helpers import lora_and_full_kept_bytes, losses, random_lm_batch, tiny_config
 
 
 def test_full_and_lora_reduce_loss_and_lora_starts_at_base(tiny_setup, tmp_path):
@@ -198,23 +198,10 @@ def test_dots_remat_keeps_a_lora_projection_output_once(tiny_setup):
   """remat_policy=dots saves each projection's output (the name "projection" in llama.dense), not its
   base matmul and LoRA product apart: a LoRA step keeps no more than full fine-tuning of the same
   model, plus the LoRA weights themselves (the backward closure's arrays, residuals and weights)."""
-  import jax
   from jaxtune import train_step
   from jaxtune.models import loading
-  from jaxtune.peft import lora, partition
   model, _ = tiny_setup
   cfg, params = loading.load_model(model)
-  batch = random_lm_batch(2, 128)
-  spec = train_step.StepSpec(model=cfg, remat="dots")
-
-  def nbytes(tree):
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-  def kept_bytes(params, method):
-    trainable, frozen = partition.split(params, method)
-    f = lambda tr: train_step.lm_loss_sums(partition.merge(tr, frozen), spec, batch)[0]
-    return nbytes(jax.vjp(f, trainable)[1])
-
-  with_lora = lora.add_lora(params, jax.random.PRNGKey(1), 4)
-  lora_bytes = nbytes(partition.split(with_lora, "lora")[0])
-  assert kept_bytes(with_lora, "lora") <= kept_bytes(params, "full") + lora_bytes
+  lora_kept, full_kept_and_lora = lora_and_full_kept_bytes(params, train_step.StepSpec(model=cfg, remat="dots"),
+                                                           random_lm_batch(2, 128))
+  assert lora_kept <= full_kept_and_lora

@@ -43,6 +43,26 @@ def random_lm_batch(rows: int, length: int, vocab: int = 256) -> dict:
           "segment_ids": np.ones((rows, length), np.int32)}
 
 
+def lora_and_full_kept_bytes(params, spec, batch) -> tuple[int, int]:
+  """(what a rank-4 LoRA step's backward pass keeps, what full fine-tuning's keeps plus the LoRA
+  weights), in bytes: the arrays of jax.vjp's closure of the LM loss, residuals and weights."""
+  import jax
+  from jaxtune import train_step
+  from jaxtune.peft import lora, partition
+
+  def nbytes(tree):
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+  def kept_bytes(params, method):
+    trainable, frozen = partition.split(params, method)
+    f = lambda tr: train_step.lm_loss_sums(partition.merge(tr, frozen), spec, batch)[0]
+    return nbytes(jax.vjp(f, trainable)[1])
+
+  with_lora = lora.add_lora(params, jax.random.PRNGKey(1), 4)
+  lora_bytes = nbytes(partition.split(with_lora, "lora")[0])
+  return kept_bytes(with_lora, "lora"), kept_bytes(params, "full") + lora_bytes
+
+
 def make_tiny_setup(folder: str, family: str = "llama_untied") -> tuple[str, str]:
   """(model folder, train jsonl) under `folder`, built once per folder."""
   model = os.path.join(folder, "model")
