@@ -271,7 +271,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, loss_sums=None, load=
   train_data, eval_data = load(config, tokenizer)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://; after the data's errors
   if is_main:
-    processes = pipeline.tokenizing_processes(config.data.num_proc, train_data.stats.records)
+    processes = train_data.stats.processes
     tokenized = f" (tokenized in {processes} processes)" if processes > 1 else ""
     print(f"data: train {train_data.stats.summary()}{tokenized}", flush=True)
   model = build_model(config, mesh)

@@ -59,8 +59,7 @@ def main():
     os.remove(path)
   n = len(records)
   tokens = int((arrays["segment_ids"] > 0).sum())
-  processes = pipeline.tokenizing_processes(args.num_proc, n)
-  print(f"tokenizer={args.tokenizer} template={args.template} seq_len={args.seq_len} records={n} processes={processes} "
+  print(f"tokenizer={args.tokenizer} template={args.template} seq_len={args.seq_len} records={n} processes={stats.processes} "
         f"tokens={tokens} rows={len(arrays['inputs'])} fill={tokens / arrays['inputs'].size:.1%}")
   print(f"read   {n / (t1 - t0):12,.0f} records/s")
   print(f"encode {n / (t2 - t1):12,.0f} records/s")

@@ -45,11 +45,12 @@ class DataStats:
   rows: int = 0
   rows_tokens: int = 0      # rows x seq_len (x 2 for preference pairs)
   errors: list[str] = dataclasses.field(default_factory=list)  # the first few skipped-record messages
+  processes: int = 1        # how many processes tokenized the records
 
   def add(self, other: DataStats) -> None:
     """Adds `other`'s counts (and its first errors, up to MAX_ERRORS_KEPT in all) to these."""
     for field in dataclasses.fields(self):
-      if field.name != "errors":
+      if field.name not in ("errors", "processes"):
         setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
     self.errors += other.errors[:MAX_ERRORS_KEPT - len(self.errors)]
 
@@ -143,6 +144,7 @@ def encode_records(records: Records, fmt: str, tokenizer, seq_len: int, *, templ
     parts = [_encode_chunk(_progress(items, progress, "tokenizing"), tokenizer, **options)]
   else:
     parts = _encode_in_processes(items, pickled, processes, options, progress)
+    stats.processes = processes
   out = []
   for encoded, part_stats in parts:
     out += encoded
