@@ -96,8 +96,13 @@ def _fit(e: Encoded, seq_len: int, truncation: str, stats: DataStats) -> Encoded
   return e
 
 
+def _shows_progress(progress: bool | None, records: int) -> bool:
+  """progress: True or False as given; None (auto) for PROGRESS_MIN_RECORDS records and up."""
+  return progress if progress is not None else records >= PROGRESS_MIN_RECORDS
+
+
 def _progress(items: Sequence, progress: bool | None, desc: str):
-  if progress is False or (progress is None and len(items) < PROGRESS_MIN_RECORDS):
+  if not _shows_progress(progress, len(items)):
     return items
   from tqdm import tqdm
   return tqdm(items, desc=desc, unit="rec", mininterval=2.0)
@@ -216,7 +221,7 @@ def _encode_in_processes(items, pickled_tokenizer: bytes, processes: int, option
                                               initargs=(pickled_tokenizer,)) as pool:
     futures = [pool.submit(_encode_in_worker, chunk, options) for chunk in chunks]
     bar = None
-    if progress is not False and (progress or len(items) >= PROGRESS_MIN_RECORDS):
+    if _shows_progress(progress, len(items)):
       from tqdm import tqdm
       bar = tqdm(total=len(items), desc=f"tokenizing ({processes} processes)", unit="rec", mininterval=2.0)
     try:
