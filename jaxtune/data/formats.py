@@ -138,15 +138,18 @@ def encode_prompt_response(prompt: str | list, response: str, tokenizer, *, temp
   return Encoded(prompt_ids + response_ids, mask)
 
 
+def instruction_prompt(record: dict[str, Any], template: str) -> str | list[dict[str, str]]:
+  """An instruction record's prompt: one user turn for the chat template, else alpaca's text."""
+  instruction = _field(record, "instruction")
+  context = _field(record, "context", optional=True, allow_empty=True)
+  return instruction_messages(instruction, context) if template == "chat" else alpaca_prompt(instruction, context)
+
+
 def encode_instruction(record: dict[str, Any], tokenizer, *, template: str = "alpaca",
                        train_on_prompt: bool = False) -> Encoded:
   """instruction (+ optional context) -> prompt; loss on output tokens + end of turn only."""
-  instruction = _field(record, "instruction")
-  context = _field(record, "context", optional=True, allow_empty=True)
-  output = _field(record, "output")
-  prompt = instruction_messages(instruction, context) if template == "chat" else alpaca_prompt(
-      instruction, context)
-  return encode_prompt_response(prompt, output, tokenizer, template=template,
+  prompt = instruction_prompt(record, template)
+  return encode_prompt_response(prompt, _field(record, "output"), tokenizer, template=template,
                                 train_on_prompt=train_on_prompt)
 
 
@@ -172,12 +175,11 @@ def generation_prompt(record: dict[str, Any], fmt: str, tokenizer, *, template: 
   the output, when given, is the reference. chat: the turns before the last assistant turn (the
   reference), or all of them when the last turn is not the assistant's."""
   if fmt == "instruction":
-    instruction = _field(record, "instruction")
-    context = _field(record, "context", optional=True, allow_empty=True)
+    prompt = instruction_prompt(record, template)
     reference = _field(record, "output", optional=True)
     if template == "chat":
-      return _chat_ids(tokenizer, instruction_messages(instruction, context), add_generation_prompt=True), reference
-    return list(tokenizer(alpaca_prompt(instruction, context))["input_ids"]), reference
+      return _chat_ids(tokenizer, prompt, add_generation_prompt=True), reference
+    return list(tokenizer(prompt)["input_ids"]), reference
   if fmt == "chat":
     messages = _messages(record)
     if getattr(tokenizer, "chat_template", None) is None:
