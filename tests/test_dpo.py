@@ -54,16 +54,20 @@ def _torch_logps(model, batch, side):
   return (logp * torch.tensor(np.asarray(batch[f"{side}_weights"]), dtype=torch.float64)).sum(-1)
 
 
+def tiny_policy_and_pairs(folder: str, seed: int = 0):
+  """(a tiny transformers Llama saved to `folder`, jaxtune's (config, params) of it, the eval set's
+  pairs as a dataset, its first 8 pairs as batch arrays)."""
+  from hf_tiny import save_hf_model
+  policy_hf = save_hf_model("llama_untied", folder, seed=seed)
+  ds = pipeline.build_dataset(os.path.join(DATA, "eval.jsonl"), "preference", loading.load_tokenizer(folder), 96,
+                              template="chat")
+  return policy_hf, loading.load_model(folder), ds, {k: v[:8] for k, v in ds.arrays.items()}
+
+
 def test_dpo_loss_equals_trl_formula_on_transformers_logprobs(tmp_path):
   import torch
-  from hf_tiny import save_hf_model
-  policy_hf = save_hf_model("llama_untied", str(tmp_path / "policy"), seed=0)
-  reference_hf = save_hf_model("llama_untied", str(tmp_path / "reference"), seed=1)
-  tok = loading.load_tokenizer(str(tmp_path / "policy"))
-  ds = pipeline.build_dataset(os.path.join(DATA, "eval.jsonl"), "preference", tok, 96, template="chat")
-  batch = {k: v[:8] for k, v in ds.arrays.items()}
-  cfg, policy = loading.load_model(str(tmp_path / "policy"))
-  _, reference = loading.load_model(str(tmp_path / "reference"))
+  policy_hf, (cfg, policy), ds, batch = tiny_policy_and_pairs(str(tmp_path / "policy"))
+  reference_hf, (_, reference), _, _ = tiny_policy_and_pairs(str(tmp_path / "reference"), seed=1)
   spec = StepSpec(model=cfg)
   mesh = sharding.make_mesh()
   with_ref = dpo.add_reference_logps(pipeline.PackedDataset(batch, 96, ds.stats), reference, spec, mesh, 4)
@@ -106,12 +110,7 @@ def test_simpo_equals_trl_formula_on_transformers_logprobs(tmp_path):
   """SimPO (TRL's CPO loss_type="simpo", cpo_alpha=0): -log sigmoid(beta x the difference of the
   average response log-probs - gamma), with label smoothing; the policy's own log-probs only."""
   import torch
-  from hf_tiny import save_hf_model
-  policy_hf = save_hf_model("llama_untied", str(tmp_path / "policy"), seed=0)
-  tok = loading.load_tokenizer(str(tmp_path / "policy"))
-  ds = pipeline.build_dataset(os.path.join(DATA, "eval.jsonl"), "preference", tok, 96, template="chat")
-  batch = {k: v[:8] for k, v in ds.arrays.items()}
-  cfg, policy = loading.load_model(str(tmp_path / "policy"))
+  policy_hf, (cfg, policy), _, batch = tiny_policy_and_pairs(str(tmp_path / "policy"))
   beta, gamma, eps = 2.0, 0.7, 0.1
   total, pairs, metrics = dpo.dpo_loss_sums(policy, StepSpec(model=cfg), batch, beta=beta, loss_type="simpo",
                                             label_smoothing=eps, simpo_gamma=gamma)
@@ -128,12 +127,7 @@ def test_orpo_equals_trl_formula_on_transformers_logprobs(tmp_path):
   """ORPO (TRL's ORPOTrainer): the chosen responses' NLL (a token mean over the batch) minus beta x
   the mean log sigmoid of the log odds ratio of the average response log-probs."""
   import torch
-  from hf_tiny import save_hf_model
-  policy_hf = save_hf_model("llama_untied", str(tmp_path / "policy"), seed=0)
-  tok = loading.load_tokenizer(str(tmp_path / "policy"))
-  ds = pipeline.build_dataset(os.path.join(DATA, "eval.jsonl"), "preference", tok, 96, template="chat")
-  batch = {k: v[:8] for k, v in ds.arrays.items()}
-  cfg, policy = loading.load_model(str(tmp_path / "policy"))
+  policy_hf, (cfg, policy), _, batch = tiny_policy_and_pairs(str(tmp_path / "policy"))
   beta = 0.25
   total, pairs, metrics = dpo.dpo_loss_sums(policy, StepSpec(model=cfg), batch, beta=beta, loss_type="orpo")
   summed = {side: _torch_logps(policy_hf, batch, side) for side in dpo.SIDES}
