@@ -85,16 +85,24 @@ def test_unimplemented_architecture_features_are_refused_by_name():
   assert (capped.final_logit_softcap, capped.attn_logit_softcap) == (30.0, None)
 
 
+SMALL = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=8)
+
+
+def small_model_folder(tmp_path) -> tuple[ModelConfig, str]:
+  """(SMALL, a HF folder of random SMALL weights)."""
+  folder = str(tmp_path / "model")
+  export.write_hf(folder, SMALL, llama.init_params(SMALL, jax.random.PRNGKey(0)), llama.PeftRuntime(), None, None)
+  return SMALL, folder
+
+
 @pytest.mark.parametrize("sharded", [False, True])
 def test_a_tensor_that_does_not_fit_is_named(tmp_path, sharded):
   """A checkpoint whose tensors are larger than its config says is refused naming the tensor, also
   when the load reads slices (a slice of a too-large tensor would fit)."""
   import json
   from jaxtune import sharding
-  cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                    num_kv_heads=2, head_dim=8)
-  folder = str(tmp_path / "model")
-  export.write_hf(folder, cfg, llama.init_params(cfg, jax.random.PRNGKey(0)), llama.PeftRuntime(), None, None)
+  cfg, folder = small_model_folder(tmp_path)
   with open(os.path.join(folder, "config.json")) as f:
     hf = json.load(f)
   with open(os.path.join(folder, "config.json"), "w") as f:
@@ -109,10 +117,7 @@ def test_a_tensor_that_does_not_fit_is_named(tmp_path, sharded):
 
 def test_a_large_model_load_shows_progress(tmp_path, monkeypatch, capsys):
   """Loading shows a bar of the bytes read (models of PROGRESS_MIN_BYTES and up; lowered here)."""
-  cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                    num_kv_heads=2, head_dim=8)
-  folder = str(tmp_path / "model")
-  export.write_hf(folder, cfg, llama.init_params(cfg, jax.random.PRNGKey(0)), llama.PeftRuntime(), None, None)
+  cfg, folder = small_model_folder(tmp_path)
   loading.load_model(folder)
   assert "loading weights" not in capsys.readouterr().err
   monkeypatch.setattr(loading, "PROGRESS_MIN_BYTES", 0)
