@@ -133,8 +133,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.grpo.top_p = 1.0
   c.grpo.reward_fn = ""  # "module:function", called as fn(prompts, completions) -> list of floats
   c.grpo.reward_model = ""  # or an objective=reward train.py workdir, or a HF *ForSequenceClassification folder
-  c.grpo.kl_coef = 0.04  # beta of the k3 KL penalty to the reference (adapter off / initial params)
-  c.grpo.clip_eps = 0.2
+  # beta of the k3 KL penalty to the reference (adapter off / initial params); 0 = no reference pass
+  c.grpo.kl_coef = 0.04
+  c.grpo.clip_eps = 0.2  # the policy ratio is clipped to [1 - clip_eps, 1 + clip_eps_high]
+  c.grpo.clip_eps_high = 0.0  # 0 = clip_eps; DAPO's clip-higher uses 0.28 (TRL's epsilon_high)
+  # how per-token losses average: grpo (per completion, then over completions) | dapo (over all
+  # completion tokens) | dr_grpo (sum / (completions x max_new_tokens)) -- TRL's loss_type
+  c.grpo.loss_type = "grpo"
+  c.grpo.scale_rewards = "group"  # advantages divided by the group's std | batch's std | none (Dr. GRPO)
   c.grpo.updates_per_batch = 1  # optimizer steps on each batch of completions (> 1: clipping matters)
 
   c.mesh = ml_collections.ConfigDict()

@@ -13,6 +13,8 @@ from jaxtune.peft.partition import LORA_METHODS, METHODS
 OBJECTIVES = ("lm", "dpo", "reward", "grpo")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = tuple(llama.REMAT_POLICIES)
+GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")  # objectives/grpo.py's grpo_loss_sums says what each is
+GRPO_SCALE_REWARDS = ("group", "batch", "none")  # the std dividing the advantages (grpo.advantages)
 
 
 class ConfigError(ValueError):
@@ -168,8 +170,12 @@ def check_config(c: ml_collections.ConfigDict) -> None:
 def _check_grpo(c: ml_collections.ConfigDict) -> None:
   for key in ("grpo.group_size", "grpo.max_new_tokens", "grpo.updates_per_batch", "grpo.top_p"):
     _positive(c, key)
-  for key in ("grpo.temperature", "grpo.kl_coef", "grpo.clip_eps"):
+  for key in ("grpo.temperature", "grpo.kl_coef", "grpo.clip_eps", "grpo.clip_eps_high"):
     _positive(c, key, allow_zero=True)
+  _choice(c, "grpo.loss_type", GRPO_LOSS_TYPES)
+  _choice(c, "grpo.scale_rewards", GRPO_SCALE_REWARDS)
+  if c.grpo.clip_eps >= 1:
+    raise ConfigError("grpo.clip_eps", f"must be < 1 (the ratio's lower clip is 1 - clip_eps), got {c.grpo.clip_eps}")
   if c.grpo.group_size < 2:
     raise ConfigError("grpo.group_size", f"must be >= 2 (advantages compare completions of a prompt), got {c.grpo.group_size}")
   if c.train.batch_size % c.grpo.group_size:

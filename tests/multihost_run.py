@@ -4,7 +4,8 @@ usage: python tests/multihost_run.py MODEL DATA WORKDIR METHOD single
        python tests/multihost_run.py MODEL DATA WORKDIR METHOD PROCESS_ID NUM_PROCESSES PORT
 
 METHOD: full or lora (instruction tuning on DATA), or grpo (LoRA GRPO on the bundled preference
-prompts, sampling at temperature 1, rewarded by the reward model trained in the workdir DATA,
+prompts, sampling at temperature 1, rewarded by the reward model trained in the workdir DATA, advantages
+scaled by the std of the whole batch (every process's rewards),
 evaluating 5 prompts greedily at steps 3 and 6).
 `single`: one process with two fake CPU devices (the reference). Otherwise: one CPU device per
 process, joined by jax.distributed over gloo. Either way mesh.data=2, and the run stops after 3
@@ -62,6 +63,7 @@ def grpo_setup(eval_path: str, reward_model: str) -> tuple[str, dict]:
       "objective": "grpo", "data.format": "preference", "data.eval": eval_path, "data.seq_len": 48,
       "mesh.data": 2, "train.steps": 6, "train.batch_size": 8, "train.checkpoint_every": 3, "train.eval_every": 3,
       "grpo.group_size": 4, "grpo.max_new_tokens": 4, "grpo.reward_model": reward_model,
+      "grpo.scale_rewards": "batch",  # the std of every process's rewards
       "optimizer.learning_rate": 1e-2}
 
 

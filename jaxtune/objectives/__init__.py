@@ -26,7 +26,9 @@ def objective_loss_sums(config: ml_collections.ConfigDict) -> LossSums:
     return reward.reward_loss_sums
   if config.objective == "grpo":
     from jaxtune.objectives import grpo
-    return functools.partial(grpo.grpo_loss_sums, clip_eps=config.grpo.clip_eps, kl_coef=config.grpo.kl_coef)
+    g = config.grpo
+    return functools.partial(grpo.grpo_loss_sums, clip_eps=g.clip_eps, clip_eps_high=g.clip_eps_high,
+                             kl_coef=g.kl_coef, loss_type=g.loss_type, max_new_tokens=g.max_new_tokens)
   raise ValueError(f"objective={config.objective!r} is not one of lm | dpo | reward | grpo")
 
 

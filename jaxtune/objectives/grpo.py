@@ -2,10 +2,14 @@
 
 Each round takes train.batch_size / G prompts, samples G completions per prompt with the KV-cache
 generator, scores them (a Python function named by grpo.reward_fn, or a trained reward model),
-normalises the rewards within each group (advantage = (r - mean) / (std + 1e-4)) and takes
-grpo.updates_per_batch optimizer steps on the clipped policy-ratio objective plus kl_coef times the
+turns the rewards into advantages (r - group mean, divided by the group's, the batch's or no std:
+grpo.scale_rewards) and takes grpo.updates_per_batch optimizer steps on the clipped policy-ratio
+objective (grpo.clip_eps, and clip_eps_high above 1 for DAPO's clip-higher) plus kl_coef times the
 k3 estimate of KL(policy || reference); the reference is the adapter switched off with PEFT, a
-frozen copy of the initial weights for full fine-tuning. Steps count optimizer updates.
+frozen copy of the initial weights for full fine-tuning, and is not used at all when kl_coef is 0.
+grpo.loss_type says how the per-token losses are averaged (see grpo_loss_sums). Steps count optimizer
+updates. Advantages and losses are TRL GRPOTrainer's formulas (its loss_type, scale_rewards,
+epsilon/epsilon_high and beta).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import ml_collections
 import numpy as np
 
 from jaxtune import checkpoint, inference, sampling, sharding, trainer
-from jaxtune.config_checks import ConfigError, field_map
+from jaxtune.config_checks import GRPO_LOSS_TYPES, ConfigError, field_map
 from jaxtune.data import formats, pipeline
 from jaxtune.data.sources import DataError
 from jaxtune.metrics_log import MetricsLog
@@ -51,34 +55,61 @@ token_logps_jit = jax.jit(token_logps, static_argnames=("spec",))
 
 
 def grpo_loss_sums(params, spec: StepSpec, batch: Batch, rng=None, *, clip_eps: float = 0.2,
-                   kl_coef: float = 0.04):
-  """(sum over completions of their mean per-token loss, number of completions, metrics).
+                   clip_eps_high: float = 0.0, kl_coef: float = 0.04, loss_type: str = "grpo",
+                   max_new_tokens: int = 0):
+  """(the batch's summed loss, what it is divided by, metrics); micro-batches add up to the whole
+  batch's loss. loss_type (config_checks.GRPO_LOSS_TYPES, TRL's names):
+    grpo: each completion's mean over its tokens, then the mean over completions (DeepSeekMath);
+    dapo: the mean over all completion tokens of the batch (DAPO; TRL's bnpo without accumulation);
+    dr_grpo: the sum over completion tokens / (completions x max_new_tokens) (Dr. GRPO).
 
-  batch: the completion rows (weights mark completion tokens), "advantages" (B,), "ref_logp" and,
-  when the batch is reused for several updates, "old_logp" of the sampling policy, both laid out
-  as `token_logps` returns them (T below: spec.max_targets when set).
+  batch: the completion rows (weights mark completion tokens), "advantages" (B,), "ref_logp" (not
+  needed when kl_coef is 0) and, when the batch is reused for several updates, "old_logp" of the
+  sampling policy, both laid out as `token_logps` returns them (T below: spec.max_targets when set).
+  The ratio is clipped to [1 - clip_eps, 1 + (clip_eps_high or clip_eps)].
   """
   logp_BxT, weights_BxT = token_logps(params, spec, batch, rng)
   old_BxT = batch["old_logp"] if "old_logp" in batch else jax.lax.stop_gradient(logp_BxT)
   ratio_BxT = jnp.exp(logp_BxT - old_BxT)
   adv_Bx1 = batch["advantages"][:, None]
-  policy_BxT = -jnp.minimum(ratio_BxT * adv_Bx1, jnp.clip(ratio_BxT, 1 - clip_eps, 1 + clip_eps) * adv_Bx1)
-  log_ref_ratio_BxT = batch["ref_logp"] - logp_BxT
-  kl_BxT = jnp.exp(log_ref_ratio_BxT) - log_ref_ratio_BxT - 1  # k3: unbiased, always >= 0
+  low, high = 1 - clip_eps, 1 + (clip_eps_high or clip_eps)
+  per_token_BxT = -jnp.minimum(ratio_BxT * adv_Bx1, jnp.clip(ratio_BxT, low, high) * adv_Bx1)
+  kl_BxT = jnp.zeros_like(logp_BxT)
+  if kl_coef:
+    log_ref_ratio_BxT = batch["ref_logp"] - logp_BxT
+    kl_BxT = jnp.exp(log_ref_ratio_BxT) - log_ref_ratio_BxT - 1  # k3: unbiased, always >= 0
+    per_token_BxT = per_token_BxT + kl_coef * kl_BxT
   ntok_B = jnp.sum(weights_BxT, axis=-1)
-  per_seq_B = jnp.sum((policy_BxT + kl_coef * kl_BxT) * weights_BxT, axis=-1) / jnp.maximum(ntok_B, 1.0)
-  valid_B = (ntok_B > 0).astype(jnp.float32)
-  tokens = jnp.maximum(jnp.sum(weights_BxT), 1.0)
-  clipped = (jnp.abs(ratio_BxT - 1) > clip_eps).astype(jnp.float32)
+  tokens = jnp.sum(weights_BxT)
+  if loss_type == "grpo":
+    valid_B = (ntok_B > 0).astype(jnp.float32)
+    per_seq_B = jnp.sum(per_token_BxT * weights_BxT, axis=-1) / jnp.maximum(ntok_B, 1.0)
+    total, count = jnp.sum(per_seq_B * valid_B), jnp.sum(valid_B)
+  elif loss_type == "dapo":
+    total, count = jnp.sum(per_token_BxT * weights_BxT), tokens
+  elif loss_type == "dr_grpo":
+    total, count = jnp.sum(per_token_BxT * weights_BxT), jnp.float32(weights_BxT.shape[0] * max_new_tokens)
+  else:
+    raise ConfigError("grpo.loss_type", f"{loss_type!r} is not one of {' | '.join(GRPO_LOSS_TYPES)}")
+  # the tokens whose policy gradient the clip removes (TRL's clip_ratio/region_mean)
+  clipped = ((ratio_BxT < low) & (adv_Bx1 < 0)) | ((ratio_BxT > high) & (adv_Bx1 > 0))
+  tokens = jnp.maximum(tokens, 1.0)
   metrics = {"kl": jnp.sum(jax.lax.stop_gradient(kl_BxT) * weights_BxT) / tokens,
-             "clip_fraction": jnp.sum(clipped * weights_BxT) / tokens}
-  return jnp.sum(per_seq_B * valid_B), jnp.sum(valid_B), metrics
+             "clip_fraction": jnp.sum(clipped.astype(jnp.float32) * weights_BxT) / tokens}
+  return total, count, metrics
 
 
-def group_advantages(rewards_B: np.ndarray, group_size: int) -> np.ndarray:
-  """(r - group mean) / (group std + 1e-4); rows are grouped consecutively, G per prompt."""
+def advantages(rewards_B: np.ndarray, group_size: int, scale_rewards: str = "group",
+               batch_std: float | None = None) -> np.ndarray:
+  """r - its group's mean, divided by (std + 1e-4): the group's std ("group"), `batch_std`, the std
+  of the whole global batch's rewards ("batch"), or not divided ("none"). Stds are unbiased (n - 1),
+  as torch's and TRL's. Rows are grouped consecutively, G per prompt."""
   r = np.asarray(rewards_B, np.float32).reshape(-1, group_size)
-  return ((r - r.mean(1, keepdims=True)) / (r.std(1, keepdims=True) + 1e-4)).reshape(-1)
+  centred = r - r.mean(1, keepdims=True)
+  if scale_rewards == "none":
+    return centred.reshape(-1)
+  std = r.std(1, ddof=1, keepdims=True) if scale_rewards == "group" else np.float32(batch_std)
+  return (centred / (std + 1e-4)).reshape(-1)
 
 
 # ----------------------------------------------------------------------------- prompts and completions
@@ -293,7 +324,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   spec, mesh, tokenizer = r.spec, r.mesh, r.tokenizer
   fn = reward_fn_of(g)
   trainable, frozen, opt_state, rng = r.trainable, r.frozen, r.opt_state, r.rng
-  reference = reference_params(config, trainable, frozen)  # before a step donates the initial weights
+  # before a step donates the initial weights; none without a KL term
+  reference = reference_params(config, trainable, frozen) if g.kl_coef else None
   # Each process samples its share of a round's prompts, all G completions of each (groups stay local).
   batches = pipeline.BatchIterator(r.train_data, prompts_per_round, config.train.seed, jax.process_index(), P)
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
@@ -336,12 +368,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
         prompt_ids, completions, rewards = sample_round(params, spec, tokenizer, r.train_data, batches.next()["index"],
                                                         g.group_size, g, round_seed, fn, g.temperature, mesh)
         local = completion_batch(prompt_ids, completions, config.data.seq_len)
-        local["advantages"] = group_advantages(rewards, g.group_size)
+        all_rewards = sharding.all_processes(rewards)
+        local["advantages"] = advantages(rewards, g.group_size, g.scale_rewards, np.std(all_rewards, ddof=1))
         batch = sharding.global_batch(local, mesh)
-        batch["ref_logp"] = token_logps_jit(reference, spec, batch)[0]
+        if reference is not None:
+          batch["ref_logp"] = token_logps_jit(reference, spec, batch)[0]
         if g.updates_per_batch > 1:  # the sampling policy's log-probs, for the ratio after the first update
           batch["old_logp"] = token_logps_jit(params, spec, batch)[0]
-        all_rewards = sharding.all_processes(rewards)
         sampled = {"reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
                    "completion_length": float(np.mean(sharding.all_processes([len(c) for c in completions])))}
         round_tokens = int(input_tokens(batch))  # the global batch's, as the step counts; every update trains on them
