@@ -141,6 +141,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # completion tokens) | dr_grpo (sum / (completions x max_new_tokens)) -- TRL's loss_type
   c.grpo.loss_type = "grpo"
   c.grpo.scale_rewards = "group"  # advantages divided by the group's std | batch's std | none (Dr. GRPO)
+  # the policy ratio of each token: its own (token) | its completion's, exp(mean token log-ratio) (sequence: GSPO)
+  c.grpo.importance_sampling_level = "token"
   c.grpo.updates_per_batch = 1  # optimizer steps on each batch of completions (> 1: clipping matters)
 
   c.mesh = ml_collections.ConfigDict()

@@ -15,6 +15,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = tuple(llama.REMAT_POLICIES)
 GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")  # objectives/grpo.py's grpo_loss_sums says what each is
 GRPO_SCALE_REWARDS = ("group", "batch", "none")  # the std dividing the advantages (grpo.advantages)
+GRPO_IMPORTANCE_SAMPLING = ("token", "sequence")  # grpo.importance_sampling_level (sequence: GSPO)
 
 
 class ConfigError(ValueError):
@@ -174,6 +175,7 @@ def _check_grpo(c: ml_collections.ConfigDict) -> None:
     _positive(c, key, allow_zero=True)
   _choice(c, "grpo.loss_type", GRPO_LOSS_TYPES)
   _choice(c, "grpo.scale_rewards", GRPO_SCALE_REWARDS)
+  _choice(c, "grpo.importance_sampling_level", GRPO_IMPORTANCE_SAMPLING)
   if c.grpo.clip_eps >= 1:
     raise ConfigError("grpo.clip_eps", f"must be < 1 (the ratio's lower clip is 1 - clip_eps), got {c.grpo.clip_eps}")
   if c.grpo.group_size < 2:

@@ -73,22 +73,30 @@ def test_grpo_loss_equals_the_formula_on_transformers_logprobs(peaked_model):
   ratio = torch.exp(logp - torch.tensor(batch["old_logp"], dtype=torch.float64))
   d = torch.tensor(batch["ref_logp"], dtype=torch.float64) - logp
 
-  def trl_loss(loss_type, eps_high, beta):  # TRL GRPOTrainer._compute_loss, max_completion_length 8
-    per_token = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps, 1 + eps_high) * adv)
+  def ratio_at(level):  # TRL's importance_sampling_level: each token's, or its completion's (GSPO)
+    return ratio if level == "token" else torch.exp((torch.log(ratio) * w).sum(-1, keepdim=True) / w.sum(-1, keepdim=True))
+
+  def trl_loss(loss_type, eps, eps_high, beta, level):  # TRL GRPOTrainer._compute_loss, max_completion_length 8
+    r = ratio_at(level)
+    per_token = -torch.minimum(r * adv, torch.clamp(r, 1 - eps, 1 + eps_high) * adv)
     per_token = per_token + beta * (torch.exp(d) - d - 1)
     if loss_type == "grpo":
       return ((per_token * w).sum(-1) / w.sum(-1)).mean().item()
     return (per_token * w).sum().item() / (w.sum().item() if loss_type == "dapo" else 4 * 8)
 
-  for loss_type, eps_high, kl in (("grpo", 0.0, beta), ("dapo", 0.28, beta), ("dr_grpo", 0.0, 0.0)):
+  # GSPO's clip is narrow: a completion's ratio averages its tokens' log-ratios
+  cases = (("grpo", eps, 0.0, beta, "token"), ("dapo", eps, 0.28, beta, "token"),
+           ("grpo", 0.03, 0.04, beta, "sequence"), ("dr_grpo", eps, 0.0, 0.0, "token"))
+  for loss_type, eps, eps_high, kl, level in cases:
     batch_used = batch if kl else {k: v for k, v in batch.items() if k != "ref_logp"}  # kl_coef 0: no reference
     total, count, metrics = grpo.grpo_loss_sums(params, StepSpec(model=cfg), batch_used, clip_eps=eps,
                                                 clip_eps_high=eps_high, kl_coef=kl, loss_type=loss_type,
-                                                max_new_tokens=8)
-    expected = trl_loss(loss_type, eps_high or eps, kl)
-    assert abs(float(total) / float(count) - expected) < 1e-4, (loss_type, float(total) / float(count), expected)
-    high = 1 + (eps_high or eps)
-    region = (((ratio < 1 - eps) & (adv < 0)) | ((ratio > high) & (adv > 0))).double()
+                                                max_new_tokens=8, importance_sampling_level=level)
+    expected = trl_loss(loss_type, eps, eps_high or eps, kl, level)
+    assert abs(float(total) / float(count) - expected) < 1e-4, (loss_type, level, float(total) / float(count), expected)
+    r = ratio_at(level)
+    region = (((r < 1 - eps) & (adv < 0)) | ((r > 1 + (eps_high or eps)) & (adv > 0))).double()
+    assert level == "token" or 0 < region.sum() < 4  # the sequence-level clip acts on some completions
     assert abs(float(metrics["clip_fraction"]) - ((region * w).sum() / w.sum()).item()) < 1e-6, loss_type
   assert float(count) == 4 * 8  # dr_grpo: completions x max_new_tokens
   assert 0 < float(metrics["clip_fraction"]) < 1 and float(metrics["kl"]) == 0.0
@@ -154,7 +162,8 @@ def test_bad_grpo_configs_fail_naming_the_key(tiny_setup):
                          ({"grpo.max_new_tokens": 64}, "grpo.max_new_tokens"),
                          ({"grpo.reward_fn": ""}, "grpo.reward_fn"), ({"grpo.reward_fn": "nocolon"}, "grpo.reward_fn"),
                          ({"grpo.loss_type": "bnpo"}, "grpo.loss_type"), ({"grpo.scale_rewards": "std"}, "grpo.scale_rewards"),
-                         ({"grpo.clip_eps": 1.0}, "grpo.clip_eps"), ({"grpo.clip_eps_high": -0.1}, "grpo.clip_eps_high")):
+                         ({"grpo.clip_eps": 1.0}, "grpo.clip_eps"), ({"grpo.clip_eps_high": -0.1}, "grpo.clip_eps_high"),
+                         ({"grpo.importance_sampling_level": "sequence_token"}, "grpo.importance_sampling_level")):
     with pytest.raises(ConfigError, match=f"config.{key}"):
       check_config(tiny_config(model, data, **{**base, **overrides}))
   with pytest.raises(ConfigError, match="grpo.reward_fn.*no_such_module"):
@@ -163,11 +172,14 @@ def test_bad_grpo_configs_fail_naming_the_key(tiny_setup):
 
 def test_grpo_resume_is_exact(tiny_setup, tmp_path):
   model, _ = tiny_setup
-  # DAPO's settings: token-level loss, clip-higher, no KL term (so no reference pass)
+  # DAPO's settings (token-level loss, clip-higher, no KL term, so no reference pass), with GSPO's
+  # sequence-level ratio over two updates per batch of completions
   kw = {"objective": "grpo", "data.format": "preference", "data.seq_len": 48, "train.steps": 4,
-        "train.batch_size": 8, "grpo.group_size": 4, "grpo.max_new_tokens": 4, "grpo.reward_fn": DIGITS,
+        "train.batch_size": 8, "grpo.group_size": 4, "grpo.max_new_tokens": 4,
+        "grpo.reward_fn": "train_helpers:text_reward",  # varies within groups: the losses are not 0
         "train.checkpoint_every": 2, "optimizer.learning_rate": 1e-2, "grpo.loss_type": "dapo",
-        "grpo.clip_eps_high": 0.28, "grpo.kl_coef": 0.0}
+        "grpo.clip_eps_high": 0.28, "grpo.kl_coef": 0.0, "grpo.importance_sampling_level": "sequence",
+        "grpo.updates_per_batch": 2}
   data = os.path.join(DATA, "train.jsonl")
   straight = trainer.run(tiny_config(model, data, **kw), str(tmp_path / "straight"))
   trainer.run(tiny_config(model, data, **kw), str(tmp_path / "resumed"), stop_after=2)
@@ -181,6 +193,7 @@ def test_grpo_resume_is_exact(tiny_setup, tmp_path):
   for key in ("loss", "reward_mean", "kl", "tokens_seen"):
     assert [r[key] for r in second] == [r[key] for r in straight[2:]], key
   assert all(r["kl"] == 0.0 for r in straight) and len({r["loss"] for r in straight}) > 1
+  assert straight[1]["reward_mean"] == straight[0]["reward_mean"] != straight[2]["reward_mean"]  # 2 updates a round
 
 
 def test_grpo_final_eval_is_in_the_last_row_once(tiny_setup, tmp_path):

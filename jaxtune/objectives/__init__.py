@@ -28,7 +28,8 @@ def objective_loss_sums(config: ml_collections.ConfigDict) -> LossSums:
     from jaxtune.objectives import grpo
     g = config.grpo
     return functools.partial(grpo.grpo_loss_sums, clip_eps=g.clip_eps, clip_eps_high=g.clip_eps_high,
-                             kl_coef=g.kl_coef, loss_type=g.loss_type, max_new_tokens=g.max_new_tokens)
+                             kl_coef=g.kl_coef, loss_type=g.loss_type, max_new_tokens=g.max_new_tokens,
+                             importance_sampling_level=g.importance_sampling_level)
   raise ValueError(f"objective={config.objective!r} is not one of lm | dpo | reward | grpo")
 
 

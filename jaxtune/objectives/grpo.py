@@ -7,9 +7,10 @@ grpo.scale_rewards) and takes grpo.updates_per_batch optimizer steps on the clip
 objective (grpo.clip_eps, and clip_eps_high above 1 for DAPO's clip-higher) plus kl_coef times the
 k3 estimate of KL(policy || reference); the reference is the adapter switched off with PEFT, a
 frozen copy of the initial weights for full fine-tuning, and is not used at all when kl_coef is 0.
-grpo.loss_type says how the per-token losses are averaged (see grpo_loss_sums). Steps count optimizer
+grpo.loss_type says how the per-token losses are averaged and grpo.importance_sampling_level whether a
+token's ratio is its own or its completion's (GSPO; see grpo_loss_sums). Steps count optimizer
 updates. Advantages and losses are TRL GRPOTrainer's formulas (its loss_type, scale_rewards,
-epsilon/epsilon_high and beta).
+epsilon/epsilon_high, importance_sampling_level and beta).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ token_logps_jit = jax.jit(token_logps, static_argnames=("spec",))
 
 def grpo_loss_sums(params, spec: StepSpec, batch: Batch, rng=None, *, clip_eps: float = 0.2,
                    clip_eps_high: float = 0.0, kl_coef: float = 0.04, loss_type: str = "grpo",
-                   max_new_tokens: int = 0):
+                   max_new_tokens: int = 0, importance_sampling_level: str = "token"):
   """(the batch's summed loss, what it is divided by, metrics); micro-batches add up to the whole
   batch's loss. loss_type (config_checks.GRPO_LOSS_TYPES, TRL's names):
     grpo: each completion's mean over its tokens, then the mean over completions (DeepSeekMath);
@@ -66,11 +67,17 @@ def grpo_loss_sums(params, spec: StepSpec, batch: Batch, rng=None, *, clip_eps: 
   batch: the completion rows (weights mark completion tokens), "advantages" (B,), "ref_logp" (not
   needed when kl_coef is 0) and, when the batch is reused for several updates, "old_logp" of the
   sampling policy, both laid out as `token_logps` returns them (T below: spec.max_targets when set).
-  The ratio is clipped to [1 - clip_eps, 1 + (clip_eps_high or clip_eps)].
+  The ratio is clipped to [1 - clip_eps, 1 + (clip_eps_high or clip_eps)]; with
+  importance_sampling_level "sequence" (GSPO, Zheng et al. 2025) every token of a completion takes
+  the completion's ratio, exp of the mean of its tokens' log-ratios.
   """
   logp_BxT, weights_BxT = token_logps(params, spec, batch, rng)
   old_BxT = batch["old_logp"] if "old_logp" in batch else jax.lax.stop_gradient(logp_BxT)
-  ratio_BxT = jnp.exp(logp_BxT - old_BxT)
+  log_ratio_BxT = logp_BxT - old_BxT
+  ntok_B = jnp.sum(weights_BxT, axis=-1)
+  if importance_sampling_level == "sequence":
+    log_ratio_BxT = (jnp.sum(log_ratio_BxT * weights_BxT, axis=-1) / jnp.maximum(ntok_B, 1.0))[:, None]
+  ratio_BxT = jnp.exp(log_ratio_BxT)
   adv_Bx1 = batch["advantages"][:, None]
   low, high = 1 - clip_eps, 1 + (clip_eps_high or clip_eps)
   per_token_BxT = -jnp.minimum(ratio_BxT * adv_Bx1, jnp.clip(ratio_BxT, low, high) * adv_Bx1)
@@ -79,7 +86,6 @@ def grpo_loss_sums(params, spec: StepSpec, batch: Batch, rng=None, *, clip_eps: 
     log_ref_ratio_BxT = batch["ref_logp"] - logp_BxT
     kl_BxT = jnp.exp(log_ref_ratio_BxT) - log_ref_ratio_BxT - 1  # k3: unbiased, always >= 0
     per_token_BxT = per_token_BxT + kl_coef * kl_BxT
-  ntok_B = jnp.sum(weights_BxT, axis=-1)
   tokens = jnp.sum(weights_BxT)
   if loss_type == "grpo":
     valid_B = (ntok_B > 0).astype(jnp.float32)
