@@ -118,9 +118,11 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   c.dpo = ml_collections.ConfigDict()
   c.dpo.beta = 0.1
-  # sigmoid | ipo | simpo | orpo; simpo and orpo need no reference (the policy's average log-probs;
-  # orpo adds the chosen responses' NLL, with beta as ORPO's lambda)
+  # sigmoid | robust | hinge | ipo | nca_pair | sppo_hard | apo_zero | apo_down (TRL's DPO loss types) |
+  # simpo | orpo; simpo and orpo need no reference (the policy's average log-probs; orpo adds the
+  # chosen responses' NLL, with beta as ORPO's lambda)
   c.dpo.loss_type = "sigmoid"
+  c.dpo.rpo_alpha = 0.0  # > 0: + this x the chosen responses' NLL (RPO, Pang et al. 2024; TRL's rpo_alpha)
   c.dpo.simpo_gamma = 0.5  # SimPO's target margin gamma (TRL's CPOConfig.simpo_gamma); simpo only
   c.dpo.label_smoothing = 0.0
   c.dpo.precompute_reference = False  # True: reference log-probs once before training, also for PEFT

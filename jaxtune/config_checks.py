@@ -13,6 +13,9 @@ from jaxtune.peft.partition import LORA_METHODS, METHODS
 OBJECTIVES = ("lm", "dpo", "reward", "grpo")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = tuple(llama.REMAT_POLICIES)
+# objectives/dpo.py's dpo_losses says what each is
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "nca_pair", "sppo_hard", "apo_zero", "apo_down", "simpo", "orpo")
+DPO_REFERENCE_FREE = ("simpo", "orpo")  # compare the policy's own length-normalised log-probs: no reference pass
 GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")  # objectives/grpo.py's grpo_loss_sums says what each is
 GRPO_SCALE_REWARDS = ("group", "batch", "none")  # the std dividing the advantages (grpo.advantages)
 GRPO_IMPORTANCE_SAMPLING = ("token", "sequence")  # grpo.importance_sampling_level (sequence: GSPO)
@@ -137,8 +140,11 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     raise ConfigError("optimizer.lora_plus_ratio", f"LoRA+ sets the learning rate of LoRA's B matrices: "
                       f"peft.method={c.peft.method} has none")
   _positive(c, "dpo.beta")
-  _choice(c, "dpo.loss_type", ("sigmoid", "ipo", "simpo", "orpo"))
+  _choice(c, "dpo.loss_type", DPO_LOSS_TYPES)
   _positive(c, "dpo.simpo_gamma", allow_zero=True)
+  _positive(c, "dpo.rpo_alpha", allow_zero=True)
+  if c.dpo.rpo_alpha and c.dpo.loss_type == "orpo":
+    raise ConfigError("dpo.rpo_alpha", "orpo already adds the chosen responses' NLL (with weight 1); leave it 0")
   if not 0 <= c.dpo.label_smoothing < 0.5:
     raise ConfigError("dpo.label_smoothing", f"must be in [0, 0.5), got {c.dpo.label_smoothing}")
   if c.objective == "grpo":

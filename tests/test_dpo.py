@@ -27,19 +27,24 @@ def dpo_config(model, **overrides):
   return tiny_config(model, os.path.join(DATA, "train.jsonl"), **kw)
 
 
-@pytest.mark.parametrize("method,lr", [("lora", 5e-3), ("full", 5e-4)])
-def test_dpo_starts_at_ln2_and_learns_the_preference(tiny_setup, tmp_path, method, lr):
+@pytest.mark.parametrize("method,lr,rpo_alpha", [("lora", 5e-3, 0.5), ("full", 5e-4, 0.0)])
+def test_dpo_starts_at_ln2_and_learns_the_preference(tiny_setup, tmp_path, method, lr, rpo_alpha):
+  """(LoRA with RPO: the loss adds rpo_alpha x the logged NLL of the chosen responses.)"""
   model, _ = tiny_setup
-  rows = trainer.run(dpo_config(model, **{"peft.method": method, "optimizer.learning_rate": lr}), str(tmp_path))
+  rows = trainer.run(dpo_config(model, **{"peft.method": method, "optimizer.learning_rate": lr,
+                                          "dpo.rpo_alpha": rpo_alpha}), str(tmp_path))
   train = [r for r in rows if "rewards_chosen" in r]
-  assert abs(train[0]["loss"] - math.log(2)) < 1e-5, train[0]
+  assert ("nll_chosen" in train[0]) == bool(rpo_alpha)
+  dpo_part = [r["loss"] - rpo_alpha * r.get("nll_chosen", 0.0) for r in train]
+  assert abs(dpo_part[0] - math.log(2)) < 1e-5, train[0]
   assert abs(train[0]["reward_margin"]) < 1e-5
-  late = np.mean([r["loss"] for r in train[-3:]])
+  late = np.mean(dpo_part[-3:])
   assert late < math.log(2) - 0.1, losses(rows)
   assert np.mean([r["reward_margin"] for r in train[-3:]]) > 0.2, [r["reward_margin"] for r in train]
   assert train[-1]["rewards_chosen"] > train[-1]["rewards_rejected"]
   final = rows[-1]
-  assert final["eval_reward_accuracy"] > 0.7 and final["eval_loss"] < math.log(2), final
+  final_dpo_part = final["eval_loss"] - rpo_alpha * final.get("eval_nll_chosen", 0.0)
+  assert final["eval_reward_accuracy"] > 0.7 and final_dpo_part < math.log(2), final
 
 
 def _torch_logps(model, batch, side):
@@ -81,6 +86,27 @@ def test_dpo_loss_equals_trl_formula_on_transformers_logprobs(tmp_path):
   assert abs(ours - trl) < 1e-4, (ours, trl)
   assert abs(float(metrics["reward_margin"]) - (beta * ((pc - rc) - (pr - rr))).mean().item()) < 1e-3
   np.testing.assert_allclose(with_ref.arrays["chosen_ref_logp"], rc.numpy(), rtol=1e-5, atol=1e-3)
+
+  # TRL DPOTrainer's other loss types (dpo_loss), and rpo_alpha's NLL of the chosen tokens
+  F, eps = torch.nn.functional, 0.1
+  c, r = pc - rc, pr - rr  # the log-ratios, summed over response tokens
+  h, bc, br = c - r, beta * c, beta * r
+  trl_losses = {
+      "robust": ((-F.logsigmoid(beta * h) * (1 - eps) + F.logsigmoid(-beta * h) * eps) / (1 - 2 * eps)),
+      "hinge": torch.relu(1 - beta * h),
+      "nca_pair": -F.logsigmoid(bc) - 0.5 * F.logsigmoid(-bc) - 0.5 * F.logsigmoid(-br),
+      "sppo_hard": (c - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2,
+      "apo_zero": 1 - torch.sigmoid(bc) + torch.sigmoid(br),
+      "apo_down": torch.sigmoid(bc) + 1 - torch.sigmoid(beta * h),
+  }
+  for loss_type, per_pair in trl_losses.items():
+    total, pairs, _ = dpo.dpo_loss_sums(policy, spec, with_ref.arrays, beta=beta, loss_type=loss_type,
+                                        label_smoothing=eps)
+    assert abs(float(total) / float(pairs) - per_pair.mean().item()) < 1e-4, (loss_type, float(total) / float(pairs))
+  alpha, tokens = 0.7, float(batch["chosen_weights"].sum())
+  total, pairs, metrics = dpo.dpo_loss_sums(policy, spec, with_ref.arrays, beta=beta, rpo_alpha=alpha)
+  assert abs(float(metrics["nll_chosen"]) - (-pc.sum().item() / tokens)) < 1e-4
+  assert abs(float(total) / float(pairs) - (trl + alpha * -pc.sum().item() / tokens)) < 1e-4
 
   # The LM head only at response positions (the trainer sets max_targets from the data): same
   # loss and gradients.
@@ -151,3 +177,14 @@ def test_reference_free_full_fine_tuning_learns_the_preference(tiny_setup, tmp_p
   # the margin is beta x the difference of the average log-probs: that difference grows
   gain = (np.mean([r["reward_margin"] for r in train[-3:]]) - train[0]["reward_margin"]) / beta
   assert gain > 0.15, [r["reward_margin"] for r in train]
+
+
+def test_bad_dpo_configs_fail_naming_the_key(tiny_setup):
+  from jaxtune.config_checks import ConfigError, check_config
+  model, _ = tiny_setup
+  for overrides, key in (({"dpo.loss_type": "kto"}, "dpo.loss_type"), ({"dpo.label_smoothing": 0.5}, "dpo.label_smoothing"),
+                         ({"dpo.rpo_alpha": -1.0}, "dpo.rpo_alpha"),
+                         ({"dpo.rpo_alpha": 1.0, "dpo.loss_type": "orpo"}, "dpo.rpo_alpha")):
+    with pytest.raises(ConfigError, match=f"config.{key}"):
+      check_config(dpo_config(model, **overrides))
+  check_config(dpo_config(model, **{"dpo.rpo_alpha": 1.0, "dpo.loss_type": "apo_zero"}))  # a valid pair

@@ -10,6 +10,7 @@ import functools
 
 import ml_collections
 
+from jaxtune.config_checks import DPO_REFERENCE_FREE
 from jaxtune.train_step import LossSums, StepSpec, lm_loss_sums
 
 
@@ -20,7 +21,8 @@ def objective_loss_sums(config: ml_collections.ConfigDict) -> LossSums:
   if config.objective == "dpo":
     from jaxtune.objectives import dpo
     return functools.partial(dpo.dpo_loss_sums, beta=config.dpo.beta, loss_type=config.dpo.loss_type,
-                             label_smoothing=config.dpo.label_smoothing, simpo_gamma=config.dpo.simpo_gamma)
+                             label_smoothing=config.dpo.label_smoothing, simpo_gamma=config.dpo.simpo_gamma,
+                             rpo_alpha=config.dpo.rpo_alpha)
   if config.objective == "reward":
     from jaxtune.objectives import reward
     return reward.reward_loss_sums
@@ -48,7 +50,7 @@ def prepare_data(config: ml_collections.ConfigDict, datasets, trainable, frozen,
   if config.objective != "dpo" or not (config.peft.method == "full" or config.dpo.precompute_reference):
     return datasets
   from jaxtune.objectives import dpo
-  if config.dpo.loss_type in dpo.REFERENCE_FREE:
+  if config.dpo.loss_type in DPO_REFERENCE_FREE:
     return datasets
   from jaxtune.peft import partition
   params = partition.merge(trainable, frozen)

@@ -1,6 +1,7 @@
-"""Direct Preference Optimization (Rafailov et al. 2023), sigmoid / IPO losses with label smoothing;
-and two losses that need no reference: SimPO (Meng et al. 2024; TRL's CPO loss_type="simpo" with
-cpo_alpha=0) and ORPO (Hong et al. 2024; TRL's ORPOTrainer).
+"""Direct Preference Optimization (Rafailov et al. 2023) and TRL's DPOTrainer loss types (sigmoid with
+label smoothing, robust, hinge, IPO, NCA, hard SPPO, APO-zero/down; dpo.rpo_alpha adds the chosen
+responses' NLL, RPO); and two losses that need no reference: SimPO (Meng et al. 2024; TRL's CPO
+loss_type="simpo" with cpo_alpha=0) and ORPO (Hong et al. 2024; TRL's ORPOTrainer).
 
 The reference policy: with PEFT it is the same params with the PEFT leaves removed (the adapter
 switched off, no second copy of the weights); for full fine-tuning (or on request) its log-probs
@@ -18,14 +19,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxtune import sharding
+from jaxtune.config_checks import DPO_LOSS_TYPES, DPO_REFERENCE_FREE
 from jaxtune.data import pipeline
 from jaxtune.models import llama, loading
 from jaxtune.peft import partition
 from jaxtune.train_step import Batch, StepSpec, target_logps
 
 SIDES = ("chosen", "rejected")
-LOSS_TYPES = ("sigmoid", "ipo", "simpo", "orpo")
-REFERENCE_FREE = ("simpo", "orpo")  # compare the policy's own length-normalised log-probs: no reference pass
 
 
 def base_params(params: llama.Params) -> llama.Params:
@@ -57,20 +57,34 @@ def pair_logps(params: llama.Params, spec: StepSpec, batch: Batch, rng=None):
 
 def dpo_losses(logratio_chosen_B, logratio_rejected_B, beta: float, loss_type: str = "sigmoid",
                label_smoothing: float = 0.0, simpo_gamma: float = 0.0):
-  """Per-pair DPO loss from policy-minus-reference log-prob ratios (TRL's formulas); for SimPO the
-  policy's average log-probs per response token, and the margin gamma."""
+  """Per-pair loss from policy-minus-reference log-prob ratios (TRL's formulas); for SimPO and ORPO the
+  policy's average log-probs per response token (and SimPO's margin gamma)."""
   h = logratio_chosen_B - logratio_rejected_B
+  chosen, rejected = beta * logratio_chosen_B, beta * logratio_rejected_B  # the implicit rewards
+  log_sigmoid = jax.nn.log_sigmoid
   if loss_type == "simpo":
     h = h - simpo_gamma / beta
   if loss_type in ("sigmoid", "simpo"):
-    return (-(1 - label_smoothing) * jax.nn.log_sigmoid(beta * h)
-            - label_smoothing * jax.nn.log_sigmoid(-beta * h))
+    return -(1 - label_smoothing) * log_sigmoid(beta * h) - label_smoothing * log_sigmoid(-beta * h)
+  if loss_type == "robust":  # an unbiased loss under preference labels flipped with probability label_smoothing
+    return ((-(1 - label_smoothing) * log_sigmoid(beta * h) + label_smoothing * log_sigmoid(-beta * h))
+            / (1 - 2 * label_smoothing))
+  if loss_type == "hinge":
+    return jax.nn.relu(1 - beta * h)
   if loss_type == "ipo":
     return (h - 1 / (2 * beta)) ** 2
+  if loss_type == "nca_pair":
+    return -log_sigmoid(chosen) - 0.5 * log_sigmoid(-chosen) - 0.5 * log_sigmoid(-rejected)
+  if loss_type == "sppo_hard":
+    return (logratio_chosen_B - 0.5 / beta) ** 2 + (logratio_rejected_B + 0.5 / beta) ** 2
+  if loss_type == "apo_zero":  # raise the chosen likelihood, lower the rejected one
+    return 1 - jax.nn.sigmoid(chosen) + jax.nn.sigmoid(rejected)
+  if loss_type == "apo_down":  # lower both, the rejected one more
+    return jax.nn.sigmoid(chosen) + 1 - jax.nn.sigmoid(beta * h)
   if loss_type == "orpo":  # log odds of p = exp(average log-prob): log p - log(1 - p), 1 - p as -expm1
     log_odds = h - (jnp.log(-jnp.expm1(logratio_chosen_B)) - jnp.log(-jnp.expm1(logratio_rejected_B)))
-    return -beta * jax.nn.log_sigmoid(log_odds)
-  raise ValueError(f"dpo.loss_type={loss_type!r} is not one of {' | '.join(LOSS_TYPES)}")
+    return -beta * log_sigmoid(log_odds)
+  raise ValueError(f"dpo.loss_type={loss_type!r} is not one of {' | '.join(DPO_LOSS_TYPES)}")
 
 
 def reference_logps(params: llama.Params, spec: StepSpec, batch: Batch):
@@ -86,13 +100,16 @@ def reference_logps(params: llama.Params, spec: StepSpec, batch: Batch):
 
 
 def dpo_loss_sums(params, spec: StepSpec, batch: Batch, rng=None, *, beta: float = 0.1,
-                  loss_type: str = "sigmoid", label_smoothing: float = 0.0, simpo_gamma: float = 0.0):
+                  loss_type: str = "sigmoid", label_smoothing: float = 0.0, simpo_gamma: float = 0.0,
+                  rpo_alpha: float = 0.0):
   """(sum of per-pair DPO losses, number of pairs, metrics); all-padding pairs count for nothing.
-  The rewards in the metrics are beta x the log-ratios the loss compares (SimPO: the average log-probs)."""
+  The rewards in the metrics are beta x the log-ratios the loss compares (SimPO: the average log-probs).
+  rpo_alpha > 0 adds rpo_alpha x the chosen responses' NLL, a token mean over the batch (TRL's
+  rpo_alpha); ORPO always adds it, with weight 1."""
   logp_2B, ntok_2B = pair_logps(params, spec, batch, rng)
   B = logp_2B.shape[0] // 2
   chosen_B, rejected_B = logp_2B[:B], logp_2B[B:]
-  if loss_type not in REFERENCE_FREE:
+  if loss_type not in DPO_REFERENCE_FREE:
     ref_chosen_B, ref_rejected_B = reference_logps(params, spec, batch)
     chosen_B, rejected_B = chosen_B - ref_chosen_B, rejected_B - ref_rejected_B
   if loss_type in ("ipo", "simpo", "orpo"):  # per-token average log-probs (as TRL does)
@@ -109,9 +126,10 @@ def dpo_loss_sums(params, spec: StepSpec, batch: Batch, rng=None, *, beta: float
              "reward_accuracy": mean((rewards_chosen > rewards_rejected).astype(jnp.float32)),
              "reward_margin": mean(rewards_chosen - rewards_rejected)}
   total = jnp.sum(losses_B * valid_B)
-  if loss_type == "orpo":  # + the chosen responses' NLL, a token mean over the batch (TRL's cross-entropy)
+  nll_weight = 1.0 if loss_type == "orpo" else rpo_alpha
+  if nll_weight:  # + the chosen responses' NLL, a token mean over the batch (TRL's cross-entropy)
     nll = -jnp.sum(logp_2B[:B]) / jnp.maximum(jnp.sum(ntok_2B[:B]), 1.0)
-    total = total + pairs * nll
+    total = total + pairs * nll_weight * nll
     metrics["nll_chosen"] = nll
   return total, pairs, metrics
 
