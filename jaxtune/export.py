@@ -1,4 +1,5 @@
-"""Export: a merged Hugging Face folder (transformers loads it) or a PEFT adapter folder (peft loads it).
+"""Export: a merged Hugging Face folder (transformers loads it), a PEFT adapter folder (peft loads it),
+or a llama.cpp GGUF file (the merged folder converted by gguf_export).
 
 A reward model (objective=reward) exports as the family's *ForSequenceClassification with one label:
 its scalar head becomes `score.weight`, read at the last token that is not pad_token_id.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import struct
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -21,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtune import gguf_export
 from jaxtune.models import llama, moe
 from jaxtune.models.config import CAUSAL_LM_CLASSES, ModelConfig
 from jaxtune.models.loading import flatten, hf_name_of
@@ -291,7 +294,11 @@ def _generation_config(cfg: ModelConfig, tokenizer, source_dir: str | None) -> d
 
 
 def check_exportable(method: str, fmt: str, reward_model: bool = False) -> None:
-  """Raises ExportError when a run of peft.method `method` cannot be written as `fmt` (hf | peft)."""
+  """Raises ExportError when a run of peft.method `method` cannot be written as `fmt` (hf | peft |
+  gguf, a merged model like hf)."""
+  if fmt == "gguf" and reward_model:
+    raise ExportError("a reward model has a score head that llama.cpp's decoder files cannot hold: use --format hf")
+  fmt = "hf" if fmt == "gguf" else fmt
   if fmt == "peft" and reward_model:
     raise ExportError("a reward model exports as a merged Hugging Face sequence-classification folder "
                       "(its score head is not part of a PEFT adapter): use --format hf")
@@ -409,6 +416,25 @@ def write_hf(out_dir: str, cfg: ModelConfig, params: llama.Params, peft_runtime:
 
 # a LoRA / DoRA / IA3 leaf -> the end of peft's saved key for it
 PEFT_LEAF_KEYS = {**lora.PEFT_KEYS, "ia3_in": ia3.PEFT_KEY, "ia3_out": ia3.PEFT_KEY}
+
+
+def write_gguf(out_dir: str, cfg: ModelConfig, params: llama.Params, peft_runtime: llama.PeftRuntime,
+               tokenizer, source_model_path: str | None, gguf_type: str = "f16") -> str:
+  """Writes the merged model as out_dir/model.gguf (gguf_export): a merged HF folder is staged in
+  out_dir/.merged_hf (float32, or bfloat16 for gguf_type bf16, so no precision is lost on the way),
+  converted one tensor at a time, then removed. Returns the file's path."""
+  if tokenizer is None or not getattr(tokenizer, "is_fast", False):
+    raise ExportError("--format gguf needs the run's fast tokenizer (tokenizer.json) to write the vocabulary")
+  gguf_export.check_convertible(cfg.model_type, json.loads(tokenizer.backend_tokenizer.to_str()))
+  staging, path = os.path.join(out_dir, ".merged_hf"), os.path.join(out_dir, "model.gguf")
+  write_hf(staging, cfg, params, peft_runtime, tokenizer, source_model_path,
+           "bfloat16" if gguf_type == "bf16" else "float32")
+  if _is_main():
+    try:
+      gguf_export.write_gguf(staging, path, gguf_type, progress=True)
+    finally:
+      shutil.rmtree(staging, ignore_errors=True)
+  return path
 
 
 def peft_leaf_name(path: str, layer: int | None) -> str:

@@ -1,12 +1,14 @@
-r"""Export a train.py run: a merged Hugging Face folder or a PEFT adapter folder.
+r"""Export a train.py run: a merged Hugging Face folder, a PEFT adapter folder or a llama.cpp GGUF file.
 
-  python scripts/export.py --workdir DIR --out OUT --format hf|peft [--dtype float32|bfloat16] \
-      [--max_shard_mb 5120]
+  python scripts/export.py --workdir DIR --out OUT --format hf|peft|gguf [--dtype float32|bfloat16] \
+      [--max_shard_mb 5120] [--gguf_type f32|f16|bf16|q8_0]
 
 hf:   base + trained weights, LoRA / DoRA / IA3 folded in; loads with transformers.AutoModelForCausalLM
       (a reward model: AutoModelForSequenceClassification, one label).
 peft: adapter_config.json + adapter_model.safetensors (LoRA, DoRA, IA3, prefix or prompt tuning); loads with
       peft.PeftModel.from_pretrained(base_model, OUT).
+gguf: OUT/model.gguf, the merged model as llama.cpp's converter writes it (llama, Mistral, SmolLM,
+      Qwen2, Qwen3 families; byte-level BPE tokenizers), for llama.cpp, Ollama or LM Studio.
 Multi-host runs: every process runs this script; process 0 writes.
 """
 
@@ -17,12 +19,15 @@ import sys
 from absl import app, flags
 from etils import epath
 
-from jaxtune import cli, export
+from jaxtune import cli, export, gguf_export
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A train.py workdir (its newest checkpoint is exported).",
                                required=True)
 _OUT = flags.DEFINE_string("out", None, "Output folder (new or empty).", required=True)
-_FORMAT = flags.DEFINE_enum("format", None, ["hf", "peft"], "Merged HF model or PEFT adapter.", required=True)
+_FORMAT = flags.DEFINE_enum("format", None, ["hf", "peft", "gguf"], "Merged HF model, PEFT adapter or GGUF file.",
+                            required=True)
+_GGUF_TYPE = flags.DEFINE_enum("gguf_type", "f16", list(gguf_export.GGUF_TYPES),
+                               "gguf: the matrices' type (norms and biases stay f32).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                            "hf: weight dtype (default: the trained params' dtype).")
 _MAX_SHARD_MB = flags.DEFINE_integer("max_shard_mb", export.DEFAULT_MAX_SHARD_BYTES // 2**20,
@@ -49,6 +54,8 @@ def main(argv):
   if _FORMAT.value == "hf":
     export.write_hf(out, cfg, params, runtime, tokenizer, source, _DTYPE.value,
                     max_shard_bytes=_MAX_SHARD_MB.value * 2**20)
+  elif _FORMAT.value == "gguf":
+    export.write_gguf(out, cfg, params, runtime, tokenizer, source, _GGUF_TYPE.value)
   else:
     export.write_peft(out, cfg, params, method, config["peft"], source)
   print(f"exported {method} run {_WORKDIR.value} as {_FORMAT.value} to {out}", file=sys.stderr)

@@ -137,10 +137,37 @@ def save_byte_tokenizer(folder: str):
   fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>",
                                  pad_token="<|endoftext|>", unk_token=None)
   fast.add_special_tokens({"additional_special_tokens": specials})
-  fast.chat_template = (
-      "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
-      " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-      "{% endif %}")
+  fast.chat_template = CHATML_TEMPLATE
+  fast.save_pretrained(folder)
+  return fast
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}")
+
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def save_bpe_tokenizer(folder: str, texts, vocab_size: int = 320, llama3_split: bool = False):
+  """A byte-level BPE tokenizer with merges learned from `texts` (ids 0-2 the ChatML specials, then
+  the 256 bytes, then merges up to vocab_size), GPT-2's pre-tokenizer or Llama 3's split, built offline."""
+  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+  specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+                       if llama3_split else pre_tokenizers.ByteLevel(add_prefix_space=False))
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                 pad_token="<|endoftext|>", unk_token=None)
+  fast.chat_template = CHATML_TEMPLATE
   fast.save_pretrained(folder)
   return fast
 

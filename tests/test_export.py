@@ -358,8 +358,9 @@ def run_export(workdir, out, fmt):
                         capture_output=True, text=True, timeout=600, env=without_torch())
 
 
+# (--format gguf: tests/test_gguf_export.py, on a model whose tokenizer has merges)
 @pytest.mark.parametrize("method,formats,refused", [("lora", ["peft", "hf"], "none"),
-                                                    ("prefix", ["peft"], "hf"),
+                                                    ("prefix", ["peft"], "gguf"),
                                                     ("full", ["hf"], "peft")])
 def test_export_script_on_trained_runs(tiny_setup, data_file, tmp_path, method, formats, refused):
   """train.py run -> scripts/export.py -> peft / transformers give evaluate --adapter WORKDIR's loss."""

@@ -408,6 +408,31 @@ def test_smollm2_loss_matches_transformers(smollm2, smollm2_torch):
   assert abs(loss - ref) < 2e-3
 
 
+@pytest.mark.slow
+def test_smollm2_exports_back_as_llama_cpp_wrote_it(smollm2, tmp_path):
+  """jaxtune's GGUF export of the model it read from llama.cpp's file (float32): the same tensors
+  under the same names and shapes, each equal to the original dequantized (Q/K permuted back the way
+  llama.cpp's converter permutes them), the same hyperparameters, and the same vocabulary, types,
+  merges, special ids and chat template. Only tokenizer.ggml.pre differs: transformers rebuilds
+  llama.cpp's "smollm" split as GPT-2's, so jaxtune trained with GPT-2's split and says so."""
+  from jaxtune import export
+  cfg, params, tok = smollm2
+  path = export.write_gguf(str(tmp_path), cfg, params, llama.PeftRuntime(), tok, smollm2_gguf(), "f32")
+  original, ours = gguf.GGUFReader(smollm2_gguf()), gguf.GGUFReader(path)
+  theirs = {t.name: t for t in original.tensors}
+  mine = {t.name: t for t in ours.tensors}
+  assert sorted(mine) == sorted(theirs)
+  for name, t in theirs.items():
+    assert mine[name].shape.tolist() == t.shape.tolist(), name
+    expected = gguf.quants.dequantize(t.data, t.tensor_type)
+    np.testing.assert_array_equal(np.asarray(mine[name].data), expected.reshape(mine[name].data.shape), err_msg=name)
+  same = [k for k in original.fields if k.startswith(("llama.", "tokenizer.")) and k != "tokenizer.ggml.pre"
+          and k != "tokenizer.ggml.add_space_prefix"]  # the latter: SentencePiece's, llama.cpp ignores it for gpt2
+  for key in same:
+    assert ours.fields[key].contents() == original.fields[key].contents(), key
+  assert ours.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+
+
 def greedy(cfg, params, prompt_ids: list[int], new_tokens: int, eos: int) -> list[int]:
   """Greedy decoding without a cache: one fixed-length padded buffer, so the forward compiles once."""
   n = len(prompt_ids)

@@ -1,0 +1,268 @@
+"""A Hugging Face folder as one llama.cpp GGUF file (llama.cpp, Ollama, LM Studio run it).
+
+Written as llama.cpp's own converter (convert_hf_to_gguf.py) writes these models, with the `gguf`
+package: llama.cpp's tensor names, Q and K rows permuted for the `llama` architecture, 1-d tensors
+(norms, biases) in float32, the rest in the chosen type, and the byte-level BPE tokenizer (tokens,
+their types, merges, special ids, chat template). Covers the families llama.cpp maps onto the
+`llama`, `qwen2` and `qwen3` architectures; anything else is refused by name. `gguf_loading` reads
+the result back, and so does transformers (`from_pretrained(folder, gguf_file=...)`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Callable
+
+import numpy as np
+
+from jaxtune.models.config import UnsupportedModelError
+
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # export.py --gguf_type
+# transformers model_type -> llama.cpp architecture (llama.cpp writes Mistral and SmolLM as llama)
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# A byte-level pre-tokenizer -> llama.cpp's name for it (tokenizer.ggml.pre), by its tokenizer.json form.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLIT_NAMES = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
+_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED = 1, 3, 4, 5  # gguf.TokenType
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+  """llama.cpp's `permute(w, n_head, n_head_kv)` of Q/K rows (half-split -> interleaved RoPE);
+  gguf_loading.unpermute_qk undoes it."""
+  dim = w.shape[0] // n_head // 2
+  return w.reshape(n_head, 2, dim, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
+  """llama.cpp's tokenizer.ggml.pre for a byte-level BPE tokenizer.json, from its pre-tokenizer."""
+  pre = tokenizer_json.get("pre_tokenizer") or {}
+  steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+  kinds = [s.get("type") for s in steps]
+  if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+    return "gpt-2"
+  if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+    return "smollm"
+  if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+    name = _SPLIT_NAMES.get(steps[0].get("pattern", {}).get("Regex"))
+    if name:
+      return name
+  raise UnsupportedModelError(f"--format gguf: the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds))}) "
+                              f"is not one llama.cpp names (GPT-2, SmolLM, Llama 3 or Qwen2 splitting)")
+
+
+def check_convertible(model_type: str | None, tokenizer_json: dict[str, Any]) -> str:
+  """The llama.cpp architecture of a model of `model_type` with this tokenizer.json; raises
+  UnsupportedModelError naming what GGUF export cannot write (before anything is written)."""
+  if model_type not in ARCHITECTURES:
+    raise UnsupportedModelError(f"--format gguf: model_type {model_type!r} is not written (supported: "
+                                f"{', '.join(ARCHITECTURES)})")
+  model = tokenizer_json.get("model", {})
+  if model.get("type") != "BPE" or not any(s.get("type") == "ByteLevel" for s in _decoders(tokenizer_json)):
+    raise UnsupportedModelError(f"--format gguf: only byte-level BPE tokenizers are written (this one: "
+                                f"{model.get('type')}); SentencePiece vocabularies are not")
+  if not model.get("merges"):  # GGUF has no empty arrays, and llama.cpp refuses a BPE vocabulary without merges
+    raise UnsupportedModelError("--format gguf: the tokenizer has no BPE merges, which llama.cpp needs")
+  pre_tokenizer_name(tokenizer_json)
+  return ARCHITECTURES[model_type]
+
+
+def _vocabulary(tokenizer_json: dict[str, Any], vocab_size: int) -> tuple[list[str], list[int]]:
+  """(tokens by id, padded to the model's vocabulary as llama.cpp pads it, their gguf token types)."""
+  by_id = {i: t for t, i in tokenizer_json["model"]["vocab"].items()}
+  kinds = {}
+  for added in tokenizer_json.get("added_tokens", []):
+    by_id[added["id"]] = added["content"]
+    kinds[added["id"]] = _TOKEN_CONTROL if added.get("special") else _TOKEN_USER_DEFINED
+  if max(by_id) >= vocab_size:
+    raise UnsupportedModelError(f"--format gguf: token id {max(by_id)} is past the model's vocab_size {vocab_size}")
+  tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
+  types = [kinds.get(i, _TOKEN_NORMAL if i in by_id else _TOKEN_UNUSED) for i in range(vocab_size)]
+  return tokens, types
+
+
+def adds_special_tokens(tokenizer_json: dict[str, Any]) -> tuple[bool, bool]:
+  """(BOS first, EOS last): what the tokenizer's post-processor puts around a single text."""
+  post = tokenizer_json.get("post_processor") or {}
+  steps = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+  single = next((p.get("single", []) for p in steps if p.get("type") == "TemplateProcessing"), [])
+  return bool(single) and "SpecialToken" in single[0], bool(single) and "SpecialToken" in single[-1]
+
+
+def _decoders(tokenizer_json: dict[str, Any]) -> list[dict[str, Any]]:
+  decoder = tokenizer_json.get("decoder") or {}
+  return decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+
+
+def _write_hparams(writer, config: dict[str, Any], arch: str) -> None:
+  """The architecture's metadata, as llama.cpp's converter states it."""
+  hidden, heads = config["hidden_size"], config["num_attention_heads"]
+  head_dim = config.get("head_dim") or hidden // heads
+  writer.add_context_length(config.get("max_position_embeddings", 2048))
+  writer.add_embedding_length(hidden)
+  writer.add_block_count(config["num_hidden_layers"])
+  writer.add_feed_forward_length(config["intermediate_size"])
+  writer.add_head_count(heads)
+  writer.add_head_count_kv(config.get("num_key_value_heads", heads))
+  writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
+  writer.add_vocab_size(config["vocab_size"])
+  writer.add_rope_dimension_count(head_dim)
+  if head_dim != hidden // heads:
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+  window = config.get("sliding_window")
+  if window and config.get("use_sliding_window", arch == "llama") and window < config.get("max_position_embeddings", 0):
+    # as llama.cpp's converter: the llama architecture has no window (Mistral 7B v0.1's 4096)
+    print(f"warning: --format gguf: sliding_window={window} is not written; llama.cpp attends to the whole "
+          f"context, which differs past {window} tokens", file=sys.stderr)
+  rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+  writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type == "linear":
+    import gguf
+    writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    writer.add_rope_scaling_factor(float(rope["factor"]))
+  elif rope_type not in ("default", "llama3"):
+    raise UnsupportedModelError(f"--format gguf: rope scaling {rope_type!r} is not written (default, linear, llama3)")
+
+
+def llama3_rope_factors(config: dict[str, Any]) -> np.ndarray | None:
+  """Llama 3.1+ rope scaling as llama.cpp stores it: each frequency's divisor (`rope_freqs`), or None."""
+  rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+  if rope.get("rope_type", rope.get("type")) != "llama3":
+    return None
+  import dataclasses
+  from jaxtune.models import rope as rope_lib
+  from jaxtune.models.config import config_from_hf
+  cfg = config_from_hf(config)
+  base = np.asarray(rope_lib.rope_inv_freq(dataclasses.replace(cfg, rope_type="default")), np.float64)
+  return (base / np.asarray(rope_lib.rope_inv_freq(cfg), np.float64)).astype(np.float32)
+
+
+def _storage_type(name: str, shape: tuple[int, ...], gguf_type: str):
+  """The GGML type a tensor is stored in: 1-d tensors (norms, biases, rope factors) stay float32, as
+  llama.cpp keeps them."""
+  import gguf
+  if len(shape) == 1 or gguf_type == "f32":
+    return gguf.GGMLQuantizationType.F32
+  if gguf_type == "q8_0" and shape[-1] % 32:
+    raise UnsupportedModelError(f"--gguf_type q8_0: {name} rows of {shape[-1]} do not split into blocks of 32")
+  return {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
+          "q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]
+
+
+def _stored(w: np.ndarray, qtype) -> np.ndarray:
+  """w in GGML type qtype: float32 / float16 arrays, or the bytes of a quantized type."""
+  import gguf
+  if qtype == gguf.GGMLQuantizationType.F32:
+    return w.astype(np.float32)
+  if qtype == gguf.GGMLQuantizationType.F16:
+    return w.astype(np.float16)
+  return gguf.quants.quantize(w.astype(np.float32), qtype)
+
+
+def _add_info(writer, gguf_name: str, shape: tuple[int, ...], qtype) -> None:
+  """Declares a tensor before any is written (the file's header lists them all first)."""
+  import gguf
+  if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+    dtype = np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16
+    writer.add_tensor_info(gguf_name, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
+  else:
+    byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
+    writer.add_tensor_info(gguf_name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
+
+
+def _safetensors_tensors(folder: str) -> tuple[dict[str, tuple[int, ...]], Callable[[str], np.ndarray]]:
+  """({tensor name: shape}, get(name) -> float32 array) over the folder's safetensors files."""
+  from safetensors import safe_open
+  files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+  if not files:
+    raise FileNotFoundError(f"{folder}: no .safetensors files")
+  where, shapes = {}, {}
+  for name in files:
+    with safe_open(os.path.join(folder, name), "np") as f:
+      for key in f.keys():
+        where[key], shapes[key] = name, tuple(f.get_slice(key).get_shape())
+
+  def get(key: str) -> np.ndarray:
+    with safe_open(os.path.join(folder, where[key]), "np") as f:
+      return f.get_tensor(key).astype(np.float32)
+
+  return dict(sorted(shapes.items())), get
+
+
+def write_gguf(folder: str, out_path: str, gguf_type: str = "f16", progress: bool = False) -> None:
+  """Converts the HF folder (config.json, safetensors, tokenizer.json) into the GGUF file `out_path`,
+  one tensor in memory at a time."""
+  import gguf
+  if gguf_type not in GGUF_TYPES:
+    raise ValueError(f"--gguf_type={gguf_type!r} is not one of {' | '.join(GGUF_TYPES)}")
+  with open(os.path.join(folder, "config.json")) as f:
+    config = json.load(f)
+  tokenizer_path = os.path.join(folder, "tokenizer.json")
+  if not os.path.isfile(tokenizer_path):
+    raise UnsupportedModelError(f"--format gguf: {folder} has no tokenizer.json (a fast tokenizer is needed)")
+  with open(tokenizer_path) as f:
+    tokenizer_json = json.load(f)
+  arch = check_convertible(config.get("model_type"), tokenizer_json)
+  tokens, token_types = _vocabulary(tokenizer_json, config["vocab_size"])
+  special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))  # merges, special ids, chat template
+  adds_bos, adds_eos = adds_special_tokens(tokenizer_json)
+  special.add_special_token.setdefault("bos", adds_bos)  # stated, not left to llama.cpp's default
+  special.add_special_token.setdefault("eos", adds_eos)
+  shapes, get = _safetensors_tensors(folder)
+  name_map = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch),
+                                      config["num_hidden_layers"])
+  heads = {"attn_q": config["num_attention_heads"],
+           "attn_k": config.get("num_key_value_heads", config["num_attention_heads"])}
+  if config.get("tie_word_embeddings", False):
+    shapes.pop("lm_head.weight", None)  # llama.cpp writes output.weight only when it differs from the embedding
+  plan = []  # (HF name, GGUF name, GGML type), in file order
+  for name, shape in shapes.items():
+    gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+    if gguf_name is None:
+      raise UnsupportedModelError(f"--format gguf: tensor {name!r} has no llama.cpp name for {arch}")
+    plan.append((name, gguf_name, _storage_type(name, shape, gguf_type)))
+
+  tmp_path = out_path + ".tmp"
+  writer = gguf.GGUFWriter(tmp_path, arch)
+  writer.add_name(os.path.basename(os.path.normpath(folder)))
+  _write_hparams(writer, config, arch)
+  writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                        "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type])
+  writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+  writer.add_tokenizer_model("gpt2")
+  writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer_json))
+  writer.add_token_list(tokens)
+  writer.add_token_types(token_types)
+  special.add_to_gguf(writer, quiet=True)
+  factors = llama3_rope_factors(config)
+  if factors is not None:
+    writer.add_tensor_info("rope_freqs.weight", factors.shape, factors.dtype, factors.nbytes)
+  for name, gguf_name, qtype in plan:
+    _add_info(writer, gguf_name, shapes[name], qtype)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_ti_data_to_file()
+  if factors is not None:
+    writer.write_tensor_data(factors)
+  bar = None
+  if progress:
+    import tqdm
+    bar = tqdm.tqdm(total=len(plan), desc="gguf", unit="tensor")
+  for name, gguf_name, qtype in plan:
+    w = get(name)
+    kind = gguf_name.split(".")[-2]
+    if arch == "llama" and kind in heads:
+      w = permute_qk(w, heads[kind])
+    writer.write_tensor_data(_stored(w, qtype))
+    if bar is not None:
+      bar.update(1)
+  if bar is not None:
+    bar.close()
+  writer.close()
+  os.replace(tmp_path, out_path)  # a failed write leaves no half file under the final name
