@@ -23,11 +23,11 @@ GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # export.py --gguf_type
 # transformers model_type -> llama.cpp architecture (llama.cpp writes Mistral and SmolLM as llama)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 # A byte-level pre-tokenizer -> llama.cpp's name for it (tokenizer.ggml.pre), by its tokenizer.json form.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_SPLIT_NAMES = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
+SPLIT_NAMES = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED = 1, 3, 4, 5  # gguf.TokenType
 
 
@@ -48,7 +48,7 @@ def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
   if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
     return "smollm"
   if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
-    name = _SPLIT_NAMES.get(steps[0].get("pattern", {}).get("Regex"))
+    name = SPLIT_NAMES.get(steps[0].get("pattern", {}).get("Regex"))
     if name:
       return name
   raise UnsupportedModelError(f"--format gguf: the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds))}) "

@@ -148,15 +148,12 @@ CHATML_TEMPLATE = (
     "{% endif %}")
 
 
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
 def save_bpe_tokenizer(folder: str, texts, vocab_size: int = 320, llama3_split: bool = False):
   """A byte-level BPE tokenizer with merges learned from `texts` (ids 0-2 the ChatML specials, then
   the 256 bytes, then merges up to vocab_size), GPT-2's pre-tokenizer or Llama 3's split, built offline."""
   from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
   from transformers import PreTrainedTokenizerFast
+  from jaxtune.gguf_export import LLAMA3_SPLIT
   specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),

@@ -112,6 +112,13 @@ def test_tokenizer_round_trips(tmp_path, llama3_split, pre):
       messages, add_generation_prompt=True)
 
 
+def test_pre_tokenizer_names_split_as_transformers_rebuilds_them():
+  """The splits named here are the ones transformers' GGUF reader rebuilds for those names."""
+  from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+  for split, name in gguf_export.SPLIT_NAMES.items():
+    assert GGUF_PRE_TOKENIZER_SPLITS[name] == split, name
+
+
 def test_what_llama_cpp_cannot_run_is_refused_by_name(tmp_path):
   from hf_tiny import save_hf_model
   save_hf_model("llama_tied", str(tmp_path / "bytes"))  # 256 single-byte tokens: no merges
