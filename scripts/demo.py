@@ -54,6 +54,7 @@ def main(argv):
   print(demo.report(before, after))
   print(f"\nwrote {out}/: checkpoints/, metrics.jsonl, loss_curve.png, peft_adapter/, {os.path.basename(summary)}"
         f"  ({time.time() - start:.0f} s)")
+  print(f"to run it in llama.cpp / Ollama: python scripts/export.py --workdir {out} --out {out}_gguf --format gguf")
 
 
 if __name__ == "__main__":
