@@ -17,7 +17,7 @@ import numpy as np
 import tqdm
 
 from jaxtune import inference
-from jaxtune.data import formats, sources
+from jaxtune.data import formats, pipeline, sources
 from jaxtune.models import llama
 from jaxtune.models.config import ModelConfig
 
@@ -79,18 +79,12 @@ def evaluate_encoded(params: llama.Params, cfg: ModelConfig, encoded: Sequence[f
 
 
 def encode_file(data: str, data_format: str, tokenizer, *, template: str = "alpaca",
-                max_len: int = 0) -> tuple[list[formats.Encoded], int]:
-  """(encoded records, how many were cut to max_len tokens); a bad record raises FILE:LINE: ..."""
+                max_len: int = 0, num_proc: int = 0) -> tuple[list[formats.Encoded], int]:
+  """(encoded records, how many were cut to max_len tokens); a bad record raises FILE:LINE: ...
+  num_proc: tokenizing processes, as data.num_proc (0 = auto: one per 5,000 records)."""
   records = sources.read_records(data)
-  encoded, truncated = [], 0
-  for record, origin in zip(records.records, records.origins):
-    try:
-      e = formats.encode_record(record, data_format, tokenizer, template=template)
-    except formats.RecordError as err:
-      raise sources.DataError(f"{origin}: {err}") from None
-    if max_len and len(e.ids) > max_len:
-      e, truncated = formats.Encoded(e.ids[:max_len], e.loss_mask[:max_len]), truncated + 1
-    encoded.append(e)
+  encoded, truncated = pipeline.encode_unpacked(records, data_format, tokenizer, template=template,
+                                                max_len=max_len, num_proc=num_proc)
   if not encoded:
     raise sources.DataError(f"{data}: no records")
   return encoded, truncated
@@ -103,7 +97,7 @@ def default_template(tokenizer) -> str:
 def evaluate_path(model: str, data: str, data_format: str = "text", *, adapter: str | None = None,
                   batch_size: int = 8, max_len: int = 0, instruction_template: str | None = None,
                   progress: bool = False, log: Callable[[str], None] = lambda s: None,
-                  quantize: str = "auto") -> dict[str, Any]:
+                  quantize: str = "auto", num_proc: int = 0) -> dict[str, Any]:
   """evaluate.py in-process: load the model (+ adapter), encode the file, evaluate."""
   if max_len < 0:
     raise ValueError(f"--max_len={max_len} must be >= 0 (0 = no limit)")
@@ -111,7 +105,10 @@ def evaluate_path(model: str, data: str, data_format: str = "text", *, adapter: 
   template = instruction_template or default_template(tokenizer)
   if data_format == "instruction":
     log(f"instruction template: {template}")
-  encoded, truncated = encode_file(data, data_format, tokenizer, template=template, max_len=max_len)
+  if num_proc < 0:
+    raise ValueError(f"--num_proc={num_proc} must be >= 0 (0 = auto)")
+  encoded, truncated = encode_file(data, data_format, tokenizer, template=template, max_len=max_len,
+                                   num_proc=num_proc)
   if truncated:
     log(f"{truncated} record(s) cut to --max_len={max_len} tokens")
   return evaluate_encoded(params, cfg, encoded, batch_size=batch_size, peft=peft, progress=progress)

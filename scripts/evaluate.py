@@ -2,7 +2,7 @@ r"""Loss and perplexity of a model (+ optional adapter) on a data file.
 
   python scripts/evaluate.py --model MODEL [--adapter DIR] --data FILE.jsonl \
       [--data_format text|instruction|chat] [--batch_size 8] [--max_len 0] \
-      [--instruction_template alpaca|chat]
+      [--instruction_template alpaca|chat] [--num_proc 0]
 
 The LAST stdout line is one JSON object: {"loss", "perplexity", "tokens", "records"}.
 """
@@ -25,6 +25,7 @@ _QUANTIZE = flags.DEFINE_enum(
     "quantize", "auto", list(inference.QUANTIZE_FLAG),
     "nf4/fp4: hold the base's layer kernels in 4 bits (QLoRA; *_double_quant: their scales in 8 bits too); "
     "auto: as the --adapter workdir trained.")
+_NUM_PROC = flags.DEFINE_integer("num_proc", 0, "Tokenizing processes (0 = one per 5,000 records, up to the cores).")
 _TEMPLATE = flags.DEFINE_enum(
     "instruction_template", None, list(formats.INSTRUCTION_TEMPLATES),
     "Prompt template of instruction records (default: chat if the tokenizer has one, else alpaca).")
@@ -41,7 +42,7 @@ def main(argv):
   result = evaluation.evaluate_path(
       _MODEL.value, _DATA.value, _FORMAT.value, adapter=_ADAPTER.value, batch_size=_BATCH.value,
       max_len=_MAX_LEN.value, instruction_template=_TEMPLATE.value, progress=True, log=log,
-      quantize=_QUANTIZE.value)
+      quantize=_QUANTIZE.value, num_proc=_NUM_PROC.value)
   print(json.dumps(result))
 
 

@@ -167,6 +167,15 @@ def test_tokenizing_processes_give_one_process_result(tmp_path, tok):
   for n in (1, 2):
     with pytest.raises(DataError, match=r"^.*bad\.jsonl:156: missing field 'output'"):
       pipeline.build_dataset(bad, "instruction", tok, 256, num_proc=n)
+  # evaluate.py's encoding (whole records, none dropped, cut at --max_len) the same way
+  from jaxtune import evaluation
+  good_path = jsonl(tmp_path / "good.jsonl", good)
+  median = int(np.median([len(e.ids) for e in evaluation.encode_file(good_path, "instruction", tok)[0]]))
+  one, two = (evaluation.encode_file(good_path, "instruction", tok, max_len=median, num_proc=n) for n in (1, 2))
+  assert one == two and len(one[0]) == 150 and 0 < one[1] < 150
+  for n in (1, 2):
+    with pytest.raises(DataError, match=r"^.*bad\.jsonl:156: missing field 'output'"):
+      evaluation.encode_file(bad, "instruction", tok, num_proc=n)
 
 
 def test_a_tokenizer_that_cannot_be_pickled_tokenizes_in_process(tmp_path, tok, capsys):

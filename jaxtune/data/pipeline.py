@@ -143,18 +143,47 @@ def encode_records(records: Records, fmt: str, tokenizer, seq_len: int, *, templ
   items = list(zip(records.records, records.origins))
   options = dict(fmt=fmt, seq_len=seq_len, template=template, train_on_prompt=train_on_prompt, add_eos=add_eos,
                  truncation=truncation, lenient=lenient, field_map=field_map)
-  processes = tokenizing_processes(num_proc, len(items))
-  pickled = _pickled(tokenizer) if processes > 1 else None
-  if pickled is None:
-    parts = [_encode_chunk(_progress(items, progress, "tokenizing"), tokenizer, **options)]
-  else:
-    parts = _encode_in_processes(items, pickled, processes, options, progress)
-    stats.processes = processes
+  parts, stats.processes = encode_in_parts(_encode_chunk, items, tokenizer, options, num_proc, progress)
   out = []
   for encoded, part_stats in parts:
     out += encoded
     stats.add(part_stats)
   return out, stats
+
+
+def encode_in_parts(encode_chunk, items: list, tokenizer, options: Mapping[str, Any], num_proc: int,
+                    progress: bool | None) -> tuple[list, int]:
+  """([encode_chunk(part, tokenizer, **options) for each contiguous part of items, in order], the
+  processes that ran them). `encode_chunk` is a module-level function (a fresh process imports it by
+  name); with num_proc resolving to 1 (see `tokenizing_processes`), or a tokenizer that cannot be
+  pickled, one part in this process. The first failing part's error is raised."""
+  processes = tokenizing_processes(num_proc, len(items))
+  pickled = _pickled(tokenizer) if processes > 1 else None
+  if pickled is None:
+    return [encode_chunk(_progress(items, progress, "tokenizing"), tokenizer, **options)], 1
+  return _encode_in_processes(encode_chunk, items, pickled, processes, options, progress), processes
+
+
+def encode_unpacked(records: Records, fmt: str, tokenizer, *, template: str = "alpaca", max_len: int = 0,
+                    num_proc: int = 0, progress: bool | None = None) -> tuple[list[Encoded], int]:
+  """(every record encoded whole, in order, cut to max_len tokens when > 0; how many were cut), for
+  evaluation: nothing is dropped or packed, and the first bad record raises DataError("FILE:LINE: ...")."""
+  parts, _ = encode_in_parts(_encode_unpacked_chunk, list(zip(records.records, records.origins)), tokenizer,
+                             dict(fmt=fmt, template=template, max_len=max_len), num_proc, progress)
+  return [e for encoded, _ in parts for e in encoded], sum(truncated for _, truncated in parts)
+
+
+def _encode_unpacked_chunk(items, tokenizer, *, fmt, template, max_len) -> tuple[list[Encoded], int]:
+  out, truncated = [], 0
+  for record, origin in items:
+    try:
+      e = formats.encode_record(record, fmt, tokenizer, template=template)
+    except RecordError as err:
+      raise DataError(f"{origin}: {err}") from None
+    if max_len and len(e.ids) > max_len:
+      e, truncated = Encoded(e.ids[:max_len], e.loss_mask[:max_len]), truncated + 1
+    out.append(e)
+  return out, truncated
 
 
 def _encode_chunk(items, tokenizer, *, fmt, seq_len, template, train_on_prompt, add_eos, truncation, lenient,
@@ -196,8 +225,8 @@ def _start_worker(pickled_tokenizer: bytes) -> None:
   _worker_tokenizer = pickle.loads(pickled_tokenizer)
 
 
-def _encode_in_worker(items, options):
-  return _encode_chunk(items, _worker_tokenizer, **options)
+def _encode_in_worker(encode_chunk, items, options):
+  return encode_chunk(items, _worker_tokenizer, **options)
 
 
 def _pickled(tokenizer) -> bytes | None:
@@ -211,15 +240,16 @@ def _pickled(tokenizer) -> bytes | None:
     return None
 
 
-def _encode_in_processes(items, pickled_tokenizer: bytes, processes: int, options, progress: bool | None):
-  """`_encode_chunk` over 4 contiguous chunks per process, in fresh ("spawn") processes: forking
+def _encode_in_processes(encode_chunk, items, pickled_tokenizer: bytes, processes: int, options,
+                         progress: bool | None):
+  """`encode_chunk` over 4 contiguous chunks per process, in fresh ("spawn") processes: forking
   one that runs JAX's threads can deadlock. The chunks' results in order; the first chunk's error."""
   size = -(-len(items) // (4 * processes))
   chunks = [items[i:i + size] for i in range(0, len(items), size)]
   context = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker,
                                               initargs=(pickled_tokenizer,)) as pool:
-    futures = [pool.submit(_encode_in_worker, chunk, options) for chunk in chunks]
+    futures = [pool.submit(_encode_in_worker, encode_chunk, chunk, options) for chunk in chunks]
     bar = None
     if _shows_progress(progress, len(items)):
       from tqdm import tqdm
