@@ -2,16 +2,19 @@
 
 Written as llama.cpp's own converter (convert_hf_to_gguf.py) writes these models, with the `gguf`
 package: llama.cpp's tensor names, Q and K rows permuted for the `llama` architecture, 1-d tensors
-(norms, biases) in float32, the rest in the chosen type, and the byte-level BPE tokenizer (tokens,
-their types, merges, special ids, chat template). Covers the families llama.cpp maps onto the
-`llama`, `qwen2` and `qwen3` architectures; anything else is refused by name. `gguf_loading` reads
+(norms, biases) in float32, the rest in the chosen type, experts stacked per layer, and the
+byte-level BPE tokenizer (tokens, their types, merges, special ids, chat template). Covers the
+families llama.cpp maps onto its `llama`, `qwen2`, `qwen3`, `olmo2`, `granite`, `qwen2moe` and
+`qwen3moe` architectures; anything else is refused by name. `gguf_loading` reads
 the result back, and so does transformers (`from_pretrained(folder, gguf_file=...)`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import sys
 from typing import Any, Callable
 
@@ -21,7 +24,12 @@ from jaxtune.models.config import UnsupportedModelError
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # export.py --gguf_type
 # transformers model_type -> llama.cpp architecture (llama.cpp writes Mistral and SmolLM as llama)
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "olmo2": "olmo2",
+                 "granite": "granite", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+_PERMUTED_QK = ("llama", "granite")  # llama.cpp's converter permutes Q/K rows for these only
+_TOPK_RENORMALIZED = {"qwen2moe": False, "qwen3moe": True}  # as llama.cpp runs each MoE architecture
+_EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(\w+)\.weight")  # one expert's matrix (jaxtune's HF export)
+_STACKED_EXPERTS = re.compile(r"(.*\.experts)\.(gate_up_proj|down_proj)")  # transformers 5: E x out x in
 # A byte-level pre-tokenizer -> llama.cpp's name for it (tokenizer.ggml.pre), by its tokenizer.json form.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -128,6 +136,29 @@ def _write_hparams(writer, config: dict[str, Any], arch: str) -> None:
     writer.add_rope_scaling_factor(float(rope["factor"]))
   elif rope_type not in ("default", "llama3"):
     raise UnsupportedModelError(f"--format gguf: rope scaling {rope_type!r} is not written (default, linear, llama3)")
+  if arch == "granite":  # its four multipliers, under llama.cpp's names
+    writer.add_embedding_scale(config.get("embedding_multiplier", 1.0))
+    writer.add_attention_scale(config.get("attention_multiplier", 1.0))
+    writer.add_residual_scale(config.get("residual_multiplier", 1.0))
+    writer.add_logit_scale(config.get("logits_scaling", 1.0))
+  if arch in _TOPK_RENORMALIZED:
+    _write_moe(writer, config, arch)
+
+
+def _write_moe(writer, config: dict[str, Any], arch: str) -> None:
+  """A Qwen2-/Qwen3-MoE's experts, refused where llama.cpp would run it differently (every layer
+  sparse; the top-k weights renormalised as the architecture does)."""
+  if config.get("decoder_sparse_step", 1) != 1 or config.get("mlp_only_layers"):
+    raise UnsupportedModelError("--format gguf: dense layers among the MoE layers (decoder_sparse_step, "
+                                "mlp_only_layers) are not in llama.cpp's architecture")
+  if bool(config.get("norm_topk_prob", False)) != _TOPK_RENORMALIZED[arch]:
+    raise UnsupportedModelError(f"--format gguf: norm_topk_prob={config.get('norm_topk_prob')} differs from "
+                                f"llama.cpp's {arch}, which renormalises: {_TOPK_RENORMALIZED[arch]}")
+  writer.add_expert_count(config.get("num_local_experts") or config["num_experts"])  # transformers 5 / 4 spelling
+  writer.add_expert_used_count(config["num_experts_per_tok"])
+  writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+  if config.get("shared_expert_intermediate_size"):
+    writer.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
 
 
 def llama3_rope_factors(config: dict[str, Any]) -> np.ndarray | None:
@@ -195,6 +226,66 @@ def _safetensors_tensors(folder: str) -> tuple[dict[str, tuple[int, ...]], Calla
   return dict(sorted(shapes.items())), get
 
 
+def _gguf_name(name_map, name: str, arch: str, suffix: str = "") -> str:
+  gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+  if gguf_name is None:
+    raise UnsupportedModelError(f"--format gguf: tensor {name!r} has no llama.cpp name for {arch}")
+  return gguf_name + suffix
+
+
+def _half(get: Callable[[str], np.ndarray], name: str, index: int) -> np.ndarray:
+  """Gate (0) or up (1) of transformers' stacked gate_up_proj (E x 2F x D)."""
+  w = get(name)
+  return np.split(w, 2, axis=1)[index]
+
+
+def _permuted(get: Callable[[str], np.ndarray], name: str, n_head: int) -> np.ndarray:
+  return permute_qk(get(name), n_head)
+
+
+def _stacked(get: Callable[[str], np.ndarray], names: list[str]) -> np.ndarray:
+  return np.stack([get(n) for n in names])
+
+
+def _as_vector(get: Callable[[str], np.ndarray], name: str) -> np.ndarray:
+  return get(name).reshape(-1)
+
+
+def tensor_plan(shapes: dict[str, tuple[int, ...]], get: Callable[[str], np.ndarray], config: dict[str, Any],
+                arch: str, name_map) -> list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
+  """(GGUF name, shape, produce() -> the float32 array) of every tensor, as llama.cpp's converter
+  stores them: Q/K rows permuted (llama, granite); a layer's experts stacked E x out x in, gate and
+  up apart; Qwen2-MoE's shared-expert gate as a vector."""
+  heads = {"attn_q": config["num_attention_heads"],
+           "attn_k": config.get("num_key_value_heads", config["num_attention_heads"])}
+  plan, experts = [], {}
+  for name, shape in shapes.items():
+    one, stacked = _EXPERT.fullmatch(name), _STACKED_EXPERTS.fullmatch(name)
+    if one:
+      experts.setdefault((one.group(1), one.group(3)), {})[int(one.group(2))] = name
+    elif stacked and stacked.group(2) == "gate_up_proj":
+      E, two_f, d = shape
+      for index, projection in enumerate(("gate_proj", "up_proj")):
+        plan.append((_gguf_name(name_map, f"{stacked.group(1)}.{projection}", arch, ".weight"), (E, two_f // 2, d),
+                     functools.partial(_half, get, name, index)))
+    elif stacked:
+      plan.append((_gguf_name(name_map, f"{stacked.group(1)}.down_proj", arch, ".weight"), shape,
+                   functools.partial(get, name)))
+    elif name.endswith("shared_expert_gate.weight"):
+      plan.append((_gguf_name(name_map, name, arch), (shape[-1],), functools.partial(_as_vector, get, name)))
+    else:
+      gguf_name = _gguf_name(name_map, name, arch)
+      kind = gguf_name.split(".")[-2]
+      produce = (functools.partial(_permuted, get, name, heads[kind]) if arch in _PERMUTED_QK and kind in heads
+                 else functools.partial(get, name))
+      plan.append((gguf_name, shape, produce))
+  for (prefix, projection), by_expert in experts.items():
+    names = [by_expert[e] for e in sorted(by_expert)]
+    plan.append((_gguf_name(name_map, f"{prefix}.{projection}", arch, ".weight"), (len(names), *shapes[names[0]]),
+                 functools.partial(_stacked, get, names)))
+  return plan
+
+
 def write_gguf(folder: str, out_path: str, gguf_type: str = "f16", progress: bool = False) -> None:
   """Converts the HF folder (config.json, safetensors, tokenizer.json) into the GGUF file `out_path`,
   one tensor in memory at a time."""
@@ -217,16 +308,10 @@ def write_gguf(folder: str, out_path: str, gguf_type: str = "f16", progress: boo
   shapes, get = _safetensors_tensors(folder)
   name_map = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch),
                                       config["num_hidden_layers"])
-  heads = {"attn_q": config["num_attention_heads"],
-           "attn_k": config.get("num_key_value_heads", config["num_attention_heads"])}
   if config.get("tie_word_embeddings", False):
     shapes.pop("lm_head.weight", None)  # llama.cpp writes output.weight only when it differs from the embedding
-  plan = []  # (HF name, GGUF name, GGML type), in file order
-  for name, shape in shapes.items():
-    gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
-    if gguf_name is None:
-      raise UnsupportedModelError(f"--format gguf: tensor {name!r} has no llama.cpp name for {arch}")
-    plan.append((name, gguf_name, _storage_type(name, shape, gguf_type)))
+  plan = [(gguf_name, shape, _storage_type(gguf_name, shape, gguf_type), produce)
+          for gguf_name, shape, produce in tensor_plan(shapes, get, config, arch, name_map)]
 
   tmp_path = out_path + ".tmp"
   writer = gguf.GGUFWriter(tmp_path, arch)
@@ -243,8 +328,8 @@ def write_gguf(folder: str, out_path: str, gguf_type: str = "f16", progress: boo
   factors = llama3_rope_factors(config)
   if factors is not None:
     writer.add_tensor_info("rope_freqs.weight", factors.shape, factors.dtype, factors.nbytes)
-  for name, gguf_name, qtype in plan:
-    _add_info(writer, gguf_name, shapes[name], qtype)
+  for gguf_name, shape, qtype, _ in plan:
+    _add_info(writer, gguf_name, shape, qtype)
   writer.write_header_to_file()
   writer.write_kv_data_to_file()
   writer.write_ti_data_to_file()
@@ -254,12 +339,8 @@ def write_gguf(folder: str, out_path: str, gguf_type: str = "f16", progress: boo
   if progress:
     import tqdm
     bar = tqdm.tqdm(total=len(plan), desc="gguf", unit="tensor")
-  for name, gguf_name, qtype in plan:
-    w = get(name)
-    kind = gguf_name.split(".")[-2]
-    if arch == "llama" and kind in heads:
-      w = permute_qk(w, heads[kind])
-    writer.write_tensor_data(_stored(w, qtype))
+  for _, _, qtype, produce in plan:
+    writer.write_tensor_data(_stored(produce(), qtype))
     if bar is not None:
       bar.update(1)
   if bar is not None:

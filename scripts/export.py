@@ -7,8 +7,8 @@ hf:   base + trained weights, LoRA / DoRA / IA3 folded in; loads with transforme
       (a reward model: AutoModelForSequenceClassification, one label).
 peft: adapter_config.json + adapter_model.safetensors (LoRA, DoRA, IA3, prefix or prompt tuning); loads with
       peft.PeftModel.from_pretrained(base_model, OUT).
-gguf: OUT/model.gguf, the merged model as llama.cpp's converter writes it (llama, Mistral, SmolLM,
-      Qwen2, Qwen3 families; byte-level BPE tokenizers), for llama.cpp, Ollama or LM Studio.
+gguf: OUT/model.gguf, the merged model as llama.cpp's converter writes it (Llama, Mistral, SmolLM,
+      Qwen2, Qwen3, OLMo 2, Granite, Qwen2/3-MoE; byte-level BPE tokenizers), for llama.cpp, Ollama or LM Studio.
 Multi-host runs: every process runs this script; process 0 writes.
 """
 

@@ -4,8 +4,9 @@ source's, the quantized types stay close, a trained LoRA run exports through the
 evaluate --adapter gives, and what llama.cpp could not run is refused by name.
 
 transformers' GGUF reader ignores some metadata llama.cpp uses (key_length: Qwen3's wide heads; rope
-scaling; rope_freqs; Llama biases), so those families are checked through jaxtune's reader, which
-test_gguf.py checks against transformers on llama.cpp's own files (and on SmolLM2's real one).
+scaling; rope_freqs; Llama biases), does not load these tiny MoE files, and has no OLMo 2 or Granite,
+so those are checked through jaxtune's reader, which test_gguf.py checks against transformers on
+llama.cpp's own files (and on SmolLM2's real one).
 """
 
 import json
@@ -26,7 +27,7 @@ TEXTS = ["The quick brown fox jumps over the lazy dog, 12345 times!\n",
          "Rivers have long memories, she said; people have short ones.",
          "<|im_start|>user\nWhat is 7 * 6?<|im_end|>\n<|im_start|>assistant\n42<|im_end|>\n"]
 VOCAB = 320
-TRANSFORMERS_READS = ("llama_untied", "llama_tied", "qwen2")  # families whose metadata transformers reads whole
+TRANSFORMERS_READS = ("llama_untied", "llama_tied", "qwen2", "mistral")  # families transformers' GGUF reader takes whole
 
 
 def bpe_model_folder(folder: str, family: str, llama3_split: bool = False, **overrides):
@@ -49,7 +50,7 @@ IDS = np.random.default_rng(0).integers(3, VOCAB, (2, 16))
 
 
 @pytest.mark.parametrize("family", ["llama_untied", "llama_tied", "llama_bias", "llama_linear_rope", "qwen2",
-                                    "qwen3", "mistral"])
+                                    "qwen3", "mistral", "olmo2", "granite", "qwen2_moe", "qwen3_moe"])
 def test_gguf_gives_the_source_logits(tmp_path, family):
   model = bpe_model_folder(str(tmp_path), family)
   out = str(tmp_path / "model.gguf")
@@ -63,6 +64,18 @@ def test_gguf_gives_the_source_logits(tmp_path, family):
     theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="model.gguf",
                                                                dtype=torch.float32).eval()
     np.testing.assert_allclose(hf_logits(theirs, IDS), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_jaxtunes_own_hf_export_of_an_moe_converts(tmp_path):
+  """jaxtune's merged HF folder stores each expert's matrices apart (experts.E.gate_proj.weight);
+  the converter stacks them as it splits transformers' own stacked gate_up_proj."""
+  from jaxtune import export
+  model = bpe_model_folder(str(tmp_path / "source"), "qwen3_moe")
+  cfg, params = loading.load_model(str(tmp_path / "source"))
+  export.write_gguf(str(tmp_path / "out"), cfg, params, llama.PeftRuntime(), loading.load_tokenizer(str(tmp_path / "source")),
+                    str(tmp_path / "source"), "f32")
+  cfg, params = loading.load_model(str(tmp_path / "out" / "model.gguf"))
+  np.testing.assert_allclose(np.asarray(llama.forward(params, cfg, IDS)[0]), hf_logits(model, IDS), atol=2e-5, rtol=1e-5)
 
 
 def test_llama3_rope_is_written_as_llama_cpp_frequency_factors(tmp_path):
@@ -128,6 +141,9 @@ def test_what_llama_cpp_cannot_run_is_refused_by_name(tmp_path):
   tokenizer_json = json.load(open(tmp_path / "bytes" / "tokenizer.json"))
   with pytest.raises(UnsupportedModelError, match="model_type 'gemma'"):
     gguf_export.check_convertible("gemma", tokenizer_json)
+  bpe_model_folder(str(tmp_path / "moe"), "qwen3_moe", norm_topk_prob=False)  # llama.cpp's qwen3moe renormalises
+  with pytest.raises(UnsupportedModelError, match="norm_topk_prob"):
+    gguf_export.write_gguf(str(tmp_path / "moe"), str(tmp_path / "moe.gguf"))
   digits = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
                                                   {"type": "ByteLevel", "use_regex": True}]}
   assert gguf_export.pre_tokenizer_name({"pre_tokenizer": digits}) == "smollm"
