@@ -1,12 +1,13 @@
 """A Hugging Face folder as one llama.cpp GGUF file (llama.cpp, Ollama, LM Studio run it).
 
 Written as llama.cpp's own converter (convert_hf_to_gguf.py) writes these models, with the `gguf`
-package: llama.cpp's tensor names, Q and K rows permuted for the `llama` architecture, 1-d tensors
-(norms, biases) in float32, the rest in the chosen type, experts stacked per layer, and the
-byte-level BPE tokenizer (tokens, their types, merges, special ids, chat template). Covers the
-families llama.cpp maps onto its `llama`, `qwen2`, `qwen3`, `olmo2`, `granite`, `qwen2moe` and
-`qwen3moe` architectures; anything else is refused by name. `gguf_loading` reads
-the result back, and so does transformers (`from_pretrained(folder, gguf_file=...)`).
+package: llama.cpp's tensor names, Q and K rows permuted where it permutes them (`llama`,
+`granite`), 1-d tensors (norms, biases) in float32, the rest in the chosen type, experts stacked per
+layer, and the byte-level BPE tokenizer (tokens, their types, merges, special ids, chat template).
+Covers the families llama.cpp maps onto its `llama`, `qwen2`, `qwen3`, `olmo2`, `granite`,
+`qwen2moe` and `qwen3moe` architectures; anything else is refused by name. `gguf_loading` reads the
+result back, and so does transformers' GGUF reader for the families it knows whole (Llama,
+Mistral, Qwen2: `from_pretrained(folder, gguf_file=...)`).
 """
 
 from __future__ import annotations
@@ -20,21 +21,20 @@ from typing import Any, Callable
 
 import numpy as np
 
+from jaxtune.models import gguf_loading
 from jaxtune.models.config import UnsupportedModelError
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # export.py --gguf_type
 # transformers model_type -> llama.cpp architecture (llama.cpp writes Mistral and SmolLM as llama)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "olmo2": "olmo2",
                  "granite": "granite", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
-_PERMUTED_QK = ("llama", "granite")  # llama.cpp's converter permutes Q/K rows for these only
 _TOPK_RENORMALIZED = {"qwen2moe": False, "qwen3moe": True}  # as llama.cpp runs each MoE architecture
-_EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(\w+)\.weight")  # one expert's matrix (jaxtune's HF export)
 _STACKED_EXPERTS = re.compile(r"(.*\.experts)\.(gate_up_proj|down_proj)")  # transformers 5: E x out x in
 # A byte-level pre-tokenizer -> llama.cpp's name for it (tokenizer.ggml.pre), by its tokenizer.json form.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 SPLIT_NAMES = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED = 1, 3, 4, 5  # gguf.TokenType
 
@@ -260,7 +260,7 @@ def tensor_plan(shapes: dict[str, tuple[int, ...]], get: Callable[[str], np.ndar
            "attn_k": config.get("num_key_value_heads", config["num_attention_heads"])}
   plan, experts = [], {}
   for name, shape in shapes.items():
-    one, stacked = _EXPERT.fullmatch(name), _STACKED_EXPERTS.fullmatch(name)
+    one, stacked = gguf_loading.EXPERT_TENSOR.fullmatch(name), _STACKED_EXPERTS.fullmatch(name)
     if one:
       experts.setdefault((one.group(1), one.group(3)), {})[int(one.group(2))] = name
     elif stacked and stacked.group(2) == "gate_up_proj":
@@ -276,7 +276,7 @@ def tensor_plan(shapes: dict[str, tuple[int, ...]], get: Callable[[str], np.ndar
     else:
       gguf_name = _gguf_name(name_map, name, arch)
       kind = gguf_name.split(".")[-2]
-      produce = (functools.partial(_permuted, get, name, heads[kind]) if arch in _PERMUTED_QK and kind in heads
+      produce = (functools.partial(_permuted, get, name, heads[kind]) if arch in gguf_loading.PERMUTED_QK and kind in heads
                  else functools.partial(get, name))
       plan.append((gguf_name, shape, produce))
   for (prefix, projection), by_expert in experts.items():

@@ -24,9 +24,9 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3
 _GEMMA = ("gemma", "gemma2", "gemma3")  # norms stored as 1 + weight (llama.cpp adds the 1 when converting)
 # llama.cpp architecture -> transformers model_type, where they differ ("llama" with experts: Mixtral)
 _MODEL_TYPES = {"gemma3": "gemma3_text", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
-_EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(\w+)\.weight")  # one expert's matrix, as loading asks for it
+EXPERT_TENSOR = re.compile(r"(.*\.experts)\.(\d+)\.(\w+)\.weight")  # one expert's matrix, as loading asks for it
 # llama.cpp's converter permutes the rows of Q and K (and their biases) for these architectures only.
-_PERMUTED_QK = ("llama", "granite")
+PERMUTED_QK = ("llama", "granite")
 
 
 def _reader(path: str):
@@ -273,7 +273,7 @@ def gguf_tensors(path: str) -> tuple[dict[str, Any], Callable[[str], np.ndarray]
     return w
 
   def get(hf_name: str) -> np.ndarray:
-    expert = _EXPERT.fullmatch(hf_name)  # llama.cpp stacks a layer's experts: E x out x in
+    expert = EXPERT_TENSOR.fullmatch(hf_name)  # llama.cpp stacks a layer's experts: E x out x in
     gguf_name = (f"{name_map.get_name(f'{expert.group(1)}.{expert.group(3)}')}.weight" if expert
                  else name_map.get_name(hf_name, try_suffixes=(".weight", ".bias")))
     if gguf_name not in tensors:
@@ -285,7 +285,7 @@ def gguf_tensors(path: str) -> tuple[dict[str, Any], Callable[[str], np.ndarray]
     if hf_name.endswith("shared_expert_gate.weight") and w.ndim == 1:  # llama.cpp keeps it as a vector
       w = w[None]
     kind = gguf_name.split(".")[-2]
-    if arch in _PERMUTED_QK and kind in heads_of:
+    if arch in PERMUTED_QK and kind in heads_of:
       w = unpermute_qk(w, heads_of[kind])
     if arch in _GEMMA and gguf_name.endswith("norm.weight"):
       w = w - 1.0
