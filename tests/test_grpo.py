@@ -154,6 +154,17 @@ def test_grpo_lora_raises_reward_and_kl_stays_bounded(peaked_model, tmp_path):
   assert max(kls) < 15.0, kls
 
 
+def test_every_grpo_setting_reaches_the_loss(tiny_setup):
+  """The objective's loss function gets each grpo.* setting the loss reads (dr_grpo divides by max_new_tokens)."""
+  from jaxtune import objectives
+  model, data = tiny_setup
+  settings = {"clip_eps": 0.1, "clip_eps_high": 0.3, "kl_coef": 0.0, "loss_type": "dr_grpo", "max_new_tokens": 5,
+              "importance_sampling_level": "sequence"}
+  config = tiny_config(model, data, **{"objective": "grpo", "grpo.reward_fn": DIGITS, "data.seq_len": 64,
+                                       **{f"grpo.{k}": v for k, v in settings.items()}})
+  assert objectives.objective_loss_sums(config).keywords == settings
+
+
 def test_bad_grpo_configs_fail_naming_the_key(tiny_setup):
   from jaxtune.config_checks import ConfigError, check_config
   model, data = tiny_setup
