@@ -21,8 +21,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jaxtune.models import gguf_loading
-from jaxtune.models.config import UnsupportedModelError
+from jaxtune.models import gguf_loading, loading
+from jaxtune.models.config import ModelConfig, UnsupportedModelError, config_from_hf
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # export.py --gguf_type
 # transformers model_type -> llama.cpp architecture (llama.cpp writes Mistral and SmolLM as llama)
@@ -46,10 +46,16 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
   return w.reshape(n_head, 2, dim, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _steps(tokenizer_json: dict[str, Any], component: str, listed_as: str) -> list[dict[str, Any]]:
+  """A tokenizer.json component (pre_tokenizer, post_processor, decoder) as its list of steps: a
+  Sequence's members, or the component alone."""
+  part = tokenizer_json.get(component) or {}
+  return part.get(listed_as, [part]) if part.get("type") == "Sequence" else [part]
+
+
 def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
   """llama.cpp's tokenizer.ggml.pre for a byte-level BPE tokenizer.json, from its pre-tokenizer."""
-  pre = tokenizer_json.get("pre_tokenizer") or {}
-  steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+  steps = _steps(tokenizer_json, "pre_tokenizer", "pretokenizers")
   kinds = [s.get("type") for s in steps]
   if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
     return "gpt-2"
@@ -70,7 +76,8 @@ def check_convertible(model_type: str | None, tokenizer_json: dict[str, Any]) ->
     raise UnsupportedModelError(f"--format gguf: model_type {model_type!r} is not written (supported: "
                                 f"{', '.join(ARCHITECTURES)})")
   model = tokenizer_json.get("model", {})
-  if model.get("type") != "BPE" or not any(s.get("type") == "ByteLevel" for s in _decoders(tokenizer_json)):
+  decoders = _steps(tokenizer_json, "decoder", "decoders")
+  if model.get("type") != "BPE" or not any(s.get("type") == "ByteLevel" for s in decoders):
     raise UnsupportedModelError(f"--format gguf: only byte-level BPE tokenizers are written (this one: "
                                 f"{model.get('type')}); SentencePiece vocabularies are not")
   if not model.get("merges"):  # GGUF has no empty arrays, and llama.cpp refuses a BPE vocabulary without merges
@@ -95,81 +102,65 @@ def _vocabulary(tokenizer_json: dict[str, Any], vocab_size: int) -> tuple[list[s
 
 def adds_special_tokens(tokenizer_json: dict[str, Any]) -> tuple[bool, bool]:
   """(BOS first, EOS last): what the tokenizer's post-processor puts around a single text."""
-  post = tokenizer_json.get("post_processor") or {}
-  steps = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+  steps = _steps(tokenizer_json, "post_processor", "processors")
   single = next((p.get("single", []) for p in steps if p.get("type") == "TemplateProcessing"), [])
   return bool(single) and "SpecialToken" in single[0], bool(single) and "SpecialToken" in single[-1]
 
 
-def _decoders(tokenizer_json: dict[str, Any]) -> list[dict[str, Any]]:
-  decoder = tokenizer_json.get("decoder") or {}
-  return decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
-
-
-def _write_hparams(writer, config: dict[str, Any], arch: str) -> None:
+def _write_hparams(writer, cfg: ModelConfig, arch: str) -> None:
   """The architecture's metadata, as llama.cpp's converter states it."""
-  hidden, heads = config["hidden_size"], config["num_attention_heads"]
-  head_dim = config.get("head_dim") or hidden // heads
-  writer.add_context_length(config.get("max_position_embeddings", 2048))
-  writer.add_embedding_length(hidden)
-  writer.add_block_count(config["num_hidden_layers"])
-  writer.add_feed_forward_length(config["intermediate_size"])
-  writer.add_head_count(heads)
-  writer.add_head_count_kv(config.get("num_key_value_heads", heads))
-  writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
-  writer.add_vocab_size(config["vocab_size"])
-  writer.add_rope_dimension_count(head_dim)
-  if head_dim != hidden // heads:
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-  window = config.get("sliding_window")
-  if window and config.get("use_sliding_window", arch == "llama") and window < config.get("max_position_embeddings", 0):
+  writer.add_context_length(cfg.max_position_embeddings)
+  writer.add_embedding_length(cfg.hidden_size)
+  writer.add_block_count(cfg.num_layers)
+  writer.add_feed_forward_length(cfg.intermediate_size)
+  writer.add_head_count(cfg.num_heads)
+  writer.add_head_count_kv(cfg.num_kv_heads)
+  writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+  writer.add_vocab_size(cfg.vocab_size)
+  writer.add_rope_dimension_count(cfg.head_dim)
+  if cfg.head_dim != cfg.hidden_size // cfg.num_heads:
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+  window = cfg.sliding_window
+  if window and window < cfg.max_position_embeddings:
     # as llama.cpp's converter: the llama architecture has no window (Mistral 7B v0.1's 4096)
     print(f"warning: --format gguf: sliding_window={window} is not written; llama.cpp attends to the whole "
           f"context, which differs past {window} tokens", file=sys.stderr)
-  rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-  writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
-  rope_type = rope.get("rope_type", rope.get("type", "default"))
-  if rope_type == "linear":
+  writer.add_rope_freq_base(cfg.rope_theta)
+  if cfg.rope_type == "linear":
     import gguf
     writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-    writer.add_rope_scaling_factor(float(rope["factor"]))
-  elif rope_type not in ("default", "llama3"):
-    raise UnsupportedModelError(f"--format gguf: rope scaling {rope_type!r} is not written (default, linear, llama3)")
+    writer.add_rope_scaling_factor(cfg.rope_factor)
+  elif cfg.rope_type not in ("default", "llama3"):
+    raise UnsupportedModelError(f"--format gguf: rope scaling {cfg.rope_type!r} is not written (default, linear, llama3)")
   if arch == "granite":  # its four multipliers, under llama.cpp's names
-    writer.add_embedding_scale(config.get("embedding_multiplier", 1.0))
-    writer.add_attention_scale(config.get("attention_multiplier", 1.0))
-    writer.add_residual_scale(config.get("residual_multiplier", 1.0))
-    writer.add_logit_scale(config.get("logits_scaling", 1.0))
+    writer.add_embedding_scale(cfg.embedding_multiplier)
+    writer.add_attention_scale(1.0 if cfg.attention_multiplier is None else cfg.attention_multiplier)
+    writer.add_residual_scale(cfg.residual_multiplier)
+    writer.add_logit_scale(cfg.logits_scaling)
   if arch in _TOPK_RENORMALIZED:
-    _write_moe(writer, config, arch)
+    _write_moe(writer, cfg, arch)
 
 
-def _write_moe(writer, config: dict[str, Any], arch: str) -> None:
-  """A Qwen2-/Qwen3-MoE's experts, refused where llama.cpp would run it differently (every layer
-  sparse; the top-k weights renormalised as the architecture does)."""
-  if config.get("decoder_sparse_step", 1) != 1 or config.get("mlp_only_layers"):
-    raise UnsupportedModelError("--format gguf: dense layers among the MoE layers (decoder_sparse_step, "
-                                "mlp_only_layers) are not in llama.cpp's architecture")
-  if bool(config.get("norm_topk_prob", False)) != _TOPK_RENORMALIZED[arch]:
-    raise UnsupportedModelError(f"--format gguf: norm_topk_prob={config.get('norm_topk_prob')} differs from "
+def _write_moe(writer, cfg: ModelConfig, arch: str) -> None:
+  """A Qwen2-/Qwen3-MoE's experts (config_from_hf has refused dense layers among them), refused
+  where llama.cpp renormalises the top-k weights differently from the model."""
+  if cfg.norm_topk_prob != _TOPK_RENORMALIZED[arch]:
+    raise UnsupportedModelError(f"--format gguf: norm_topk_prob={cfg.norm_topk_prob} differs from "
                                 f"llama.cpp's {arch}, which renormalises: {_TOPK_RENORMALIZED[arch]}")
-  writer.add_expert_count(config.get("num_local_experts") or config["num_experts"])  # transformers 5 / 4 spelling
-  writer.add_expert_used_count(config["num_experts_per_tok"])
-  writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
-  if config.get("shared_expert_intermediate_size"):
-    writer.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
+  writer.add_expert_count(cfg.num_experts)
+  writer.add_expert_used_count(cfg.num_experts_per_tok)
+  writer.add_expert_feed_forward_length(cfg.expert_intermediate_size)
+  if cfg.shared_expert_intermediate_size:
+    writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
 
 
-def llama3_rope_factors(config: dict[str, Any]) -> np.ndarray | None:
+def llama3_rope_factors(cfg: ModelConfig) -> np.ndarray | None:
   """Llama 3.1+ rope scaling as llama.cpp stores it: each frequency's divisor (`rope_freqs`), or None."""
-  rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-  if rope.get("rope_type", rope.get("type")) != "llama3":
+  if cfg.rope_type != "llama3":
     return None
   import dataclasses
   from jaxtune.models import rope as rope_lib
-  from jaxtune.models.config import config_from_hf
-  cfg = config_from_hf(config)
   base = np.asarray(rope_lib.rope_inv_freq(dataclasses.replace(cfg, rope_type="default")), np.float64)
   return (base / np.asarray(rope_lib.rope_inv_freq(cfg), np.float64)).astype(np.float32)
 
@@ -207,25 +198,6 @@ def _add_info(writer, gguf_name: str, shape: tuple[int, ...], qtype) -> None:
     writer.add_tensor_info(gguf_name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
 
 
-def _safetensors_tensors(folder: str) -> tuple[dict[str, tuple[int, ...]], Callable[[str], np.ndarray]]:
-  """({tensor name: shape}, get(name) -> float32 array) over the folder's safetensors files."""
-  from safetensors import safe_open
-  files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-  if not files:
-    raise FileNotFoundError(f"{folder}: no .safetensors files")
-  where, shapes = {}, {}
-  for name in files:
-    with safe_open(os.path.join(folder, name), "np") as f:
-      for key in f.keys():
-        where[key], shapes[key] = name, tuple(f.get_slice(key).get_shape())
-
-  def get(key: str) -> np.ndarray:
-    with safe_open(os.path.join(folder, where[key]), "np") as f:
-      return f.get_tensor(key).astype(np.float32)
-
-  return dict(sorted(shapes.items())), get
-
-
 def _gguf_name(name_map, name: str, arch: str, suffix: str = "") -> str:
   gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
   if gguf_name is None:
@@ -251,13 +223,16 @@ def _as_vector(get: Callable[[str], np.ndarray], name: str) -> np.ndarray:
   return get(name).reshape(-1)
 
 
-def tensor_plan(shapes: dict[str, tuple[int, ...]], get: Callable[[str], np.ndarray], config: dict[str, Any],
+def _float32(get: Callable[[str], np.ndarray], name: str) -> np.ndarray:
+  return get(name).astype(np.float32)
+
+
+def tensor_plan(shapes: dict[str, tuple[int, ...]], get: Callable[[str], np.ndarray], cfg: ModelConfig,
                 arch: str, name_map) -> list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
   """(GGUF name, shape, produce() -> the float32 array) of every tensor, as llama.cpp's converter
   stores them: Q/K rows permuted (llama, granite); a layer's experts stacked E x out x in, gate and
   up apart; Qwen2-MoE's shared-expert gate as a vector."""
-  heads = {"attn_q": config["num_attention_heads"],
-           "attn_k": config.get("num_key_value_heads", config["num_attention_heads"])}
+  heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}
   plan, experts = [], {}
   for name, shape in shapes.items():
     one, stacked = gguf_loading.EXPERT_TENSOR.fullmatch(name), _STACKED_EXPERTS.fullmatch(name)
@@ -300,23 +275,25 @@ def write_gguf(folder: str, out_path: str, gguf_type: str = "f16", progress: boo
   with open(tokenizer_path) as f:
     tokenizer_json = json.load(f)
   arch = check_convertible(config.get("model_type"), tokenizer_json)
-  tokens, token_types = _vocabulary(tokenizer_json, config["vocab_size"])
+  cfg = config_from_hf(config)
+  tokens, token_types = _vocabulary(tokenizer_json, cfg.vocab_size)
   special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))  # merges, special ids, chat template
   adds_bos, adds_eos = adds_special_tokens(tokenizer_json)
   special.add_special_token.setdefault("bos", adds_bos)  # stated, not left to llama.cpp's default
   special.add_special_token.setdefault("eos", adds_eos)
-  shapes, get = _safetensors_tensors(folder)
-  name_map = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch),
-                                      config["num_hidden_layers"])
-  if config.get("tie_word_embeddings", False):
+  raw_get, shapes = loading.safetensors_getter(folder)
+  get = functools.partial(_float32, raw_get)
+  shapes = dict(sorted(shapes.items()))
+  name_map = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), cfg.num_layers)
+  if cfg.tie_word_embeddings:
     shapes.pop("lm_head.weight", None)  # llama.cpp writes output.weight only when it differs from the embedding
   plan = [(gguf_name, shape, _storage_type(gguf_name, shape, gguf_type), produce)
-          for gguf_name, shape, produce in tensor_plan(shapes, get, config, arch, name_map)]
+          for gguf_name, shape, produce in tensor_plan(shapes, get, cfg, arch, name_map)]
 
   tmp_path = out_path + ".tmp"
   writer = gguf.GGUFWriter(tmp_path, arch)
   writer.add_name(os.path.basename(os.path.normpath(folder)))
-  _write_hparams(writer, config, arch)
+  _write_hparams(writer, cfg, arch)
   writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                         "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type])
   writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -325,7 +302,7 @@ def write_gguf(folder: str, out_path: str, gguf_type: str = "f16", progress: boo
   writer.add_token_list(tokens)
   writer.add_token_types(token_types)
   special.add_to_gguf(writer, quiet=True)
-  factors = llama3_rope_factors(config)
+  factors = llama3_rope_factors(cfg)
   if factors is not None:
     writer.add_tensor_info("rope_freqs.weight", factors.shape, factors.dtype, factors.nbytes)
   for gguf_name, shape, qtype, _ in plan:
