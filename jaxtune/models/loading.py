@@ -168,21 +168,22 @@ def params_from_tensors(
   bar = None
   if progress is None:
     bar, progress = _progress_bar(flat, dtype)
+  def placed(leaves: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Host leaves on their devices (the host copies go when the caller drops the dict)."""
+    sharding_of = shardings or {}
+    return {name: jax.device_put(host, sharding_of[name]) if sharding_of.get(name) is not None else jnp.asarray(host)
+            for name, host in leaves.items()}
+
   out = {}
   for path, shape in flat.items():
     sharding = shardings.get(path) if shardings else None
     if quantize and quantization.is_quantizable(path):
-      leaves = _host_quantized_leaves(cfg, path, shape, get, dtype, quantize)
+      out.update(placed(_host_quantized_leaves(cfg, path, shape, get, dtype, quantize)))
     elif sharding is not None and tensor_shapes is not None:
       out[path] = _sharded_leaf(tuple(shape), sharding,
                                 lambda bounds: _host_block(cfg, path, shape, get, dtype, bounds, tensor_shapes))
-      leaves = {}
     else:
-      leaves = {path: _host_block(cfg, path, shape, get, dtype)}
-    for name, host in leaves.items():
-      sharding = shardings.get(name) if shardings else None
-      out[name] = jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host)
-    del leaves
+      out.update(placed({path: _host_block(cfg, path, shape, get, dtype)}))
     if progress:
       progress(path)
   if bar is not None:
